@@ -1,0 +1,136 @@
+"""The `d2d` command. Heavy libraries are imported inside commands so `d2d --help` stays fast.
+
+Errors a user can fix print one line and exit 2; `--debug` (anywhere on the line) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import D2DError
+
+app = typer.Typer(help="d2d: raw data → validated, versioned data → trained, registered model.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+DEBUG = False
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one param: section.key=value (repeatable)."),
+]
+
+
+def _quiet_user_errors() -> None:
+    """Prefect logs a failed task's traceback; for an error the user can fix, the one line is enough."""
+
+    class _DropTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], D2DError):
+                record.exc_info = None
+                record.exc_text = None
+            return True
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_DropTraceback())
+
+
+def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -> None:
+    from rich.table import Table
+
+    data, split, metrics, reg = result["data"], result["split"], result["metrics"], result["register"]
+    table = Table(title=f"d2d run finished in {seconds:.0f} s", show_header=False, title_justify="left")
+    table.add_row("data version", f"{data['md5']}  ({data['path']}{', DVC-tracked' if data.get('matches_dvc') else ''})")
+    table.add_row(
+        "rows",
+        f"raw {result['validate']['rows_in']}, quarantined {result['validate']['rows_quarantined']}, "
+        f"duplicates dropped {result['clean']['rows_in'] - result['clean']['rows_out']}",
+    )
+    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in split["sizes"].items()))
+    table.add_row(
+        "test metrics",
+        f"accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_f1_macro']:.4f}, "
+        f"macro precision {metrics['test_precision_macro']:.4f}, macro recall {metrics['test_recall_macro']:.4f}",
+    )
+    table.add_row(
+        "model",
+        f"{reg['model_name']} version {reg['version']}"
+        + (" → champion" if reg["promoted"] else f" (champion: {reg['champion'] or 'none'})"),
+    )
+    table.add_row("why", "; ".join(reg["reasons"]))
+    table.add_row("MLflow run", metrics["mlflow_run_id"])
+    table.add_row("MLflow UI", f"open {tracking_uri}" if tracking_uri else "mlflow ui --backend-store-uri sqlite:///mlflow.db  →  http://127.0.0.1:5000")
+    console.print(table)
+
+
+@app.command()
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Run the whole pipeline as a Prefect flow: validate, clean, split, train, evaluate, register."""
+    from pipeline.config import load_params
+
+    overrides = set_ or []
+    load_params(params, overrides)  # fail in a second on bad params, before any server starts
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.training import training_flow
+
+    _quiet_user_errors()
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # a team server, else SQLite here
+    started = time.perf_counter()
+    result = training_flow(params_path=str(params.resolve()), overrides=overrides, root=str(Path.cwd()))
+    _summary(result, time.perf_counter() - started, tracking_uri)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="validate | clean | split | train | evaluate | register")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run one stage on its own (what `dvc repro` calls)."""
+    from pipeline.config import load_params
+    from pipeline.stages import STAGES
+
+    if name not in STAGES:
+        raise D2DError(f"unknown stage '{name}'; choose one of: {', '.join(STAGES)}")
+    cfg = load_params(params, set_ or [])
+    summary = STAGES[name](cfg, Path.cwd())
+    console.print(f"[green]{name}[/] done: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+
+
+@data_app.command("demo")
+def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""
+    from pipeline.config import load_params
+    from pipeline.stages import make_demo
+
+    out = make_demo(load_params(params, set_ or []), Path.cwd())
+    console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")
+    for kind, ids in out["corrupted"].items():
+        console.print(f"  corrupted {len(ids):3d} rows: {kind}")
+
+
+def main() -> None:
+    global DEBUG
+    DEBUG = "--debug" in sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a != "--debug"]
+    try:
+        app(args=args, prog_name="d2d")
+    except D2DError as e:
+        if DEBUG:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

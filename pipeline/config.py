@@ -1,0 +1,203 @@
+"""Typed, validated params. `load_params` is called once, at the entry point; each step
+receives only the section it needs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # An unknown key is an error, never silently ignored: a typo must not change a run.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureGroup(_Section):
+    """A run of numeric feature columns sharing a range, e.g. pixel_0..pixel_63 in 0..16."""
+
+    prefix: str
+    count: int = Field(ge=1)
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _range(self) -> FeatureGroup:
+        if self.max <= self.min:
+            raise ValueError(f"max ({self.max}) must be greater than min ({self.min})")
+        return self
+
+
+class DemoParams(_Section):
+    seed: int = 0
+    rows: int | None = Field(default=None, ge=20)  # the first N digits only (tests, quick demos)
+    corrupt_fraction: float = Field(default=0.03, ge=0.0, le=0.5)
+
+
+class DataParams(_Section):
+    raw: Path = Path("data/raw/digits.csv")
+    id_column: str = "id"
+    target: str = "label"
+    classes: list[int | str] = Field(min_length=2)
+    features: list[FeatureGroup] = Field(min_length=1)
+    # C×H×W for image-shaped features (the CNN needs it); null for tabular data.
+    image_shape: list[int] | None = None
+    demo: DemoParams = DemoParams()
+
+    @model_validator(mode="after")
+    def _shape(self) -> DataParams:
+        n = sum(g.count for g in self.features)
+        if self.image_shape is not None:
+            size = 1
+            for d in self.image_shape:
+                size *= d
+            if len(self.image_shape) != 3 or size != n:
+                raise ValueError(f"image_shape {self.image_shape} must be C,H,W with C*H*W == {n} features")
+        if len(set(map(str, self.classes))) != len(self.classes):
+            raise ValueError("classes must be unique")
+        return self
+
+
+class ValidateParams(_Section):
+    # Above this share of row-level failures the dataset as a whole is rejected.
+    max_bad_row_fraction: float = Field(default=0.10, ge=0.0, le=1.0)
+    min_rows: int = Field(default=50, ge=1)
+
+
+class CleanParams(_Section):
+    drop_duplicates: bool = True
+    # Scale features to [0, 1] by the schema's declared range: no statistics fitted,
+    # so nothing leaks from validation/test data and serving applies the same map.
+    scale: Literal["range", "none"] = "range"
+
+
+class SplitParams(_Section):
+    train: float = Field(default=0.70, gt=0.0, lt=1.0)
+    val: float = Field(default=0.15, gt=0.0, lt=1.0)
+    test: float = Field(default=0.15, gt=0.0, lt=1.0)
+    seed: int = 42
+    stratify: bool = True
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitParams:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class TrainParams(_Section):
+    model: Literal["cnn", "mlp"] = "cnn"
+    channels: list[int] = Field(default=[32, 64], min_length=1)
+    hidden: list[int] = Field(default=[128], min_length=1)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(default=40, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    patience: int = Field(default=6, ge=1)
+    seed: int = 42
+    num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(default=1, ge=0)
+    num_to_keep: int = Field(default=2, ge=1)
+
+
+class EvaluateParams(_Section):
+    experiment: str = "d2d"
+
+
+class RegisterParams(_Section):
+    model_name: str = "d2d-digits"
+    # The absolute gate: a version below this test accuracy is registered but not promoted.
+    min_test_accuracy: float = Field(default=0.95, ge=0.0, le=1.0)
+
+
+class Params(_Section):
+    data: DataParams
+    validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    clean: CleanParams = CleanParams()
+    split: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    register_: RegisterParams = Field(default=RegisterParams(), alias="register")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> Params:
+        if self.train.model == "cnn" and self.data.image_shape is None:
+            raise ValueError("train.model 'cnn' needs data.image_shape; use 'mlp' for tabular data")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The params as params.yaml spells them (for logging and hashing)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        """A stable hash of the effective params, for lineage tags."""
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (["section", "key"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from e
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to the raw mapping; unknown keys fail later, in validation."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "params"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"params: unknown key '{key}'{extra}"
+    return f"params: {key}: {first['msg']}{extra}"
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    """Validate a raw mapping; the error names the first bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply overrides, validate. Raises ConfigError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return params_from_dict(apply_overrides(raw, overrides or []))

@@ -1,0 +1,78 @@
+"""The only module that reads and writes data files. Writes go to a temporary file
+first and are renamed into place, so a crashed step never leaves a half-written output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.errors import DataError
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file; a missing or unreadable file is a DataError."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _atomic(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    tmp = _atomic(path)
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    tmp = _atomic(path)
+    df.to_csv(tmp, index=False, lineterminator="\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    tmp = _atomic(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def file_md5(path: Path) -> str:
+    """md5 of the file's bytes: the same digest DVC 3 records in a .dvc file."""
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_recorded_md5(path: Path) -> str | None:
+    """The md5 that `path`.dvc records, or None when the file is not tracked by DVC."""
+    import yaml
+
+    dvc_file = path.with_name(path.name + ".dvc")
+    if not dvc_file.is_file():
+        return None
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")

@@ -1,0 +1,214 @@
+"""One function per pipeline stage: read the stage's inputs from disk, call the pure step,
+write its outputs. `d2d stage NAME` (the DVC stages) and the Prefect tasks both call these,
+so the two ways of running the pipeline produce the same files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.data import io
+from pipeline.data.schema import schema_from_params
+from pipeline.data.split import SPLITS
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage writes, relative to the project root (mirrored in dvc.yaml)."""
+
+    root: Path
+
+    @property
+    def valid(self) -> Path:
+        return self.root / "data/validated/valid.parquet"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "data/quarantine/validate.parquet"
+
+    @property
+    def removed(self) -> Path:
+        return self.root / "data/quarantine/clean.parquet"
+
+    @property
+    def clean(self) -> Path:
+        return self.root / "data/clean/clean.parquet"
+
+    def split(self, name: str) -> Path:
+        return self.root / f"data/split/{name}.parquet"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "models/model.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "reports/history.csv"
+
+    @property
+    def ray_storage(self) -> Path:
+        return self.root / "artifacts/ray"
+
+    def report(self, name: str) -> Path:
+        return self.root / "reports" / name
+
+
+def raw_path(params: Params, root: Path) -> Path:
+    return root / params.data.raw
+
+
+def data_version(params: Params, root: Path) -> dict[str, Any]:
+    """The raw file's md5 (what DVC records) and whether it matches the committed .dvc file."""
+    raw = raw_path(params, root)
+    if not raw.is_file():
+        raise DataError(f"raw data not found: {raw} (run `d2d data demo` for the demo dataset, or `dvc pull`)")
+    md5 = io.file_md5(raw)
+    recorded = io.dvc_recorded_md5(raw)
+    return {"path": str(params.data.raw), "md5": md5, "dvc_md5": recorded, "matches_dvc": recorded == md5}
+
+
+def make_demo(params: Params, root: Path) -> dict[str, Any]:
+    """Write the corrupted digits CSV; deterministic, so a fresh clone gets the recorded md5."""
+    from pipeline.data.demo import corrupt, digits_frame
+
+    schema = schema_from_params(params.data)
+    digits = digits_frame(schema).head(params.data.demo.rows)
+    df, manifest = corrupt(digits, schema, params.data.demo.corrupt_fraction, params.data.demo.seed)
+    out = io.write_csv(df, raw_path(params, root))
+    return {"path": str(out), "rows": len(df), "md5": io.file_md5(out), "corrupted": manifest}
+
+
+def run_validate(params: Params, root: Path) -> dict[str, Any]:
+    from pipeline.data.validate import validate
+
+    paths = Paths(root)
+    version = data_version(params, root)
+    raw = io.read_table(raw_path(params, root))
+    report = validate(raw, schema_from_params(params.data), params.validate_)
+    io.write_parquet(report.quarantine, paths.quarantine)
+    summary = {**report.summary, "data_md5": version["md5"], "data_path": version["path"]}
+    io.write_json(summary, paths.report("validate.json"))
+    if not report.passed:
+        raise DataError("validation failed: " + "; ".join(report.reasons))
+    io.write_parquet(report.valid, paths.valid)
+    return summary
+
+
+def run_clean(params: Params, root: Path) -> dict[str, Any]:
+    from pipeline.data.clean import clean
+
+    paths = Paths(root)
+    result = clean(io.read_table(paths.valid), schema_from_params(params.data), params.clean)
+    io.write_parquet(result.clean, paths.clean)
+    io.write_parquet(result.removed, paths.removed)
+    io.write_json(result.report, paths.report("clean.json"))
+    return result.report
+
+
+def run_split(params: Params, root: Path) -> dict[str, Any]:
+    from pipeline.data.split import split
+
+    paths = Paths(root)
+    splits = split(io.read_table(paths.clean), params.data.target, params.split)
+    for name in SPLITS:
+        io.write_parquet(getattr(splits, name), paths.split(name))
+    report = {"sizes": splits.sizes(), "seed": params.split.seed, "stratify": params.split.stratify}
+    io.write_json(report, paths.report("split.json"))
+    return report
+
+
+def run_train(params: Params, root: Path) -> dict[str, Any]:
+    from pipeline.train.models import save_model
+    from pipeline.train.trainer import ray_session, train
+
+    paths = Paths(root)
+    schema = schema_from_params(params.data)
+    train_df, val_df = io.read_table(paths.split("train")), io.read_table(paths.split("val"))
+    with ray_session(params.train):
+        result = train(train_df, val_df, schema, params.train, paths.ray_storage)
+    paths.model.parent.mkdir(parents=True, exist_ok=True)
+    save_model(result.model, result.spec, str(paths.model))
+    io.write_csv(result.history, paths.history)
+    best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
+    report = {
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_loss": float(best["val_loss"]),
+        "best_val_accuracy": float(best["val_accuracy"]),
+        "train_seconds": round(result.seconds, 2),
+        "num_workers": params.train.num_workers,
+    }
+    io.write_json(report, paths.report("train.json"))
+    return report
+
+
+def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
+    """Score val and test, draw the plots, log the run and the raw-row model to MLflow."""
+    import pandas as pd
+
+    from pipeline import tracking
+    from pipeline.evaluate import (
+        classification_metrics,
+        confusion,
+        plot_confusion_matrix,
+        plot_learning_curves,
+        predict_proba,
+    )
+    from pipeline.train.models import load_model
+    from pipeline.train.trainer import features_and_labels
+
+    paths = Paths(root)
+    schema = schema_from_params(params.data)
+    model, _ = load_model(str(paths.model))
+    metrics: dict[str, float] = {}
+    for name in ("val", "test"):
+        x, y = features_and_labels(io.read_table(paths.split(name)), schema)
+        pred = predict_proba(model, x).argmax(1)
+        metrics |= {f"{name}_{k}": v for k, v in classification_metrics(y, pred, len(schema.classes)).items()}
+    cm_path = plot_confusion_matrix(
+        confusion(y, pred, len(schema.classes)), list(schema.classes), paths.report("confusion_matrix.png"),
+        f"test split, accuracy {metrics['test_accuracy']:.3f}",
+    )
+    history = pd.read_csv(paths.history)
+    train_report = io.read_json(paths.report("train.json"))
+    curves = plot_learning_curves(history, paths.report("learning_curves.png"), train_report["best_epoch"])
+    validation = io.read_json(paths.report("validate.json"))
+
+    tracking.configure(root)
+    run_id, model_uri = tracking.log_pipeline_run(
+        params=params,
+        metrics=metrics,
+        history=history,
+        artifacts=[cm_path, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json")],
+        model_path=paths.model,
+        example=io.read_table(paths.valid).head(5),
+        schema=schema,
+        tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"]},
+    )
+    report = {**{k: round(v, 6) for k, v in metrics.items()}, "mlflow_run_id": run_id, "model_uri": model_uri}
+    io.write_json(report, paths.report("metrics.json"))
+    return report
+
+
+def run_register(params: Params, root: Path) -> dict[str, Any]:
+    from pipeline import registry, tracking
+
+    paths = Paths(root)
+    metrics = io.read_json(paths.report("metrics.json"))
+    tracking.configure(root)
+    decision = registry.register_and_gate(metrics, params.register_)
+    io.write_json(decision, paths.report("register.json"))
+    return decision
+
+
+STAGES = {
+    "validate": run_validate,
+    "clean": run_clean,
+    "split": run_split,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "register": run_register,
+}

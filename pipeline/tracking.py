@@ -1,0 +1,124 @@
+"""MLflow tracking from the driver side: one run per pipeline run, with params, per-epoch
+history, test metrics, plots and a model that predicts on raw rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Params
+from pipeline.data.schema import Schema
+
+MODEL_CODE = Path(__file__).with_name("raw_model.py")
+
+
+def configure(root: Path) -> str:
+    """MLFLOW_TRACKING_URI when set (a team server); otherwise SQLite in the project directory."""
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment(name: str, root: Path) -> str:
+    """The experiment's id; a new local one keeps its artifacts in <root>/mlruns."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    local = mlflow.get_tracking_uri().startswith("sqlite:")
+    location = (root / "mlruns").resolve().as_uri() if local else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, f"{key}.")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def log_raw_model(model_path: Path, example: pd.DataFrame, schema: Schema) -> Any:
+    """Export the network with torch.export and log it with its preprocessing as a pyfunc."""
+    import mlflow
+    import torch
+
+    from pipeline.train.models import load_model
+
+    net, _ = load_model(str(model_path))
+    raw = example[schema.feature_names].astype("float64")
+    batch = torch.export.Dim("batch")
+    sample = torch.zeros((2, len(schema.features)), dtype=torch.float32)
+    exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
+    with tempfile.TemporaryDirectory() as d:
+        network = Path(d) / "network.pt2"
+        torch.export.save(exported, network)
+        preprocess = Path(d) / "preprocess.json"
+        preprocess.write_text(json.dumps({
+            "features": schema.feature_names,
+            "classes": list(schema.classes),
+            "min": [f.min for f in schema.features],
+            "max": [f.max for f in schema.features],
+        }))
+        # The output's integer label column makes MLflow warn about missing integers; labels are never missing.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            return mlflow.pyfunc.log_model(
+            name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={"network": str(network), "preprocess": str(preprocess)},
+                input_example=raw,
+                pip_requirements=[f"mlflow=={version('mlflow')}", "torch==2.13.0",
+                                  f"pandas=={version('pandas')}", f"numpy=={version('numpy')}"],
+            )
+
+
+def log_pipeline_run(
+    params: Params,
+    metrics: dict[str, float],
+    history: pd.DataFrame,
+    artifacts: list[Path],
+    model_path: Path,
+    example: pd.DataFrame,
+    schema: Schema,
+    tags: dict[str, str],
+) -> tuple[str, str]:
+    """Log one pipeline run; returns its run id and the logged model's URI."""
+    import mlflow
+
+    root = model_path.parent.parent
+    experiment_id = _experiment(params.evaluate.experiment, root)
+    commit = git_commit(root)
+    all_tags = {**tags, "d2d.params_hash": params.digest(), **({"git.commit": commit} if commit else {})}
+    with mlflow.start_run(experiment_id=experiment_id, tags=all_tags) as run:
+        mlflow.log_params(flatten({k: v for k, v in params.as_dict().items() if k != "data"} | {"data.raw": str(params.data.raw)}))
+        for row in history.to_dict("records"):
+            step = int(row["epoch"])
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(str(path), artifact_path="reports")
+        info = log_raw_model(model_path, example, schema)
+        return run.info.run_id, info.model_uri

@@ -1,0 +1,160 @@
+"""The training loop that runs on every Ray Train worker.
+
+Every rank calls `ray.train.report` once per epoch (it is a barrier); only rank 0 attaches
+a checkpoint. The checkpoint holds everything needed to resume: model, optimizer, epoch,
+early-stopping state and the history so far.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.train.models import ModelSpec, build_model
+
+STATE_FILE = "state.pt"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-rank values across the worker group (a no-op with one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _stop_everywhere(stop: bool, device: torch.device) -> bool:
+    """Rank 0's early-stopping decision, shared so that every rank leaves the loop together."""
+    flag = torch.tensor([int(stop)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on a whole split."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch):
+        logits = model(x[i : i + batch])
+        loss += nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i : i + batch]).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO under a logger named by its file path, which its
+    LoggingConfig does not reach; the epoch line printed below is the progress people read."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    _quiet_report_log()
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"])
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+
+    spec = ModelSpec.from_dict(config["spec"])
+    model = ray.train.torch.prepare_model(build_model(spec))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+
+    start_epoch, best_loss, bad_epochs, best_state, history = 0, float("inf"), 0, None, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resuming after a worker failure
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_loss, bad_epochs = state["epoch"] + 1, state["best_loss"], state["bad_epochs"]
+        best_state, history = state["best_model"], state["history"]
+
+    x_train = torch.tensor(config["x_train"])
+    y_train = torch.tensor(config["y_train"])
+    x_val = torch.tensor(config["x_val"], device=device)
+    y_val = torch.tensor(config["y_val"], device=device)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True)
+    )
+
+    for epoch in range(start_epoch, config["epochs"]):
+        if ctx.get_world_size() > 1:
+            loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        model.train()
+        loss_sum, seen = 0.0, 0
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(yb)
+            seen += len(yb)
+        loss_sum, seen = _all_sum([loss_sum, seen], device)
+        elapsed = time.perf_counter() - started
+        # Every rank scores the whole validation split with identical weights, so all agree.
+        val_loss, val_acc = evaluate_split(_unwrap(model), x_val, y_val)
+        improved = val_loss < best_loss
+        if improved:
+            best_loss, bad_epochs = val_loss, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+        else:
+            bad_epochs += 1
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "samples_per_s": seen / elapsed,
+            "epoch_s": elapsed,
+        }
+        history.append(row)
+        stop = _stop_everywhere(bad_epochs >= config["patience"], device)
+
+        if rank == 0:
+            print(
+                f"epoch {epoch + 1}/{config['epochs']}  train_loss {row['train_loss']:.4f}  "
+                f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}" + ("  *" if improved else ""),
+                flush=True,
+            )
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "best_loss": best_loss,
+                        "bad_epochs": bad_epochs,
+                        "best_model": best_state,
+                        "history": history,
+                    },
+                    os.path.join(d, STATE_FILE),
+                )
+                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(row)
+        if stop:
+            break
