@@ -26,6 +26,8 @@ class FeatureGroup(_Section):
     count: int = Field(ge=1)
     min: float
     max: float
+    # The raw type: it becomes the served model's signature (MLflow will not cast int64 to float64).
+    dtype: Literal["int", "float"] = "float"
 
     @model_validator(mode="after")
     def _range(self) -> FeatureGroup:

@@ -18,13 +18,21 @@ from pipeline.config import Params
 from pipeline.data.schema import Schema
 
 MODEL_CODE = Path(__file__).with_name("raw_model.py")
+# The SQLite URI this process chose. MLflow copies whatever URI is set into
+# MLFLOW_TRACKING_URI, so that value must not be mistaken for the user's choice later.
+_local_uri: str | None = None
 
 
 def configure(root: Path) -> str:
-    """MLFLOW_TRACKING_URI when set (a team server); otherwise SQLite in the project directory."""
+    """MLFLOW_TRACKING_URI when the user set it (a team server); otherwise SQLite in the project."""
     import mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    global _local_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env != _local_uri:
+        uri = env
+    else:
+        uri = _local_uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -68,7 +76,7 @@ def log_raw_model(model_path: Path, example: pd.DataFrame, schema: Schema) -> An
     from pipeline.train.models import load_model
 
     net, _ = load_model(str(model_path))
-    raw = example[schema.feature_names].astype("float64")
+    raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
     batch = torch.export.Dim("batch")
     sample = torch.zeros((2, len(schema.features)), dtype=torch.float32)
     exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))

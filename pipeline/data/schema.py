@@ -12,6 +12,11 @@ class FeatureSpec:
     name: str
     min: float
     max: float
+    dtype: str = "float"  # "int" or "float"
+
+    @property
+    def numpy_dtype(self) -> str:
+        return "int64" if self.dtype == "int" else "float64"
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Schema:
 
 def schema_from_params(data: DataParams) -> Schema:
     features = tuple(
-        FeatureSpec(f"{g.prefix}{i}", g.min, g.max) for g in data.features for i in range(g.count)
+        FeatureSpec(f"{g.prefix}{i}", g.min, g.max, g.dtype) for g in data.features for i in range(g.count)
     )
     shape = tuple(data.image_shape) if data.image_shape else None
     return Schema(data.id_column, data.target, tuple(data.classes), features, shape)  # type: ignore[arg-type]

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import DataParams, Params, load_params
+from pipeline.data.schema import Schema, schema_from_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+# No analytics calls from the tools under test: the machine has no internet.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture
+def tiny_data_params() -> DataParams:
+    """Four features in 0..10, three classes: small enough to reason about row by row."""
+    return DataParams(
+        raw=Path("data/raw/tiny.csv"),
+        classes=[0, 1, 2],
+        features=[{"prefix": "f", "count": 4, "min": 0, "max": 10, "dtype": "int"}],
+    )
+
+
+@pytest.fixture
+def tiny_schema(tiny_data_params: DataParams) -> Schema:
+    return schema_from_params(tiny_data_params)
+
+
+def make_frame(schema: Schema, n: int, seed: int = 0) -> pd.DataFrame:
+    """n valid rows: ids 0..n-1, features in range, classes cycling so every class is present."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.integers(0, 11, size=(n, len(schema.features))), columns=schema.feature_names)
+    df.insert(0, schema.id_column, range(n))
+    df[schema.target] = [schema.classes[i % len(schema.classes)] for i in range(n)]
+    return df
+
+
+@pytest.fixture
+def repo_params() -> Params:
+    return load_params(REPO / "params.yaml")

@@ -1,0 +1,80 @@
+import pandas as pd
+import pytest
+
+from pipeline.config import ValidateParams
+from pipeline.data.validate import REASON, validate
+from pipeline.errors import DataError
+from tests.conftest import make_frame
+
+LOOSE = ValidateParams(max_bad_row_fraction=0.5, min_rows=5)
+
+
+def test_clean_frame_passes(tiny_schema):
+    df = make_frame(tiny_schema, 20)
+    report = validate(df, tiny_schema, LOOSE)
+    assert report.passed and report.reasons == []
+    assert len(report.valid) == 20 and report.quarantine.empty
+
+
+@pytest.mark.parametrize(
+    "column, value, reason",
+    [
+        ("f1", None, "f1 is null"),
+        ("f2", 11, "f2 outside [0, 10]"),
+        ("f0", -1, "f0 outside [0, 10]"),
+        ("label", 7, "label not in the known classes"),
+        ("label", None, "label is null"),
+        ("id", None, "id is null"),
+    ],
+)
+def test_each_row_rule_quarantines_with_its_reason(tiny_schema, column, value, reason):
+    df = make_frame(tiny_schema, 20).astype("object")
+    df.loc[3, column] = value
+    report = validate(df, tiny_schema, LOOSE)
+    assert report.passed
+    assert len(report.valid) == 19
+    assert report.quarantine[REASON].tolist() == [reason]
+    assert report.quarantine[tiny_schema.id_column].tolist() == ([3] if column != "id" else [None])
+
+
+def test_every_broken_rule_is_named(tiny_schema):
+    df = make_frame(tiny_schema, 20).astype("object")
+    df.loc[5, ["f0", "f3", "label"]] = [None, 99, 9]
+    reason = validate(df, tiny_schema, LOOSE).quarantine[REASON].iloc[0]
+    assert set(reason.split("; ")) == {"f0 is null", "f3 outside [0, 10]", "label not in the known classes"}
+
+
+def test_duplicate_ids_are_quarantined(tiny_schema):
+    df = make_frame(tiny_schema, 20)
+    df.loc[7, "id"] = 6
+    report = validate(df, tiny_schema, LOOSE)
+    assert sorted(report.quarantine["id"]) == [6, 6]
+    assert set(report.quarantine[REASON]) == {"id is not unique"}
+
+
+def test_missing_column_stops_the_run(tiny_schema):
+    df = make_frame(tiny_schema, 20).drop(columns=["label", "f2"])
+    with pytest.raises(DataError, match="lacks required column.*f2.*label"):
+        validate(df, tiny_schema, LOOSE)
+
+
+def test_too_many_bad_rows_fail_the_gate(tiny_schema):
+    df = make_frame(tiny_schema, 20)
+    df.loc[:5, "f0"] = 50
+    report = validate(df, tiny_schema, ValidateParams(max_bad_row_fraction=0.2, min_rows=5))
+    assert not report.passed
+    assert "30.0% of rows failed validation" in report.reasons[0]
+    assert len(report.quarantine) == 6
+
+
+def test_too_few_rows_fail_the_gate(tiny_schema):
+    report = validate(make_frame(tiny_schema, 4), tiny_schema, LOOSE)
+    assert not report.passed and "fewer than validate.min_rows=5" in report.reasons[0]
+
+
+def test_input_frame_is_not_modified(tiny_schema):
+    df = make_frame(tiny_schema, 20)
+    df.loc[2, "f1"] = 40
+    before = df.copy()
+    validate(df, tiny_schema, LOOSE)
+    pd.testing.assert_frame_equal(df, before)
