@@ -6,8 +6,6 @@ the same functions the DVC stages run.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +13,22 @@ from prefect import flow, get_run_logger, task
 
 from pipeline import stages
 from pipeline.config import Params, load_params
+from pipeline.versioning import push_tracked
 
 
 @task(name="data-version")
 def version_data(params: Params, root: Path) -> dict[str, Any]:
-    """Record the raw data's md5 and push it to the DVC remote, when the project uses DVC."""
+    """Record the raw data's md5 and push it to the DVC remote when it is the DVC-recorded version."""
     logger = get_run_logger()
     version = stages.data_version(params, root)
+    raw = version["path"]
     if version["dvc_md5"] is None:
-        logger.warning("%s is not tracked by DVC; run `dvc add %s` to version it", version["path"], version["path"])
+        version["dvc"] = f"not tracked: run `dvc add {raw}` to version it"
     elif not version["matches_dvc"]:
-        logger.warning("%s differs from the version DVC records; run `dvc add %s` to version it", version["path"], version["path"])
-    elif (root / ".dvc").is_dir() and shutil.which("dvc"):
-        dvc_file = f"{params.data.raw}.dvc"
-        out = subprocess.run(["dvc", "push", "-q", dvc_file], cwd=root, capture_output=True, text=True)
-        version["pushed"] = out.returncode == 0
-        if out.returncode:
-            logger.warning("dvc push failed: %s", (out.stderr or out.stdout).strip().splitlines()[-1:])
-    logger.info("data version %s (%s)", version["md5"], version["path"])
+        version["dvc"] = f"differs from the DVC record: run `dvc add {raw}` to version it"
+    else:
+        version["dvc"] = push_tracked(root / params.data.raw, root)
+    logger.info("data version %s (%s): %s", version["md5"], raw, version["dvc"])
     return version
 
 

@@ -50,7 +50,7 @@ def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -
 
     data, split, metrics, reg = result["data"], result["split"], result["metrics"], result["register"]
     table = Table(title=f"d2d run finished in {seconds:.0f} s", show_header=False, title_justify="left")
-    table.add_row("data version", f"{data['md5']}  ({data['path']}{', DVC-tracked' if data.get('matches_dvc') else ''})")
+    table.add_row("data version", f"{data['md5']}  ({data['path']}; {data['dvc']})")
     table.add_row(
         "rows",
         f"raw {result['validate']['rows_in']}, quarantined {result['validate']['rows_quarantined']}, "

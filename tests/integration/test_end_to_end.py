@@ -57,9 +57,18 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     root = small_project(tmp_path)
     params = load_params(root / "params.yaml")
     demo = make_demo(params, root)
+    run(["git", "init", "-q"], root)
+    run(["dvc", "init", "-q"], root)
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
+    run(["dvc", "add", "-q", "data/raw/digits.csv"], root)
+    shutil.rmtree(root / ".dvc/cache")  # as in a fresh clone: the file exists, the cache does not
     state = training_flow(params_path="params.yaml", root=str(root), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
+
+    # data version: the md5 DVC records, pushed to the remote
+    assert result["data"]["md5"] == demo["md5"] and result["data"]["dvc"] == "pushed to the DVC remote"
+    assert (tmp_path / "remote/files/md5" / demo["md5"][:2] / demo["md5"][2:]).is_file()
 
     # validate: every corrupted row but the duplicates is quarantined, with its reasons
     corrupted = demo["corrupted"]
@@ -79,12 +88,12 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     # MLflow: the run, its lineage tags and metrics, the registered version and its alias
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = MlflowClient()
-    run = client.get_run(result["metrics"]["mlflow_run_id"])
-    assert run.data.tags["d2d.data_md5"] == demo["md5"]
-    assert run.data.params["train.epochs"] == "6"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(result["metrics"]["test_accuracy"], abs=1e-6)
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == len(history)
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    mlflow_run = client.get_run(result["metrics"]["mlflow_run_id"])
+    assert mlflow_run.data.tags["d2d.data_md5"] == demo["md5"]
+    assert mlflow_run.data.params["train.epochs"] == "6"
+    assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(result["metrics"]["test_accuracy"], abs=1e-6)
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "val_loss")) == len(history)
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "reports")}
     assert {"reports/confusion_matrix.png", "reports/learning_curves.png", "reports/validate.json"} <= artifacts
 
     registered = result["register"]
