@@ -163,13 +163,15 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
     paths = Paths(root)
     schema = schema_from_params(params.data)
     model, _ = load_model(str(paths.model))
+    n_classes = len(schema.classes)
     metrics: dict[str, float] = {}
+    scored = {}
     for name in ("val", "test"):
         x, y = features_and_labels(io.read_table(paths.split(name)), schema)
-        pred = predict_proba(model, x).argmax(1)
-        metrics |= {f"{name}_{k}": v for k, v in classification_metrics(y, pred, len(schema.classes)).items()}
+        scored[name] = (y, predict_proba(model, x).argmax(1))
+        metrics |= {f"{name}_{k}": v for k, v in classification_metrics(*scored[name], n_classes).items()}
     cm_path = plot_confusion_matrix(
-        confusion(y, pred, len(schema.classes)), list(schema.classes), paths.report("confusion_matrix.png"),
+        confusion(*scored["test"], n_classes), list(schema.classes), paths.report("confusion_matrix.png"),
         f"test split, accuracy {metrics['test_accuracy']:.3f}",
     )
     history = pd.read_csv(paths.history)

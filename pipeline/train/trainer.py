@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,11 +18,14 @@ from pipeline.config import TrainParams
 from pipeline.data.schema import Schema
 from pipeline.errors import D2DError
 
+if TYPE_CHECKING:
+    from pipeline.train.models import ModelSpec
+
 
 @dataclass
 class TrainResult:
     model: object  # torch.nn.Module with the best weights, in eval mode
-    spec: object  # ModelSpec
+    spec: ModelSpec
     history: pd.DataFrame
     best_epoch: int
     seconds: float
@@ -63,7 +67,7 @@ def features_and_labels(df: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, n
     return x, y
 
 
-def model_spec(schema: Schema, params: TrainParams):  # -> ModelSpec
+def model_spec(schema: Schema, params: TrainParams) -> ModelSpec:
     from pipeline.train.models import ModelSpec
 
     return ModelSpec(
