@@ -54,7 +54,7 @@ def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -
     table.add_row(
         "rows",
         f"raw {result['validate']['rows_in']}, quarantined {result['validate']['rows_quarantined']}, "
-        f"duplicates dropped {result['clean']['rows_in'] - result['clean']['rows_out']}",
+        f"removed by cleaning {result['clean']['removed']}",
     )
     table.add_row("splits", ", ".join(f"{k} {v}" for k, v in split["sizes"].items()))
     table.add_row(

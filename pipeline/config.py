@@ -19,21 +19,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FeatureGroup(_Section):
-    """A run of numeric feature columns sharing a range, e.g. pixel_0..pixel_63 in 0..16."""
+class FeatureSpec(_Section):
+    """One feature column (`name`) or a run of them sharing a spec (`prefix` + `count`:
+    pixel_0..pixel_63)."""
 
-    prefix: str
-    count: int = Field(ge=1)
-    min: float
-    max: float
+    name: str | None = None
+    prefix: str | None = None
+    count: int | None = Field(default=None, ge=1)
+    kind: Literal["numeric", "categorical"] = "numeric"
     # The raw type: it becomes the served model's signature (MLflow will not cast int64 to float64).
-    dtype: Literal["int", "float"] = "float"
+    dtype: Literal["int", "float", "str"] = "float"
+    min: float | None = None
+    max: float | None = None
+    values: list[int | str] | None = None  # the allowed categories
+    nullable: bool = False
 
     @model_validator(mode="after")
-    def _range(self) -> FeatureGroup:
-        if self.max <= self.min:
-            raise ValueError(f"max ({self.max}) must be greater than min ({self.min})")
+    def _shape(self) -> FeatureSpec:
+        if (self.name is None) == (self.prefix is None) or (self.prefix is not None) != (self.count is not None):
+            raise ValueError("give either name, or prefix and count")
+        if self.kind == "numeric":
+            if self.dtype == "str":
+                raise ValueError("a numeric feature has dtype int or float")
+            if self.values is not None:
+                raise ValueError("values is for categorical features; numeric ones take min and max")
+            if self.min is not None and self.max is not None and self.max <= self.min:
+                raise ValueError(f"max ({self.max:g}) must be greater than min ({self.min:g})")
+        elif self.min is not None or self.max is not None:
+            raise ValueError("min and max are for numeric features; categorical ones take values")
         return self
+
+    def names(self) -> list[str]:
+        return [self.name] if self.name is not None else [f"{self.prefix}{i}" for i in range(self.count or 0)]
 
 
 class DemoParams(_Section):
@@ -46,21 +63,28 @@ class DataParams(_Section):
     raw: Path = Path("data/raw/digits.csv")
     id_column: str = "id"
     target: str = "label"
+    task: Literal["classification"] = "classification"
     classes: list[int | str] = Field(min_length=2)
-    features: list[FeatureGroup] = Field(min_length=1)
+    features: list[FeatureSpec] = Field(min_length=1)
     # C×H×W for image-shaped features (the CNN needs it); null for tabular data.
     image_shape: list[int] | None = None
     demo: DemoParams = DemoParams()
 
     @model_validator(mode="after")
-    def _shape(self) -> DataParams:
-        n = sum(g.count for g in self.features)
+    def _consistent(self) -> DataParams:
+        names = [n for f in self.features for n in f.names()]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        if {self.id_column, self.target} & set(names):
+            raise ValueError("the id column and the target cannot also be features")
         if self.image_shape is not None:
             size = 1
             for d in self.image_shape:
                 size *= d
-            if len(self.image_shape) != 3 or size != n:
-                raise ValueError(f"image_shape {self.image_shape} must be C,H,W with C*H*W == {n} features")
+            if len(self.image_shape) != 3 or size != len(names):
+                raise ValueError(f"image_shape {self.image_shape} must be C,H,W with C*H*W == {len(names)} features")
+            if any(f.kind != "numeric" for f in self.features):
+                raise ValueError("image-shaped data has numeric features only")
         if len(set(map(str, self.classes))) != len(self.classes):
             raise ValueError("classes must be unique")
         return self
@@ -70,27 +94,67 @@ class ValidateParams(_Section):
     # Above this share of row-level failures the dataset as a whole is rejected.
     max_bad_row_fraction: float = Field(default=0.10, ge=0.0, le=1.0)
     min_rows: int = Field(default=50, ge=1)
+    max_rows: int | None = Field(default=None, ge=1)
+    # A numeric column with more text than this is the wrong column, not a few bad rows.
+    max_non_numeric_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # GX Data Docs (HTML) for every run; it takes a few seconds on large data.
+    data_docs: bool = True
+
+
+Imputation = Literal["drop", "median", "most_frequent", "constant"]
+
+
+class MissingParams(_Section):
+    """What to do with nulls in nullable feature columns. `drop` removes the row in the
+    clean stage; the imputations are fitted on the train split and saved for serving."""
+
+    numeric: Imputation = "median"
+    categorical: Imputation = "most_frequent"
+    fill_value: float | str = 0
+    columns: dict[str, Imputation] = {}
+
+    @model_validator(mode="after")
+    def _median_is_numeric(self) -> MissingParams:
+        if self.categorical == "median":
+            raise ValueError("median cannot fill a categorical column; use most_frequent or constant")
+        return self
+
+
+class OutlierParams(_Section):
+    method: Literal["none", "range", "iqr"] = "none"  # range: the schema's min/max
+    action: Literal["clip", "drop"] = "clip"
+    iqr_k: float = Field(default=1.5, gt=0.0)
 
 
 class CleanParams(_Section):
     drop_duplicates: bool = True
-    # Scale features to [0, 1] by the schema's declared range: no statistics fitted,
-    # so nothing leaks from validation/test data and serving applies the same map.
-    scale: Literal["range", "none"] = "range"
+    missing: MissingParams = MissingParams()
+    outliers: OutlierParams = OutlierParams()
 
 
 class SplitParams(_Section):
+    # stratified: seeded, per-class ratios; random: seeded; hash: by id column, so a row keeps
+    # its split when data is appended (what retraining on drifted data needs).
+    strategy: Literal["stratified", "random", "hash"] = "stratified"
     train: float = Field(default=0.70, gt=0.0, lt=1.0)
     val: float = Field(default=0.15, gt=0.0, lt=1.0)
     test: float = Field(default=0.15, gt=0.0, lt=1.0)
     seed: int = 42
-    stratify: bool = True
 
     @model_validator(mode="after")
     def _sum(self) -> SplitParams:
         if abs(self.train + self.val + self.test - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1.0, got {self.train + self.val + self.test:g}")
         return self
+
+
+class PreprocessParams(_Section):
+    """Feature scaling and encoding, fitted on the train split only and saved with the model."""
+
+    # standard: mean/std; minmax: train min/max; range: the schema's declared min/max.
+    scale: Literal["standard", "minmax", "range", "none"] = "standard"
+    # One-hot slots per categorical column: the most frequent in train; rarer or unseen → all zeros.
+    max_categories: int = Field(default=50, ge=1)
 
 
 class TrainParams(_Section):
@@ -126,6 +190,7 @@ class Params(_Section):
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     clean: CleanParams = CleanParams()
     split: SplitParams = SplitParams()
+    preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
@@ -136,6 +201,10 @@ class Params(_Section):
     def _model_fits_data(self) -> Params:
         if self.train.model == "cnn" and self.data.image_shape is None:
             raise ValueError("train.model 'cnn' needs data.image_shape; use 'mlp' for tabular data")
+        if self.preprocess.scale == "range":
+            open_ended = [n for f in self.data.features if f.kind == "numeric" and (f.min is None or f.max is None) for n in f.names()]
+            if open_ended:
+                raise ValueError(f"preprocess.scale 'range' needs min and max for every numeric feature; {open_ended[0]} has none")
         return self
 
     def as_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """An MLflow pyfunc model that predicts on raw feature rows.
 
-MLflow logs this file as "model code": it is copied into the model, so loading the model
-needs mlflow, torch, numpy and pandas but not d2d. Keep it self-contained: no d2d imports.
+MLflow logs this file as "model code" and preprocess.py beside it (code_paths), so loading
+the model needs mlflow, torch, numpy and pandas but not d2d. Keep it free of d2d imports.
 """
 
 from __future__ import annotations
@@ -12,34 +12,31 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+try:  # inside a logged model, code_paths puts preprocess.py on sys.path
+    from preprocess import transform
+except ImportError:  # while d2d itself logs the model
+    from pipeline.preprocess import transform
+
 
 class RawRowClassifier(mlflow.pyfunc.PythonModel):
-    """Scales raw features by the schema's ranges, runs the exported network, returns labels."""
+    """Applies the preprocessing fitted on the train split, runs the exported network,
+    returns the label, its probability and every class's probability."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         import torch
 
         with open(context.artifacts["preprocess"]) as f:
-            meta = json.load(f)
-        self.features: list[str] = meta["features"]
-        self.classes = np.array(meta["classes"], dtype=object)
-        self.lo = np.array(meta["min"], dtype="float64")
-        self.span = np.array(meta["max"], dtype="float64") - self.lo
+            self.state = json.load(f)
+        with open(context.artifacts["classes"]) as f:
+            self.classes = np.array(json.load(f), dtype=object)
         self.net = torch.export.load(context.artifacts["network"]).module()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch
 
-        missing = [c for c in self.features if c not in model_input.columns]
-        if missing:
-            raise ValueError(f"input lacks feature column(s): {', '.join(missing[:5])}")
-        x = model_input[self.features].to_numpy(dtype="float64", na_value=np.nan)
-        if np.isnan(x).any():
-            cols = [c for c, bad in zip(self.features, np.isnan(x).any(axis=0)) if bad]
-            raise ValueError(f"null value(s) in column(s): {', '.join(cols[:5])}")
-        scaled = torch.from_numpy(((x - self.lo) / self.span).astype("float32"))
+        x = torch.from_numpy(transform(model_input, self.state))
         with torch.no_grad():
-            probs = torch.softmax(self.net(scaled), dim=1).numpy()
+            probs = torch.softmax(self.net(x), dim=1).numpy()
         out = pd.DataFrame({"label": self.classes[probs.argmax(1)], "probability": probs.max(1)})
         for i, c in enumerate(self.classes):
             out[f"prob_{c}"] = probs[:, i]

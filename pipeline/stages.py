@@ -41,6 +41,14 @@ class Paths:
         return self.root / f"data/split/{name}.parquet"
 
     @property
+    def preprocess(self) -> Path:
+        return self.root / "data/split/preprocess.json"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.root / "reports/data_docs"
+
+    @property
     def model(self) -> Path:
         return self.root / "models/model.pt"
 
@@ -87,9 +95,12 @@ def run_validate(params: Params, root: Path) -> dict[str, Any]:
     paths = Paths(root)
     version = data_version(params, root)
     raw = io.read_table(raw_path(params, root))
-    report = validate(raw, schema_from_params(params.data), params.validate_)
+    docs = paths.data_docs if params.validate_.data_docs else None
+    report = validate(raw, schema_from_params(params.data), params.validate_, docs)
     io.write_parquet(report.quarantine, paths.quarantine)
     summary = {**report.summary, "data_md5": version["md5"], "data_path": version["path"]}
+    if docs:
+        summary["data_docs"] = str((docs / "index.html").relative_to(root))
     io.write_json(summary, paths.report("validate.json"))
     if not report.passed:
         raise DataError("validation failed: " + "; ".join(report.reasons))
@@ -109,13 +120,35 @@ def run_clean(params: Params, root: Path) -> dict[str, Any]:
 
 
 def run_split(params: Params, root: Path) -> dict[str, Any]:
-    from pipeline.data.split import split
+    """Split, check for leakage, and fit the preprocessing on the train split only."""
+    from pipeline import preprocess
+    from pipeline.data.clean import preprocess_spec
+    from pipeline.data.split import leaked_rows, split
 
     paths = Paths(root)
-    splits = split(io.read_table(paths.clean), params.data.target, params.split)
+    schema = schema_from_params(params.data)
+    splits = split(io.read_table(paths.clean), schema.target, schema.id_column, params.split)
+    leaked = leaked_rows(splits, schema.feature_names)
+    if leaked:
+        raise DataError(
+            f"{leaked} rows share their exact features with a row in another split; "
+            "set clean.drop_duplicates: true so identical examples are removed before splitting"
+        )
     for name in SPLITS:
         io.write_parquet(getattr(splits, name), paths.split(name))
-    report = {"sizes": splits.sizes(), "seed": params.split.seed, "stratify": params.split.stratify}
+    state = preprocess.fit(splits.train, preprocess_spec(schema, params.clean, params.preprocess))
+    io.write_json(state, paths.preprocess)
+    per_class = {
+        name: getattr(splits, name)[schema.target].astype(str).value_counts().sort_index().to_dict() for name in SPLITS
+    }
+    report = {
+        "sizes": splits.sizes(),
+        "strategy": params.split.strategy,
+        "seed": params.split.seed,
+        "per_class": per_class,
+        "leaked_rows": leaked,
+        "model_inputs": len(state["outputs"]),
+    }
     io.write_json(report, paths.report("split.json"))
     return report
 
@@ -127,8 +160,9 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
     paths = Paths(root)
     schema = schema_from_params(params.data)
     train_df, val_df = io.read_table(paths.split("train")), io.read_table(paths.split("val"))
+    state = io.read_json(paths.preprocess)
     with ray_session(params.train):
-        result = train(train_df, val_df, schema, params.train, paths.ray_storage)
+        result = train(train_df, val_df, schema, state, params.train, paths.ray_storage)
     paths.model.parent.mkdir(parents=True, exist_ok=True)
     save_model(result.model, result.spec, str(paths.model))
     io.write_csv(result.history, paths.history)
@@ -163,11 +197,12 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
     paths = Paths(root)
     schema = schema_from_params(params.data)
     model, _ = load_model(str(paths.model))
+    state = io.read_json(paths.preprocess)
     n_classes = len(schema.classes)
     metrics: dict[str, float] = {}
     scored = {}
     for name in ("val", "test"):
-        x, y = features_and_labels(io.read_table(paths.split(name)), schema)
+        x, y = features_and_labels(io.read_table(paths.split(name)), schema, state)
         scored[name] = (y, predict_proba(model, x).argmax(1))
         metrics |= {f"{name}_{k}": v for k, v in classification_metrics(*scored[name], n_classes).items()}
     cm_path = plot_confusion_matrix(
@@ -184,8 +219,9 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
         params=params,
         metrics=metrics,
         history=history,
-        artifacts=[cm_path, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json")],
+        artifacts=[cm_path, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json"), paths.preprocess],
         model_path=paths.model,
+        preprocess_path=paths.preprocess,
         example=io.read_table(paths.valid).head(5),
         schema=schema,
         tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"]},

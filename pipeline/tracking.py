@@ -18,6 +18,7 @@ from pipeline.config import Params
 from pipeline.data.schema import Schema
 
 MODEL_CODE = Path(__file__).with_name("raw_model.py")
+PREPROCESS_CODE = Path(__file__).with_name("preprocess.py")
 # The SQLite URI this process chose. MLflow copies whatever URI is set into
 # MLFLOW_TRACKING_URI, so that value must not be mistaken for the user's choice later.
 _local_uri: str | None = None
@@ -68,35 +69,31 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_raw_model(model_path: Path, example: pd.DataFrame, schema: Schema) -> Any:
-    """Export the network with torch.export and log it with its preprocessing as a pyfunc."""
+def log_raw_model(model_path: Path, preprocess_path: Path, example: pd.DataFrame, schema: Schema) -> Any:
+    """Export the network with torch.export and log it with its fitted preprocessing as a pyfunc."""
     import mlflow
     import torch
 
     from pipeline.train.models import load_model
 
-    net, _ = load_model(str(model_path))
+    net, spec = load_model(str(model_path))
     raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
     batch = torch.export.Dim("batch")
-    sample = torch.zeros((2, len(schema.features)), dtype=torch.float32)
+    sample = torch.zeros((2, spec.n_features), dtype=torch.float32)
     exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
     with tempfile.TemporaryDirectory() as d:
         network = Path(d) / "network.pt2"
         torch.export.save(exported, network)
-        preprocess = Path(d) / "preprocess.json"
-        preprocess.write_text(json.dumps({
-            "features": schema.feature_names,
-            "classes": list(schema.classes),
-            "min": [f.min for f in schema.features],
-            "max": [f.max for f in schema.features],
-        }))
+        classes = Path(d) / "classes.json"
+        classes.write_text(json.dumps(list(schema.classes)))
         # The output's integer label column makes MLflow warn about missing integers; labels are never missing.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
             return mlflow.pyfunc.log_model(
-            name="model",
+                name="model",
                 python_model=str(MODEL_CODE),
-                artifacts={"network": str(network), "preprocess": str(preprocess)},
+                code_paths=[str(PREPROCESS_CODE)],
+                artifacts={"network": str(network), "preprocess": str(preprocess_path), "classes": str(classes)},
                 input_example=raw,
                 pip_requirements=[f"mlflow=={version('mlflow')}", "torch==2.13.0",
                                   f"pandas=={version('pandas')}", f"numpy=={version('numpy')}"],
@@ -109,6 +106,7 @@ def log_pipeline_run(
     history: pd.DataFrame,
     artifacts: list[Path],
     model_path: Path,
+    preprocess_path: Path,
     example: pd.DataFrame,
     schema: Schema,
     tags: dict[str, str],
@@ -128,5 +126,5 @@ def log_pipeline_run(
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="reports")
-        info = log_raw_model(model_path, example, schema)
+        info = log_raw_model(model_path, preprocess_path, example, schema)
         return run.info.run_id, info.model_uri

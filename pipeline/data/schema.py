@@ -8,15 +8,22 @@ from pipeline.config import DataParams
 
 
 @dataclass(frozen=True)
-class FeatureSpec:
+class Column:
     name: str
-    min: float
-    max: float
-    dtype: str = "float"  # "int" or "float"
+    kind: str  # "numeric" | "categorical"
+    dtype: str  # "int" | "float" | "str"
+    min: float | None = None
+    max: float | None = None
+    values: tuple[int | str, ...] | None = None
+    nullable: bool = False
 
     @property
     def numpy_dtype(self) -> str:
-        return "int64" if self.dtype == "int" else "float64"
+        """The type a raw value has in the served model's signature. An int column that may
+        hold nulls is float64, as MLflow advises: integers cannot represent a missing value."""
+        if self.dtype == "int" and not self.nullable:
+            return "int64"
+        return "float64" if self.kind == "numeric" else "object"
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,7 @@ class Schema:
     id_column: str
     target: str
     classes: tuple[int | str, ...]
-    features: tuple[FeatureSpec, ...]
+    features: tuple[Column, ...]
     image_shape: tuple[int, int, int] | None
 
     @property
@@ -32,14 +39,32 @@ class Schema:
         return [f.name for f in self.features]
 
     @property
+    def numeric(self) -> list[Column]:
+        return [f for f in self.features if f.kind == "numeric"]
+
+    @property
+    def categorical(self) -> list[Column]:
+        return [f for f in self.features if f.kind == "categorical"]
+
+    @property
     def columns(self) -> list[str]:
-        """Every column a raw file must have, in file order."""
+        """Every column a raw file must have."""
         return [self.id_column, *self.feature_names, self.target]
 
 
 def schema_from_params(data: DataParams) -> Schema:
     features = tuple(
-        FeatureSpec(f"{g.prefix}{i}", g.min, g.max, g.dtype) for g in data.features for i in range(g.count)
+        Column(
+            name,
+            f.kind,
+            f.dtype,
+            f.min,
+            f.max,
+            tuple(f.values) if f.values is not None else None,
+            f.nullable,
+        )
+        for f in data.features
+        for name in f.names()
     )
     shape = tuple(data.image_shape) if data.image_shape else None
     return Schema(data.id_column, data.target, tuple(data.classes), features, shape)  # type: ignore[arg-type]

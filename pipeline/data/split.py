@@ -1,9 +1,11 @@
-"""Train/validation/test split: seeded and, by default, stratified by the target."""
+"""Train/validation/test split: stratified (seeded, per-class ratios), random (seeded) or
+hash (by id: a row's split never changes when data is appended). Vectorised throughout."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import SplitParams
@@ -22,29 +24,61 @@ class Splits:
         return {name: len(getattr(self, name)) for name in SPLITS}
 
 
-def split(df: pd.DataFrame, target: str, params: SplitParams) -> Splits:
-    """Cut `df` into train/val/test by the ratios in params, stratified on `target` if asked."""
-    from sklearn.model_selection import train_test_split
+def _assign_by_rank(rank: np.ndarray, n: np.ndarray, params: SplitParams) -> np.ndarray:
+    """0/1/2 for train/val/test from each row's rank within its group of size n."""
+    train_end = np.rint(n * params.train)
+    val_end = np.rint(n * (params.train + params.val))
+    return np.where(rank < train_end, 0, np.where(rank < val_end, 1, 2))
 
-    counts = df[target].value_counts()
-    if params.stratify and (counts < 3).any():
-        small = ", ".join(str(c) for c in counts[counts < 3].index[:5])
-        raise DataError(f"class(es) {small} have fewer than 3 rows: too few to stratify into three splits")
-    if len(df) < 3:
-        raise DataError(f"{len(df)} rows: too few to make three splits")
-    strat = df[target] if params.stratify else None
-    try:
-        train, rest = train_test_split(
-            df, train_size=params.train, random_state=params.seed, stratify=strat, shuffle=True
-        )
-        rest_strat = rest[target] if params.stratify else None
-        val, test = train_test_split(
-            rest,
-            test_size=params.test / (params.val + params.test),
-            random_state=params.seed,
-            stratify=rest_strat,
-            shuffle=True,
-        )
-    except ValueError as e:
-        raise DataError(f"cannot split {len(df)} rows by {params.train}/{params.val}/{params.test}: {e}") from None
-    return Splits(*(part.reset_index(drop=True) for part in (train, val, test)))
+
+def stratified_assignment(y: pd.Series, params: SplitParams) -> np.ndarray:
+    """Each class cut at round(n·train) and round(n·(train+val)) in a seeded random order,
+    so every split holds each class within one row of its ratio."""
+    key = pd.Series(np.random.default_rng(params.seed).random(len(y)), index=y.index)
+    rank = key.groupby(y, sort=False).rank(method="first").to_numpy() - 1
+    n = y.groupby(y, sort=False).transform("size").to_numpy()
+    return _assign_by_rank(rank, n, params)
+
+
+def random_assignment(n_rows: int, params: SplitParams) -> np.ndarray:
+    rank = np.argsort(np.random.default_rng(params.seed).random(n_rows), kind="stable").argsort()
+    return _assign_by_rank(rank, np.full(n_rows, n_rows), params)
+
+
+def hash_assignment(ids: pd.Series, params: SplitParams) -> np.ndarray:
+    """A fixed bucket per id, from a keyed hash of the id: independent of the other rows."""
+    key = f"{params.seed:016d}"[-16:]
+    h = pd.util.hash_pandas_object(ids.astype(str), index=False, hash_key=key).to_numpy()
+    u = (h >> np.uint64(11)).astype("float64") / float(1 << 53)  # uniform in [0, 1)
+    return np.where(u < params.train, 0, np.where(u < params.train + params.val, 1, 2))
+
+
+def leaked_rows(splits: Splits, features: list[str]) -> int:
+    """Rows whose exact feature values also appear in another split."""
+    hashed = [pd.util.hash_pandas_object(getattr(splits, s)[features], index=False) for s in SPLITS]
+    seen = [set(h.to_numpy().tolist()) for h in hashed]
+    return sum(int(h.isin(seen[j] | seen[k]).sum()) for h, (j, k) in zip(hashed, [(1, 2), (0, 2), (0, 1)]))
+
+
+def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams) -> Splits:
+    """Cut `df` into train/val/test by the strategy and ratios in params."""
+    if params.strategy == "stratified":
+        part = stratified_assignment(df[target], params)
+    elif params.strategy == "hash":
+        part = hash_assignment(df[id_column], params)
+    else:
+        part = random_assignment(len(df), params)
+    if params.strategy == "stratified":
+        counts = pd.crosstab(df[target], part).reindex(columns=range(3), fill_value=0)
+        short = counts[(counts == 0).any(axis=1)]
+        if len(short):
+            c = short.index[0]
+            raise DataError(
+                f"class {c} has {int(counts.loc[c].sum())} rows: too few to stratify into "
+                f"{params.train:g}/{params.val:g}/{params.test:g} (every split needs one)"
+            )
+    splits = Splits(*(df[part == i].reset_index(drop=True) for i in range(3)))
+    empty = [name for name, size in splits.sizes().items() if size == 0]
+    if empty:
+        raise DataError(f"{len(df)} rows are too few to make the three splits ({', '.join(empty)} would be empty)")
+    return splits

@@ -1,14 +1,17 @@
 """Validation with a Great Expectations 1.x suite built from the schema.
 
 Row-level failures become quarantine rows with a reason naming every rule they broke.
-Dataset-level failures (missing columns, too few rows, too many bad rows) fail the gate.
+Dataset-level failures (missing columns, a numeric column of text, row count out of bounds,
+too many bad rows) fail the gate, each named. Everything is vectorised: no loop over rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidateParams
@@ -27,20 +30,25 @@ class ValidationReport:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def build_suite(schema: Schema) -> Any:
-    """The expectation suite for a schema: the column set, then one rule per column and value."""
+def build_suite(schema: Schema, params: ValidateParams) -> Any:
+    """The expectation suite for a schema: table rules, then one rule per column and constraint."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
     suite = gx.ExpectationSuite(name="d2d_raw")
     suite.add_expectation(gxe.ExpectTableColumnsToMatchSet(column_set=schema.columns, exact_match=False))
+    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows, max_value=params.max_rows))
     suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.id_column))
     suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=schema.id_column))
     suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.target))
     suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=schema.target, value_set=list(schema.classes)))
     for f in schema.features:
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=f.name))
-        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=f.name, min_value=f.min, max_value=f.max))
+        if not f.nullable:
+            suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=f.name))
+        if f.kind == "numeric" and (f.min is not None or f.max is not None):
+            suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=f.name, min_value=f.min, max_value=f.max))
+        if f.kind == "categorical" and f.values is not None:
+            suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=f.name, value_set=list(f.values)))
     return suite
 
 
@@ -51,78 +59,130 @@ def _reason(result: Any) -> str:
     if kind == "expect_column_values_to_not_be_null":
         return f"{col} is null"
     if kind == "expect_column_values_to_be_between":
-        return f"{col} outside [{cfg.kwargs['min_value']:g}, {cfg.kwargs['max_value']:g}]"
+        lo, hi = cfg.kwargs.get("min_value"), cfg.kwargs.get("max_value")
+        return f"{col} outside [{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
     if kind == "expect_column_values_to_be_in_set":
-        return f"{col} not in the known classes"
+        return f"{col} not in the allowed values"
     if kind == "expect_column_values_to_be_unique":
         return f"{col} is not unique"
     return f"{col}: {kind}"
 
 
-def run_suite(df: pd.DataFrame, schema: Schema) -> Any:
+def run_suite(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir: Path | None) -> Any:
     """Run the schema's suite on an in-memory frame in an ephemeral GX context.
 
-    COMPLETE results list the index of every failing row.
+    COMPLETE results list the index of every failing row. With `docs_dir`, a GX Checkpoint
+    also renders Data Docs (HTML) there.
     """
     import great_expectations as gx
-
+    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")  # GX needs an active context before a suite is built
     # One bar per metric batch floods a flow's log; the stage reports its own summary.
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    suite = build_suite(schema)
     batch = (
         ctx.data_sources.add_or_update_pandas("d2d")
         .add_dataframe_asset("raw")
         .add_batch_definition_whole_dataframe("all")
     )
-    suite = ctx.suites.add(suite)
+    suite = ctx.suites.add(build_suite(schema, params))
     definition = ctx.validation_definitions.add(gx.ValidationDefinition(name="d2d_raw", data=batch, suite=suite))
-    return definition.run(batch_parameters={"dataframe": df}, result_format={"result_format": "COMPLETE"})
+    result_format = {"result_format": "COMPLETE"}
+    if docs_dir is None:
+        return definition.run(batch_parameters={"dataframe": df}, result_format=result_format)
+    site = {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+    }
+    ctx.add_data_docs_site(site_name="d2d", site_config=site)
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name="d2d_raw",
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=["d2d"])],
+            result_format=result_format,
+        )
+    )
+    return next(iter(checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()))
 
 
-def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams) -> ValidationReport:
+def coerce_numeric(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Numeric columns read as text become numbers; returns the coerced frame and a boolean
+    frame marking cells that held text that is not a number."""
+    out = df.copy()
+    bad = pd.DataFrame(False, index=df.index, columns=[f.name for f in schema.numeric])
+    for f in schema.numeric:
+        col = df[f.name]
+        if col.dtype.kind in "biuf":
+            continue
+        number = pd.to_numeric(col, errors="coerce")
+        bad[f.name] = number.isna() & col.notna()
+        out[f.name] = number
+    return out, bad
+
+
+def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir: Path | None = None) -> ValidationReport:
     """Split `df` into valid rows and quarantined rows (with reasons) and decide the dataset gate."""
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(f"the dataset lacks required column(s): {shown}")
+    if df.empty:
+        raise DataError("the dataset has no rows")
 
     # Positional index: GX reports failing rows by index, which stays unambiguous even
     # when the id column itself is null or duplicated.
     df = df.reset_index(drop=True)
-    result = run_suite(df, schema)
+    coerced, not_number = coerce_numeric(df, schema)
+    gate: list[str] = []
+    text_share = not_number.mean()
+    for name, share in text_share[text_share > params.max_non_numeric_fraction].items():
+        gate.append(f"column {name} is declared numeric but {share:.0%} of its values are text")
+    if gate:
+        raise DataError("validation failed: " + "; ".join(gate))
 
+    result = run_suite(coerced, schema, params, docs_dir)
     failures = [
         pd.Series(_reason(r), index=pd.Index(r.result["unexpected_index_list"], dtype="int64"))
         for r in result.results
         if not r.success and r.result.get("unexpected_index_list")
     ]
+    rows, cols = np.nonzero(not_number.to_numpy())
+    if len(rows):
+        failures.append(pd.Series([f"{not_number.columns[c]} is not a number" for c in cols], index=pd.Index(rows, dtype="int64")))
     reasons = pd.concat(failures).groupby(level=0).agg("; ".join) if failures else pd.Series(dtype=str)
     bad = df.index.isin(reasons.index)
+    # Quarantine keeps the raw values as they were read; valid rows carry the coerced numbers.
     quarantine = df[bad].assign(**{REASON: reasons.reindex(df.index[bad]).to_numpy()})
-    valid = df[~bad].reset_index(drop=True)
+    valid = coerced[~bad].reset_index(drop=True)
 
-    gate: list[str] = []
-    if len(df) < params.min_rows:
-        gate.append(f"{len(df)} rows, fewer than validate.min_rows={params.min_rows}")
-    bad_share = float(bad.mean()) if len(df) else 0.0
+    table_failures = [r for r in result.results if not r.success and "unexpected_index_list" not in r.result]
+    for r in table_failures:
+        cfg = r.expectation_config
+        if cfg.type == "expect_table_row_count_to_be_between":
+            gate.append(
+                f"{cfg.type}: {r.result.get('observed_value')} rows, expected "
+                f"{params.min_rows}..{params.max_rows or 'any'} (validate.min_rows/max_rows)"
+            )
+        else:
+            gate.append(f"{cfg.type}: observed {r.result.get('observed_value')}")
+    bad_share = float(bad.mean())
     if bad_share > params.max_bad_row_fraction:
         gate.append(
-            f"{bad_share:.1%} of rows failed validation, above validate.max_bad_row_fraction="
+            f"{bad_share:.1%} of rows failed row-level expectations, above validate.max_bad_row_fraction="
             f"{params.max_bad_row_fraction:g}"
         )
-    failed_rules = {
-        _reason(r): int(r.result.get("unexpected_count", 0)) for r in result.results if not r.success
-    }
+    failed_rules = {_reason(r): int(r.result.get("unexpected_count", 0)) for r in result.results if not r.success}
+    failed_rules |= {f"{c} is not a number": int(n) for c, n in not_number.sum().items() if n}
     summary = {
         "rows_in": len(df),
         "rows_valid": len(valid),
         "rows_quarantined": int(bad.sum()),
         "bad_row_fraction": round(bad_share, 6),
         "expectations": len(result.results),
-        "expectations_failed": len(failed_rules),
+        "expectations_failed": sum(not r.success for r in result.results),
         "failed_rules": failed_rules,
         "passed": not gate,
         "reasons": gate,

@@ -59,20 +59,22 @@ def ray_session(params: TrainParams) -> Iterator[None]:
         ray.shutdown()
 
 
-def features_and_labels(df: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 features and int64 class indices (position in schema.classes)."""
-    x = df[schema.feature_names].to_numpy(dtype="float32")
+def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The network's float32 inputs (fitted preprocessing) and int64 class indices."""
+    from pipeline.preprocess import transform
+
+    x = transform(df, state)
     index = {str(c): i for i, c in enumerate(schema.classes)}
     y = df[schema.target].astype(str).map(index).to_numpy(dtype="int64")
     return x, y
 
 
-def model_spec(schema: Schema, params: TrainParams) -> ModelSpec:
+def model_spec(schema: Schema, n_inputs: int, params: TrainParams) -> ModelSpec:
     from pipeline.train.models import ModelSpec
 
     return ModelSpec(
         kind=params.model,
-        n_features=len(schema.features),
+        n_features=n_inputs,
         n_classes=len(schema.classes),
         image_shape=schema.image_shape,
         channels=tuple(params.channels),
@@ -89,7 +91,9 @@ def _check_resources(params: TrainParams) -> None:
         raise D2DError(f"train.use_gpu is true but the Ray cluster has {have:g} GPU(s) for {params.num_workers} worker(s)")
 
 
-def train(train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, params: TrainParams, storage: Path) -> TrainResult:
+def train(
+    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams, storage: Path
+) -> TrainResult:
     """Fit the model from params with Ray Train's TorchTrainer; returns the best epoch's weights."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -98,9 +102,9 @@ def train(train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, params: 
     from pipeline.train.loop import STATE_FILE, train_loop_per_worker
     from pipeline.train.models import build_model
 
-    spec = model_spec(schema, params)
-    x_train, y_train = features_and_labels(train_df, schema)
-    x_val, y_val = features_and_labels(val_df, schema)
+    x_train, y_train = features_and_labels(train_df, schema, state)
+    x_val, y_val = features_and_labels(val_df, schema, state)
+    spec = model_spec(schema, x_train.shape[1], params)
     config = {
         "spec": spec.to_dict(),
         "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,

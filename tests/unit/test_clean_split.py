@@ -1,10 +1,14 @@
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import CleanParams, SplitParams
-from pipeline.data.clean import clean, drop_duplicates, scale_features
-from pipeline.data.split import split
+from pipeline.config import CleanParams, DataParams, SplitParams
+from pipeline.data import io
+from pipeline.data.clean import clean, drop_conflicting_labels, drop_duplicates
+from pipeline.data.schema import schema_from_params
+from pipeline.data.split import SPLITS, leaked_rows, split
 from pipeline.data.validate import REASON
 from pipeline.errors import DataError
 from tests.conftest import make_frame
@@ -20,53 +24,130 @@ def test_duplicates_are_removed_and_kept_aside_with_reason(tiny_schema):
     assert set(removed[REASON]) == {"duplicate of id 2"}
 
 
-def test_same_pixels_different_label_is_not_a_duplicate(tiny_schema):
+def test_same_features_other_label_is_a_conflict_not_a_duplicate(tiny_schema):
     df = make_frame(tiny_schema, 10)
     df = pd.concat([df, df.iloc[[0]].assign(id=50, label=2)], ignore_index=True)
     kept, removed = drop_duplicates(df, tiny_schema)
     assert len(kept) == 11 and removed.empty
+    kept, removed = drop_conflicting_labels(kept, tiny_schema)
+    assert len(kept) == 10 and removed[REASON].tolist() == ["same features as id 0 with another label"]
 
 
-def test_scaling_maps_declared_range_to_unit(tiny_schema):
-    df = make_frame(tiny_schema, 10)
-    df.loc[0, tiny_schema.feature_names] = [0, 10, 5, 2]
-    out = scale_features(df, tiny_schema)
-    assert out.loc[0, tiny_schema.feature_names].tolist() == pytest.approx([0.0, 1.0, 0.5, 0.2])
-    assert out[tiny_schema.feature_names].dtypes.eq("float32").all()
-    assert df.loc[0, "f1"] == 10  # input untouched
+@pytest.fixture
+def nullable_schema():
+    return schema_from_params(DataParams(
+        classes=[0, 1, 2],
+        features=[
+            {"prefix": "f", "count": 2, "min": 0, "max": 10, "dtype": "int", "nullable": True},
+            {"name": "color", "kind": "categorical", "dtype": "str", "values": ["red", "blue"], "nullable": True},
+        ],
+    ))
 
 
-@pytest.mark.parametrize("drop, scale, rows_out", [(True, "range", 10), (False, "none", 11)])
-def test_clean_report_counts_rows_per_rule(tiny_schema, drop, scale, rows_out):
+def nullable_frame(n: int = 10) -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": range(n),
+        "f0": [float(i % 10) for i in range(n)],
+        "f1": [float(9 - i % 10) for i in range(n)],
+        "color": ["red", "blue"] * (n // 2),
+        "label": [i % 3 for i in range(n)],
+    })
+
+
+def test_missing_drop_only_hits_drop_columns(nullable_schema):
+    df = nullable_frame()
+    df.loc[1, "f0"] = np.nan
+    df.loc[2, "f1"] = np.nan
+    df.loc[3, "color"] = None
+    params = CleanParams(missing={"columns": {"f0": "drop"}})
+    result = clean(df, nullable_schema, params)
+    assert sorted(result.removed["id"]) == [1]
+    assert result.removed[REASON].iloc[0] == "f0 is null (clean.missing: drop)"
+    assert result.clean["f1"].isna().sum() == 1 and result.clean["color"].isna().sum() == 1  # imputed later
+
+
+@pytest.mark.parametrize("action, rows_out, f0_max", [("clip", 10, 9.0), ("drop", 9, 9.0)])
+def test_iqr_outliers(nullable_schema, action, rows_out, f0_max):
+    df = nullable_frame()
+    df.loc[4, "f0"] = 1000.0
+    result = clean(df, nullable_schema, CleanParams(outliers={"method": "iqr", "action": action}))
+    assert len(result.clean) == rows_out
+    if action == "clip":
+        assert result.clean["f0"].max() < 1000 and result.report["rules"][3]["cells_clipped"] == 1
+    else:
+        assert result.removed[REASON].tolist() == ["f0 is an outlier (clean.outliers: iqr)"]
+
+
+def test_range_outliers_clip_to_schema(tiny_schema):
+    df = make_frame(tiny_schema, 10).astype({"f0": "float64"})
+    df.loc[0, "f0"] = 12.0  # would have been quarantined by validation; clean still enforces it
+    out = clean(df, tiny_schema, CleanParams(outliers={"method": "range", "action": "clip"})).clean
+    assert out["f0"].max() == 10
+
+
+def test_clean_report_counts_rows_per_rule(tiny_schema):
     df = make_frame(tiny_schema, 10)
     df = pd.concat([df, df.iloc[[1]].assign(id=99)], ignore_index=True)
-    result = clean(df, tiny_schema, CleanParams(drop_duplicates=drop, scale=scale))
-    assert len(result.clean) == rows_out == result.report["rows_out"]
-    assert result.report["rows_in"] == 11
-    assert [r["rule"] for r in result.report["rules"]] == (["drop_duplicates", "scale_to_unit_range"] if drop else [])
+    result = clean(df, tiny_schema, CleanParams())
+    assert result.report["rows_in"] == 11 and result.report["rows_out"] == 10
+    assert [r["rule"] for r in result.report["rules"]] == [
+        "drop_duplicates", "drop_conflicting_labels", "missing_drop", "outliers_none_clip", "coerce_types",
+    ]
+    assert result.report["rules"][0]["removed"] == 1
+    assert result.clean["f0"].dtype == "int64"
 
 
-def test_split_sizes_and_stratification(tiny_schema):
-    df = make_frame(tiny_schema, 300)
-    s = split(df, "label", SplitParams())
-    assert s.sizes() == {"train": 210, "val": 45, "test": 45}
-    for part in (s.train, s.val, s.test):
-        shares = part["label"].value_counts(normalize=True)
-        assert np.allclose(shares, 1 / 3, atol=0.02)
-    ids = [set(p["id"]) for p in (s.train, s.val, s.test)]
+def test_stratified_split_is_within_one_row_per_class(tiny_schema):
+    df = make_frame(tiny_schema, 301)
+    df["label"] = np.r_[np.zeros(150, int), np.ones(100, int), np.full(51, 2)]
+    s = split(df, "label", "id", SplitParams())
+    for name, ratio in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        counts = getattr(s, name)["label"].value_counts()
+        for cls, n in df["label"].value_counts().items():
+            assert abs(counts[cls] - ratio * n) <= 1
+    ids = [set(getattr(s, p)["id"]) for p in SPLITS]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert set().union(*ids) == set(df["id"])
 
 
-def test_split_is_seeded(tiny_schema):
-    df = make_frame(tiny_schema, 120)
-    a, b = split(df, "label", SplitParams(seed=1)), split(df, "label", SplitParams(seed=1))
-    c = split(df, "label", SplitParams(seed=2))
-    assert a.test["id"].tolist() == b.test["id"].tolist()
-    assert a.test["id"].tolist() != c.test["id"].tolist()
+@pytest.mark.parametrize("strategy", ["stratified", "random", "hash"])
+def test_same_seed_and_data_give_byte_identical_files(tmp_path, tiny_schema, strategy):
+    df = make_frame(tiny_schema, 200)
+    digests = []
+    for run in range(2):
+        s = split(df, "label", "id", SplitParams(strategy=strategy, seed=3))
+        for name in SPLITS:
+            path = io.write_parquet(getattr(s, name), tmp_path / f"{run}-{name}.parquet")
+            digests.append((run, name, hashlib.md5(path.read_bytes()).hexdigest()))
+    first = [d for r, _, d in digests if r == 0]
+    second = [d for r, _, d in digests if r == 1]
+    assert first == second
+    other = split(df, "label", "id", SplitParams(strategy=strategy, seed=4))
+    assert other.test["id"].tolist() != split(df, "label", "id", SplitParams(strategy=strategy, seed=3)).test["id"].tolist()
 
 
-@pytest.mark.parametrize("n", [2, 5])
-def test_split_rejects_too_small_classes(tiny_schema, n):
-    with pytest.raises(DataError, match="too few"):
-        split(make_frame(tiny_schema, n), "label", SplitParams())
+def test_hash_split_keeps_each_row_when_data_is_appended(tiny_schema):
+    old = make_frame(tiny_schema, 500)
+    new = pd.concat([old, make_frame(tiny_schema, 300, seed=1).assign(id=lambda d: d["id"] + 10_000)], ignore_index=True)
+    params = SplitParams(strategy="hash")
+    before, after = split(old, "label", "id", params), split(new, "label", "id", params)
+    for name in SPLITS:
+        assert set(getattr(before, name)["id"]) <= set(getattr(after, name)["id"])
+    assert abs(len(after.train) / len(new) - 0.7) < 0.05
+
+
+def test_leakage_is_detected(tiny_schema):
+    df = make_frame(tiny_schema, 60)
+    s = split(df, "label", "id", SplitParams())
+    assert leaked_rows(s, tiny_schema.feature_names) == 0
+    s.test = pd.concat([s.test, s.train.iloc[[0]]], ignore_index=True)
+    assert leaked_rows(s, tiny_schema.feature_names) == 2  # the row in train and its copy in test
+
+
+@pytest.mark.parametrize(
+    "n, strategy, fragment",
+    [(2, "random", "too few to make the three splits"), (7, "stratified", "class 0 has 3 rows: too few to stratify")],
+)
+def test_split_rejects_too_small_data(tiny_schema, n, strategy, fragment):
+    with pytest.raises(DataError, match=fragment):
+        split(make_frame(tiny_schema, n), "label", "id", SplitParams(strategy=strategy))
