@@ -20,6 +20,8 @@ from pipeline.errors import D2DError
 app = typer.Typer(help="d2d: raw data → validated, versioned data → trained, registered model.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+schema_app = typer.Typer(help="Dataset schemas.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 DEBUG = False
@@ -117,6 +119,72 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
     console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")
     for kind, ids in out["corrupted"].items():
         console.print(f"  corrupted {len(ids):3d} rows: {kind}")
+
+
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help="The column to predict.")]
+IdOpt = Annotated[str | None, typer.Option("--id", help="The unique row id column (found by name when omitted).")]
+ShapeOpt = Annotated[str | None, typer.Option("--image-shape", help="C,H,W when the features are an image, e.g. 1,8,8.")]
+
+
+def _infer(data: Path, target: str, id_column: str | None, image_shape: str | None) -> tuple[dict[str, Any], list[str]]:
+    from pipeline.data import io
+    from pipeline.data.infer import infer_schema
+
+    shape = None
+    if image_shape:
+        try:
+            shape = [int(v) for v in image_shape.split(",")]
+        except ValueError:
+            raise D2DError(f"--image-shape {image_shape!r}: expected C,H,W such as 1,8,8") from None
+    return infer_schema(io.read_table(data), target, id_column, shape)
+
+
+@app.command("init-params")
+def init_params(
+    data: Annotated[Path, typer.Option("--data", "-d", help="A CSV or Parquet file.")],
+    target: TargetOpt,
+    id_column: IdOpt = None,
+    image_shape: ShapeOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the params.")] = Path("params.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Infer a schema from your data and write a complete, commented params.yaml for it."""
+    import yaml
+
+    from pipeline.config import params_from_dict
+    from pipeline.data.infer import render_params
+
+    if out.exists() and not force:
+        raise D2DError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    schema, notes = _infer(data, target, id_column, image_shape)
+    text = render_params(schema, data, notes)
+    params_from_dict(yaml.safe_load(text))  # what is written must load as it is
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    kinds = [f["kind"] for f in schema["features"]]
+    console.print(
+        f"wrote {out}: {kinds.count('numeric')} numeric and {kinds.count('categorical')} categorical features, "
+        f"{len(schema['classes'])} classes, id column '{schema['id_column']}'"
+    )
+    for note in notes:
+        console.print(f"  [yellow]{note}[/]")
+    console.print(f"next: d2d run --params {out}")
+
+
+@schema_app.command("infer")
+def schema_infer(
+    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file.")],
+    target: TargetOpt,
+    id_column: IdOpt = None,
+    image_shape: ShapeOpt = None,
+) -> None:
+    """Print the inferred schema (the data section of params.yaml)."""
+    from pipeline.data.infer import render_data_section
+
+    schema, notes = _infer(data, target, id_column, image_shape)
+    print(render_data_section(schema, data), end="")
+    for note in notes:
+        print(f"# {note}")
 
 
 def main() -> None:

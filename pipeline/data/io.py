@@ -18,12 +18,17 @@ def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV or Parquet file; a missing or unreadable file is a DataError."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty")
+    if path.suffix not in (".csv", ".parquet", ".txt", ".tsv"):
+        raise DataError(f"{path}: expected a .csv or .parquet file")
     try:
         if path.suffix == ".parquet":
             return pd.read_parquet(path)
-        return pd.read_csv(path)
+        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
     except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+        raise DataError(f"{path} is not a valid {kind} file: {str(e).splitlines()[0]}") from None
 
 
 def _atomic(path: Path) -> Path:

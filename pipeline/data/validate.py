@@ -168,6 +168,9 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
             )
         else:
             gate.append(f"{cfg.type}: observed {r.result.get('observed_value')}")
+    labels = valid[schema.target].dropna().unique()
+    if len(labels) < 2:
+        gate.append(f"target '{schema.target}' has {len(labels)} class(es) among valid rows: nothing to learn")
     bad_share = float(bad.mean())
     if bad_share > params.max_bad_row_fraction:
         gate.append(

@@ -1,0 +1,208 @@
+"""Schema inference for bring-your-own data: column kinds, ranges with a margin, value sets,
+nullability, the task and the modality, rendered as a complete, commented params.yaml."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.errors import DataError
+
+ID_NAMES = {"id", "row_id", "record_id", "uuid", "key", "index"}
+MAX_CATEGORIES = 50  # more distinct text values than this is free text or an identifier
+RANGE_MARGIN = 0.10  # inferred ranges are widened by this share of the observed span
+NUMERIC_SHARE = 0.95  # text columns that parse as numbers this often are numeric columns
+
+
+def _find_id(df: pd.DataFrame, target: str, id_column: str | None) -> str:
+    if id_column is not None:
+        if id_column not in df.columns:
+            raise DataError(f"id column '{id_column}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
+        return id_column
+    for col in df.columns:
+        name = str(col).lower()
+        if col != target and (name in ID_NAMES or name.endswith("_id")) and df[col].notna().all() and df[col].is_unique:
+            return col
+    raise DataError("no id column found (a unique column named id or *_id); pass --id COLUMN")
+
+
+def _numeric_range(x: pd.Series, integral: bool) -> tuple[float, float]:
+    lo, hi = float(x.min()), float(x.max())
+    margin = (hi - lo) * RANGE_MARGIN or 1.0
+    new_lo, new_hi = lo - margin, hi + margin
+    if lo >= 0 > new_lo:
+        new_lo = 0.0  # non-negative data stays non-negative
+    if integral:
+        new_lo, new_hi = math.floor(new_lo), math.ceil(new_hi)
+    return new_lo, new_hi
+
+
+def _scalar(v: Any) -> Any:
+    """numpy scalars → plain Python, integral floats → int (they render cleanly in YAML)."""
+    v = v.item() if isinstance(v, np.generic) else v
+    if isinstance(v, float):
+        v = float(f"{v:.6g}")  # 10.649999999999999 → 10.65; the margin dwarfs the rounding
+        return int(v) if v.is_integer() else v
+    return v
+
+
+def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]:
+    """A feature spec for one column, or None with the reason it is left out."""
+    nullable = bool(col.isna().any())
+    values = col.dropna()
+    if values.empty:
+        return None, "every value is null"
+    if col.dtype.kind in "mM":
+        return None, "dates are not supported as features yet"
+    if col.dtype.kind == "b":
+        col, values = col.astype("string"), values.astype("string")
+    numbers = pd.to_numeric(values, errors="coerce") if col.dtype.kind not in "biuf" else values
+    if col.dtype.kind in "iuf" or numbers.notna().mean() >= NUMERIC_SHARE:
+        numbers = numbers.dropna().astype("float64")
+        integral = bool((numbers == np.floor(numbers)).all())
+        lo, hi = _numeric_range(numbers, integral)
+        spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": _scalar(lo), "max": _scalar(hi)}
+    else:
+        distinct = values.astype("string").unique()
+        if len(distinct) > MAX_CATEGORIES:
+            return None, f"{len(distinct)} distinct text values: free text or an identifier"
+        spec = {"name": name, "kind": "categorical", "dtype": "str", "values": sorted(str(v) for v in distinct)}
+    if nullable:
+        spec["nullable"] = True
+    return spec, ""
+
+
+def infer_task(y: pd.Series) -> tuple[str, list[Any]]:
+    values = y.dropna()
+    if values.nunique() < 2:
+        raise DataError(f"target '{y.name}' has a single class ({values.iloc[0] if len(values) else 'all null'}): nothing to learn")
+    numeric = values.dtype.kind in "iuf"
+    integral = numeric and bool((values == np.floor(values)).all())
+    if numeric and not (integral and values.nunique() <= 20):
+        raise DataError(
+            f"target '{y.name}' looks continuous ({values.nunique()} distinct numbers): "
+            "regression is not supported yet, only classification"
+        )
+    classes = sorted({_scalar(v) for v in values}, key=lambda v: (isinstance(v, str), v))
+    return "classification", classes
+
+
+def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, image_shape: list[int] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The `data` section of params.yaml for `df`, and notes on columns left out."""
+    if df.empty:
+        raise DataError("the file has no rows")
+    if target not in df.columns:
+        raise DataError(f"target column '{target}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
+    id_col = _find_id(df, target, id_column)
+    _, classes = infer_task(df[target])
+    features, notes = [], []
+    for name in df.columns:
+        if name in (target, id_col):
+            continue
+        spec, why = infer_column(str(name), df[name])
+        if spec is None:
+            notes.append(f"{name}: left out ({why})")
+        else:
+            features.append(spec)
+    if not features:
+        raise DataError("no usable feature columns")
+    data: dict[str, Any] = {"id_column": str(id_col), "target": target, "task": "classification", "classes": classes, "features": features}
+    if image_shape:
+        if any(f["kind"] != "numeric" for f in features) or int(np.prod(image_shape)) != len(features):
+            raise DataError(f"--image-shape {image_shape} needs {int(np.prod(image_shape))} numeric features; found {len(features)}")
+        data["image_shape"] = list(image_shape)
+    return data, notes
+
+
+def _flow(d: dict[str, Any]) -> str:
+    return yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10_000).strip()
+
+
+def render_data_section(data: dict[str, Any], raw: Path | None = None) -> str:
+    lines = ["data:"]
+    if raw is not None:
+        lines.append(f"  raw: {raw}")
+    lines += [
+        f"  id_column: {data['id_column']}",
+        f"  target: {data['target']}",
+        f"  task: {data['task']}",
+        f"  classes: {_flow(data['classes'])}",
+        "  features:                          # inferred; ranges carry a 10% margin",
+        *(f"    - {_flow(f)}" for f in data["features"]),
+    ]
+    if "image_shape" in data:
+        lines.append(f"  image_shape: {_flow(data['image_shape'])}             # C, H, W")
+    return "\n".join(lines) + "\n"
+
+
+def render_params(data: dict[str, Any], raw: Path, notes: list[str]) -> str:
+    """A complete params.yaml: the inferred data section and every stage's defaults, commented."""
+    image = "image_shape" in data
+    has_range = all("min" in f for f in data["features"] if f["kind"] == "numeric")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", raw.stem).strip("-") or "data"
+    left_out = "".join(f"#   {n}\n" for n in notes)
+    return f"""# d2d params for {raw.name}, written by `d2d init-params`. Edit freely: unknown keys
+# and bad values are errors that name the key. Override a value on the command line with
+# `d2d run --params THIS_FILE --set train.epochs=10`.
+{"# Columns left out:" + chr(10) + left_out if notes else ""}
+{render_data_section(data, raw)}
+validate:
+  max_bad_row_fraction: 0.10         # above this share of bad rows, the dataset is rejected
+  min_rows: 50
+  max_rows: null
+  max_non_numeric_fraction: 0.5      # a numeric column with more text than this fails the dataset
+  data_docs: true                    # GX Data Docs at reports/data_docs/index.html
+
+clean:
+  drop_duplicates: true              # also drops identical features under another label
+  missing:                           # nulls in nullable columns: drop | median | most_frequent | constant
+    numeric: median
+    categorical: most_frequent
+    fill_value: 0
+    columns: {{}}                      # per column, e.g. {{age: drop}}
+  outliers:
+    method: none                     # none | range (schema min/max) | iqr
+    action: clip                     # clip | drop
+    iqr_k: 1.5
+
+split:
+  strategy: stratified               # stratified | random | hash (by id: stable when data is appended)
+  train: 0.70
+  val: 0.15
+  test: 0.15
+  seed: 42
+
+preprocess:                          # fitted on the train split only, saved with the model
+  scale: {"range" if image and has_range else "standard"}                   # standard | minmax | range (schema min/max) | none
+  max_categories: 50
+
+train:
+  model: {"cnn" if image else "mlp"}                         # cnn (image-shaped data) or mlp (tabular)
+  channels: [32, 64]                 # cnn only
+  hidden: [128, 64]
+  dropout: 0.2
+  epochs: 40
+  batch_size: 64                     # per worker; effective batch = batch_size × num_workers
+  lr: 0.001
+  weight_decay: 0.0
+  patience: 6                        # early stopping on validation loss
+  seed: 42
+  num_workers: 2
+  cpus_per_worker: 1
+  use_gpu: false
+  max_failures: 1
+  num_to_keep: 2
+
+evaluate:
+  experiment: d2d-{stem}
+
+register:
+  model_name: d2d-{stem}
+  min_test_accuracy: 0.80            # the first version at or above this becomes champion
+"""

@@ -1,0 +1,74 @@
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.config import params_from_dict
+from pipeline.data.infer import infer_column, infer_schema, render_params
+from pipeline.errors import DataError
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame({
+        "customer_id": [f"c{i}" for i in range(10)],
+        "age": [20, 30, None, 40, 50, 60, 25, 35, 45, 55],
+        "income": [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5, 10.5],
+        "city": ["a", "b", "a", None, "b", "a", "b", "a", "b", "a"],
+        "note": [f"free text {i}" for i in range(10)],
+        "churn": ["yes", "no"] * 5,
+    })
+
+
+def test_infers_kinds_ranges_nulls_and_task():
+    data, notes = infer_schema(frame().assign(note="x"), "churn")
+    by_name = {f["name"]: f for f in data["features"]}
+    assert data["id_column"] == "customer_id" and data["classes"] == ["no", "yes"]
+    assert by_name["age"] == {"name": "age", "kind": "numeric", "dtype": "int", "min": 16, "max": 64, "nullable": True}
+    assert by_name["income"]["dtype"] == "float" and by_name["income"]["min"] == pytest.approx(0.6)
+    assert by_name["city"] == {"name": "city", "kind": "categorical", "dtype": "str", "values": ["a", "b"], "nullable": True}
+    assert notes == []
+
+
+def test_free_text_is_left_out_with_a_note(monkeypatch):
+    monkeypatch.setattr("pipeline.data.infer.MAX_CATEGORIES", 5)
+    data, notes = infer_schema(frame(), "churn")
+    assert "note" not in {f["name"] for f in data["features"]}
+    assert notes == ["note: left out (10 distinct text values: free text or an identifier)"]
+
+
+@pytest.mark.parametrize(
+    "values, kind",
+    [(["1", "2", "3.5"], "numeric"), ([True, False, True], "categorical"), ([0, 1, 0], "numeric")],
+)
+def test_column_kinds(values, kind):
+    spec, _ = infer_column("c", pd.Series(values))
+    assert spec["kind"] == kind
+
+
+def test_non_negative_data_keeps_a_zero_floor():
+    spec, _ = infer_column("c", pd.Series([0, 5, 10]))
+    assert spec["min"] == 0 and spec["max"] == 11
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [("nope", "not in the file"), ("income", "regression is not supported yet")],
+)
+def test_bad_targets(target, message):
+    with pytest.raises(DataError, match=message):
+        infer_schema(frame(), target)
+
+
+def test_no_id_column_is_an_error():
+    with pytest.raises(DataError, match="no id column found"):
+        infer_schema(frame().drop(columns="customer_id"), "churn")
+
+
+def test_rendered_params_load_and_pick_the_model(tmp_path):
+    data, notes = infer_schema(frame(), "churn")
+    params = params_from_dict(yaml.safe_load(render_params(data, tmp_path / "churn.csv", notes)))
+    assert params.train.model == "mlp" and params.preprocess.scale == "standard"
+    img = pd.DataFrame(np.arange(40).reshape(10, 4), columns=["p0", "p1", "p2", "p3"]).assign(id=range(10), y=[0, 1] * 5)
+    data, _ = infer_schema(img, "y", image_shape=[1, 2, 2])
+    params = params_from_dict(yaml.safe_load(render_params(data, tmp_path / "img.csv", [])))
+    assert params.train.model == "cnn" and params.data.image_shape == [1, 2, 2]
