@@ -113,8 +113,12 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     )
 
 
+GIT_ID = {"GIT_AUTHOR_NAME": "d2d test", "GIT_AUTHOR_EMAIL": "test@d2d.invalid",
+          "GIT_COMMITTER_NAME": "d2d test", "GIT_COMMITTER_EMAIL": "test@d2d.invalid"}
+
+
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
@@ -144,6 +148,24 @@ def test_dvc_repro_runs_every_stage_once(tmp_path):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(["dvc", "repro"], root)
     assert "Running stage 'train'" in third.stdout and "Running stage 'split'" not in third.stdout
+
+    # every stage's data round-trips through a DVC remote
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
+    run(["dvc", "push", "-q"], root)
+    splits = {p: p.read_bytes() for p in sorted((root / "data/split").glob("[!.]*"))}
+    assert len(splits) == 4
+    for path in splits:
+        path.unlink()
+    shutil.rmtree(root / ".dvc/cache")
+    run(["dvc", "pull", "-q"], root)
+    assert {p: p.read_bytes() for p in sorted((root / "data/split").glob("[!.]*"))} == splits
+
+    # an experiment on the data stages, from a Git commit, as DVC users run them
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "baseline"], root)
+    run(["dvc", "exp", "run", "-n", "seed7", "--set-param", "split.seed=7", "split"], root)
+    shown = run(["dvc", "exp", "show", "--json"], root).stdout
+    assert "seed7" in shown and '"seed": 7' in shown
 
 
 def wine_with_gaps(path: Path) -> pd.DataFrame:
