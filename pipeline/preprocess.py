@@ -21,6 +21,12 @@ def as_category_strings(values: pd.Series) -> pd.Series:
     return values.astype("string")
 
 
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns as numbers; text that is not a number becomes NaN. Numeric columns pass as they are."""
+    text = {c: pd.to_numeric(frame[c], errors="coerce") for c in frame.columns if frame[c].dtype.kind not in "biuf"}
+    return frame.assign(**text) if text else frame
+
+
 def _fill(values: pd.Series, how: str | None, fill_value: Any) -> Any:
     if how in (None, "drop"):
         return None  # nulls were dropped (or rejected) before; at serving a null is an error
@@ -39,7 +45,7 @@ def fit(train: pd.DataFrame, spec: dict[str, Any]) -> dict[str, Any]:
     "scale": standard|minmax|range|none, "fill_value": ..., "max_categories": int}.
     """
     names = [c["name"] for c in spec["numeric"]]
-    x = train[names].apply(pd.to_numeric, errors="coerce") if names else pd.DataFrame(index=train.index)
+    x = _numeric(train[names])
     fills = [_fill(x[c["name"]], c["impute"], spec["fill_value"]) for c in spec["numeric"]]
     scale = spec["scale"]
     if scale == "standard":
@@ -90,7 +96,7 @@ def transform(df: pd.DataFrame, state: dict[str, Any]) -> np.ndarray:
     blocks = []
     if num["names"]:
         frame = df[num["names"]]
-        x = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+        x = _numeric(frame).to_numpy(dtype="float64", na_value=np.nan)
         text = np.isnan(x) & frame.notna().to_numpy()
         if text.any():
             raise ValueError(f"column {num['names'][int(text.any(axis=0).argmax())]} holds a value that is not a number")

@@ -111,16 +111,16 @@ def run_suite(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir
 def coerce_numeric(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Numeric columns read as text become numbers; returns the coerced frame and a boolean
     frame marking cells that held text that is not a number."""
-    out = df.copy()
     bad = pd.DataFrame(False, index=df.index, columns=[f.name for f in schema.numeric])
+    numbers = {}
     for f in schema.numeric:
         col = df[f.name]
         if col.dtype.kind in "biuf":
             continue
-        number = pd.to_numeric(col, errors="coerce")
-        bad[f.name] = number.isna() & col.notna()
-        out[f.name] = number
-    return out, bad
+        numbers[f.name] = pd.to_numeric(col, errors="coerce")
+        bad[f.name] = numbers[f.name].isna() & col.notna()
+    # Only text columns are replaced; a copy of a wide frame costs memory at a million rows.
+    return (df.assign(**numbers) if numbers else df), bad
 
 
 def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir: Path | None = None) -> ValidationReport:
