@@ -59,11 +59,14 @@ def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -
         f"removed by cleaning {result['clean']['removed']}",
     )
     table.add_row("splits", ", ".join(f"{k} {v}" for k, v in split["sizes"].items()))
-    table.add_row(
-        "test metrics",
-        f"accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_f1_macro']:.4f}, "
-        f"macro precision {metrics['test_precision_macro']:.4f}, macro recall {metrics['test_recall_macro']:.4f}",
-    )
+    if "test_r2" in metrics:
+        shown = f"RMSE {metrics['test_rmse']:.4g}, MAE {metrics['test_mae']:.4g}, R² {metrics['test_r2']:.4f}"
+    else:
+        shown = (
+            f"accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_f1_macro']:.4f}, "
+            f"macro precision {metrics['test_precision_macro']:.4f}, macro recall {metrics['test_recall_macro']:.4f}"
+        )
+    table.add_row("test metrics", shown)
     table.add_row(
         "model",
         f"{reg['model_name']} version {reg['version']}"
@@ -164,7 +167,8 @@ def init_params(
     kinds = [f["kind"] for f in schema["features"]]
     console.print(
         f"wrote {out}: {kinds.count('numeric')} numeric and {kinds.count('categorical')} categorical features, "
-        f"{len(schema['classes'])} classes, id column '{schema['id_column']}'"
+        + (f"{len(schema['classes'])} classes" if schema["task"] == "classification" else "a regression target")
+        + f", id column '{schema['id_column']}'"
     )
     for note in notes:
         console.print(f"  [yellow]{note}[/]")

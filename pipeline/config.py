@@ -63,8 +63,8 @@ class DataParams(_Section):
     raw: Path = Path("data/raw/digits.csv")
     id_column: str = "id"
     target: str = "label"
-    task: Literal["classification"] = "classification"
-    classes: list[int | str] = Field(min_length=2)
+    task: Literal["classification", "regression"] = "classification"
+    classes: list[int | str] | None = None  # classification only: the known labels
     features: list[FeatureSpec] = Field(min_length=1)
     # C×H×W for image-shaped features (the CNN needs it); null for tabular data.
     image_shape: list[int] | None = None
@@ -85,8 +85,13 @@ class DataParams(_Section):
                 raise ValueError(f"image_shape {self.image_shape} must be C,H,W with C*H*W == {len(names)} features")
             if any(f.kind != "numeric" for f in self.features):
                 raise ValueError("image-shaped data has numeric features only")
-        if len(set(map(str, self.classes))) != len(self.classes):
-            raise ValueError("classes must be unique")
+        if self.task == "classification":
+            if not self.classes or len(self.classes) < 2:
+                raise ValueError("classification needs at least two classes")
+            if len(set(map(str, self.classes))) != len(self.classes):
+                raise ValueError("classes must be unique")
+        elif self.classes is not None:
+            raise ValueError("a regression target has no classes")
         return self
 
 
@@ -182,7 +187,8 @@ class EvaluateParams(_Section):
 class RegisterParams(_Section):
     model_name: str = "d2d-digits"
     # The absolute gate: a version below this test accuracy is registered but not promoted.
-    min_test_accuracy: float = Field(default=0.95, ge=0.0, le=1.0)
+    min_test_accuracy: float = Field(default=0.95, ge=0.0, le=1.0)  # classification
+    min_test_r2: float = Field(default=0.5, le=1.0)  # regression
 
 
 class Params(_Section):

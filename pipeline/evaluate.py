@@ -9,16 +9,23 @@ import numpy as np
 import pandas as pd
 
 
-def predict_proba(model: Any, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-    """Class probabilities from a torch model on a float32 feature matrix."""
+def predict(model: Any, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """The network's raw outputs on a float32 feature matrix, in batches."""
     import torch
 
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(torch.softmax(model(torch.tensor(x[i : i + batch])), dim=1).numpy())
+            out.append(model(torch.tensor(x[i : i + batch])).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype="float32")
+
+
+def predict_proba(model: Any, x: np.ndarray) -> np.ndarray:
+    """Class probabilities (softmax of the logits)."""
+    logits = predict(model, x)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
@@ -33,6 +40,39 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: in
         "recall_macro": float(r),
         "f1_macro": float(f1),
     }
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE and R² in the target's own units."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    return {
+        "mae": float(mean_absolute_error(y_true, y_pred)),
+        "rmse": float(mean_squared_error(y_true, y_pred) ** 0.5),
+        "r2": float(r2_score(y_true, y_pred)),
+    }
+
+
+def plot_predicted_vs_actual(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(y_true, y_pred, s=10, alpha=0.6)
+    lo, hi = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="perfect")
+    ax.set_xlabel("actual")
+    ax.set_ylabel("predicted")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -78,10 +118,11 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, best_epoch: int | No
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("cross-entropy")
     loss_ax.set_title("loss")
-    acc_ax.plot(history["epoch"], history["val_accuracy"], color="tab:green")
+    metric = "val_accuracy" if "val_accuracy" in history else "val_rmse"
+    acc_ax.plot(history["epoch"], history[metric], color="tab:green")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("accuracy")
-    acc_ax.set_title("validation accuracy")
+    acc_ax.set_ylabel(metric.removeprefix("val_"))
+    acc_ax.set_title(f"validation {metric.removeprefix('val_')}")
     for ax in (loss_ax, acc_ax):
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label="best epoch")

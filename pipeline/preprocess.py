@@ -75,7 +75,12 @@ def fit(train: pd.DataFrame, spec: dict[str, Any]) -> dict[str, Any]:
             "categories": [str(v) for v, _ in ranked],
         })
     outputs = names + [f"{c['name']}={v}" for c in categorical for v in c["categories"]]
+    target = None
+    if spec.get("target"):  # regression: the network learns a standardised target
+        y = pd.to_numeric(train[spec["target"]], errors="coerce")
+        target = {"name": spec["target"], "center": float(y.mean()), "scale": float(y.std(ddof=0)) or 1.0}
     return {
+        "target": target,
         "numeric": {"names": names, "fill": fills, "center": center.tolist(), "scale": spread.tolist()},
         "categorical": categorical,
         "outputs": outputs,
@@ -117,3 +122,13 @@ def transform(df: pd.DataFrame, state: dict[str, Any]) -> np.ndarray:
         onehot[np.flatnonzero(known), codes[known]] = 1.0
         blocks.append(onehot)
     return np.hstack(blocks).astype("float32") if blocks else np.zeros((len(df), 0), dtype="float32")
+
+
+def scale_target(y: pd.Series, state: dict[str, Any]) -> np.ndarray:
+    t = state["target"]
+    return ((pd.to_numeric(y).to_numpy(dtype="float64") - t["center"]) / t["scale"]).astype("float32")
+
+
+def unscale_target(y: np.ndarray, state: dict[str, Any]) -> np.ndarray:
+    t = state["target"]
+    return y.astype("float64") * t["scale"] + t["center"]

@@ -13,14 +13,15 @@ import numpy as np
 import pandas as pd
 
 try:  # inside a logged model, code_paths puts preprocess.py on sys.path
-    from preprocess import transform
+    from preprocess import transform, unscale_target
 except ImportError:  # while d2d itself logs the model
-    from pipeline.preprocess import transform
+    from pipeline.preprocess import transform, unscale_target
 
 
 class RawRowClassifier(mlflow.pyfunc.PythonModel):
-    """Applies the preprocessing fitted on the train split, runs the exported network,
-    returns the label, its probability and every class's probability."""
+    """Applies the preprocessing fitted on the train split, runs the exported network, and
+    returns the label, its probability and every class's probability (or, for a regression
+    model, the prediction in the target's units)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         import torch
@@ -36,7 +37,10 @@ class RawRowClassifier(mlflow.pyfunc.PythonModel):
 
         x = torch.from_numpy(transform(model_input, self.state))
         with torch.no_grad():
-            probs = torch.softmax(self.net(x), dim=1).numpy()
+            out = self.net(x)
+        if self.state.get("target"):
+            return pd.DataFrame({"prediction": unscale_target(out[:, 0].numpy(), self.state)})
+        probs = torch.softmax(out, dim=1).numpy()
         out = pd.DataFrame({"label": self.classes[probs.argmax(1)], "probability": probs.max(1)})
         for i, c in enumerate(self.classes):
             out[f"prob_{c}"] = probs[:, i]

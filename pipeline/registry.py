@@ -9,20 +9,25 @@ from pipeline.config import RegisterParams
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+def gate_metric(task: str, params: RegisterParams) -> tuple[str, str, float]:
+    """The metric the absolute gate reads: (metrics key, params key, threshold)."""
+    if task == "regression":
+        return "test_r2", "min_test_r2", params.min_test_r2
+    return "test_accuracy", "min_test_accuracy", params.min_test_accuracy
+
+
 def promotion_decision(
-    test_accuracy: float, params: RegisterParams, champion_version: str | None
+    metrics: dict[str, Any], params: RegisterParams, champion_version: str | None, task: str = "classification"
 ) -> tuple[bool, list[str]]:
     """The absolute gate: promote the first version that reaches the threshold.
 
     Comparing a challenger against an existing champion on the same test split is not
     done here yet; until it is, an existing champion is never replaced automatically.
     """
-    reasons: list[str] = []
-    meets = test_accuracy >= params.min_test_accuracy
-    reasons.append(
-        f"test accuracy {test_accuracy:.4f} {'meets' if meets else 'is below'} "
-        f"register.min_test_accuracy={params.min_test_accuracy:g}"
-    )
+    key, param, threshold = gate_metric(task, params)
+    value = float(metrics[key])
+    meets = value >= threshold
+    reasons = [f"{key} {value:.4f} {'meets' if meets else 'is below'} register.{param}={threshold:g}"]
     if champion_version is not None:
         reasons.append(f"version {champion_version} is already champion; it is kept")
         return False, reasons
@@ -38,7 +43,7 @@ def current_champion(client: Any, name: str) -> str | None:
         return None
 
 
-def register_and_gate(metrics: dict[str, Any], params: RegisterParams) -> dict[str, Any]:
+def register_and_gate(metrics: dict[str, Any], params: RegisterParams, task: str = "classification") -> dict[str, Any]:
     """Register the evaluated model as a new version (alias challenger); promote it if the gate says so.
 
     `metrics` is what the evaluate stage wrote: test metrics, the MLflow run id and model URI.
@@ -55,7 +60,7 @@ def register_and_gate(metrics: dict[str, Any], params: RegisterParams) -> dict[s
     for key in ("d2d.data_md5", "d2d.params_hash", "git.commit"):
         if key in run.data.tags:
             client.set_model_version_tag(params.model_name, version, key, run.data.tags[key])
-    promote, reasons = promotion_decision(float(metrics["test_accuracy"]), params, champion)
+    promote, reasons = promotion_decision(metrics, params, champion, task)
     if promote:
         client.set_registered_model_alias(params.model_name, CHAMPION, version)
     client.set_model_version_tag(params.model_name, version, "d2d.promotion", "; ".join(reasons))

@@ -127,7 +127,7 @@ def run_split(params: Params, root: Path) -> dict[str, Any]:
 
     paths = Paths(root)
     schema = schema_from_params(params.data)
-    splits = split(io.read_table(paths.clean), schema.target, schema.id_column, params.split)
+    splits = split(io.read_table(paths.clean), schema.target, schema.id_column, params.split, schema.regression)
     leaked = leaked_rows(splits, schema.feature_names)
     if leaked:
         raise DataError(
@@ -138,7 +138,7 @@ def run_split(params: Params, root: Path) -> dict[str, Any]:
         io.write_parquet(getattr(splits, name), paths.split(name))
     state = preprocess.fit(splits.train, preprocess_spec(schema, params.clean, params.preprocess))
     io.write_json(state, paths.preprocess)
-    per_class = {
+    per_class = {} if schema.regression else {
         name: getattr(splits, name)[schema.target].astype(str).value_counts().sort_index().to_dict() for name in SPLITS
     }
     report = {
@@ -171,7 +171,7 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "best_val_loss": float(best["val_loss"]),
-        "best_val_accuracy": float(best["val_accuracy"]),
+        **{f"best_{k}": float(best[k]) for k in ("val_accuracy", "val_rmse") if k in best},
         "train_seconds": round(result.seconds, 2),
         "num_workers": params.train.num_workers,
     }
@@ -189,8 +189,12 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
         confusion,
         plot_confusion_matrix,
         plot_learning_curves,
+        plot_predicted_vs_actual,
+        predict,
         predict_proba,
+        regression_metrics,
     )
+    from pipeline.preprocess import unscale_target
     from pipeline.train.models import load_model
     from pipeline.train.trainer import features_and_labels
 
@@ -198,17 +202,26 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
     schema = schema_from_params(params.data)
     model, _ = load_model(str(paths.model))
     state = io.read_json(paths.preprocess)
-    n_classes = len(schema.classes)
     metrics: dict[str, float] = {}
     scored = {}
     for name in ("val", "test"):
-        x, y = features_and_labels(io.read_table(paths.split(name)), schema, state)
-        scored[name] = (y, predict_proba(model, x).argmax(1))
-        metrics |= {f"{name}_{k}": v for k, v in classification_metrics(*scored[name], n_classes).items()}
-    cm_path = plot_confusion_matrix(
-        confusion(*scored["test"], n_classes), list(schema.classes), paths.report("confusion_matrix.png"),
-        f"test split, accuracy {metrics['test_accuracy']:.3f}",
-    )
+        df = io.read_table(paths.split(name))
+        x, y = features_and_labels(df, schema, state)
+        if schema.regression:
+            scored[name] = (df[schema.target].to_numpy(dtype="float64"), unscale_target(predict(model, x)[:, 0], state))
+            metrics |= {f"{name}_{k}": v for k, v in regression_metrics(*scored[name]).items()}
+        else:
+            scored[name] = (y, predict_proba(model, x).argmax(1))
+            metrics |= {f"{name}_{k}": v for k, v in classification_metrics(*scored[name], schema.n_outputs).items()}
+    if schema.regression:
+        test_plot = plot_predicted_vs_actual(
+            *scored["test"], paths.report("test_predictions.png"), f"test split, R² {metrics['test_r2']:.3f}"
+        )
+    else:
+        test_plot = plot_confusion_matrix(
+            confusion(*scored["test"], schema.n_outputs), list(schema.classes), paths.report("test_predictions.png"),
+            f"test split, accuracy {metrics['test_accuracy']:.3f}",
+        )
     history = pd.read_csv(paths.history)
     train_report = io.read_json(paths.report("train.json"))
     curves = plot_learning_curves(history, paths.report("learning_curves.png"), train_report["best_epoch"])
@@ -219,7 +232,7 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
         params=params,
         metrics=metrics,
         history=history,
-        artifacts=[cm_path, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json"), paths.preprocess],
+        artifacts=[test_plot, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json"), paths.preprocess],
         model_path=paths.model,
         preprocess_path=paths.preprocess,
         example=io.read_table(paths.valid).head(5),
@@ -237,7 +250,7 @@ def run_register(params: Params, root: Path) -> dict[str, Any]:
     paths = Paths(root)
     metrics = io.read_json(paths.report("metrics.json"))
     tracking.configure(root)
-    decision = registry.register_and_gate(metrics, params.register_)
+    decision = registry.register_and_gate(metrics, params.register_, params.data.task)
     io.write_json(decision, paths.report("register.json"))
     return decision
 

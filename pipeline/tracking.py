@@ -76,8 +76,18 @@ def log_raw_model(model_path: Path, preprocess_path: Path, example: pd.DataFrame
 
     from pipeline.train.models import load_model
 
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec
+    from mlflow.types import Schema as MlflowSchema
+
     net, spec = load_model(str(model_path))
     raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
+    # Declared from the schema, not inferred from five example rows: a nullable column is
+    # optional even when the example happens to have no nulls in it.
+    mlflow_type = {"int64": "long", "float64": "double", "object": "string"}
+    signature = ModelSignature(inputs=MlflowSchema([
+        ColSpec(mlflow_type[f.numpy_dtype], f.name, required=not f.nullable) for f in schema.features
+    ]))
     batch = torch.export.Dim("batch")
     sample = torch.zeros((2, spec.n_features), dtype=torch.float32)
     exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
@@ -95,6 +105,7 @@ def log_raw_model(model_path: Path, preprocess_path: Path, example: pd.DataFrame
                 code_paths=[str(PREPROCESS_CODE)],
                 artifacts={"network": str(network), "preprocess": str(preprocess_path), "classes": str(classes)},
                 input_example=raw,
+                signature=signature,
                 pip_requirements=[f"mlflow=={version('mlflow')}", "torch==2.13.0",
                                   f"pandas=={version('pandas')}", f"numpy=={version('numpy')}"],
             )

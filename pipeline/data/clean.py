@@ -169,4 +169,5 @@ def preprocess_spec(schema: Schema, clean: CleanParams, preprocess: PreprocessPa
         "scale": preprocess.scale,
         "fill_value": clean.missing.fill_value,
         "max_categories": preprocess.max_categories,
+        "target": schema.target if schema.regression else None,
     }

@@ -65,7 +65,11 @@ def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]
     numbers = pd.to_numeric(values, errors="coerce") if col.dtype.kind not in "biuf" else values
     if col.dtype.kind in "iuf" or numbers.notna().mean() >= NUMERIC_SHARE:
         numbers = numbers.dropna().astype("float64")
-        integral = bool((numbers == np.floor(numbers)).all())
+        # "int" only where pandas reads integers (or would, but for the nulls): the served
+        # model's signature must match what a CSV reader produces, and MLflow will not cast
+        # float64 "59.0" to int64.
+        whole = bool((numbers == np.floor(numbers)).all())
+        integral = col.dtype.kind in "iu" or (whole and nullable and col.dtype.kind == "f")
         lo, hi = _numeric_range(numbers, integral)
         spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": _scalar(lo), "max": _scalar(hi)}
     else:
@@ -78,17 +82,15 @@ def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]
     return spec, ""
 
 
-def infer_task(y: pd.Series) -> tuple[str, list[Any]]:
+def infer_task(y: pd.Series) -> tuple[str, list[Any] | None]:
+    """Classification for text or up to 20 distinct integers; regression for other numbers."""
     values = y.dropna()
     if values.nunique() < 2:
         raise DataError(f"target '{y.name}' has a single class ({values.iloc[0] if len(values) else 'all null'}): nothing to learn")
     numeric = values.dtype.kind in "iuf"
     integral = numeric and bool((values == np.floor(values)).all())
     if numeric and not (integral and values.nunique() <= 20):
-        raise DataError(
-            f"target '{y.name}' looks continuous ({values.nunique()} distinct numbers): "
-            "regression is not supported yet, only classification"
-        )
+        return "regression", None
     classes = sorted({_scalar(v) for v in values}, key=lambda v: (isinstance(v, str), v))
     return "classification", classes
 
@@ -100,7 +102,7 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
     if target not in df.columns:
         raise DataError(f"target column '{target}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
     id_col = _find_id(df, target, id_column)
-    _, classes = infer_task(df[target])
+    task, classes = infer_task(df[target])
     features, notes = [], []
     for name in df.columns:
         if name in (target, id_col):
@@ -112,7 +114,7 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
             features.append(spec)
     if not features:
         raise DataError("no usable feature columns")
-    data: dict[str, Any] = {"id_column": str(id_col), "target": target, "task": "classification", "classes": classes, "features": features}
+    data: dict[str, Any] = {"id_column": str(id_col), "target": target, "task": task, "classes": classes, "features": features}
     if image_shape:
         if any(f["kind"] != "numeric" for f in features) or int(np.prod(image_shape)) != len(features):
             raise DataError(f"--image-shape {image_shape} needs {int(np.prod(image_shape))} numeric features; found {len(features)}")
@@ -132,7 +134,7 @@ def render_data_section(data: dict[str, Any], raw: Path | None = None) -> str:
         f"  id_column: {data['id_column']}",
         f"  target: {data['target']}",
         f"  task: {data['task']}",
-        f"  classes: {_flow(data['classes'])}",
+        *([f"  classes: {_flow(data['classes'])}"] if data["classes"] else []),
         "  features:                          # inferred; ranges carry a 10% margin",
         *(f"    - {_flow(f)}" for f in data["features"]),
     ]
@@ -204,5 +206,6 @@ evaluate:
 
 register:
   model_name: d2d-{stem}
-  min_test_accuracy: 0.80            # the first version at or above this becomes champion
+  min_test_accuracy: 0.80            # classification: the first version at or above this becomes champion
+  min_test_r2: 0.50                  # regression: likewise, on the test R²
 """

@@ -30,9 +30,18 @@ class Column:
 class Schema:
     id_column: str
     target: str
-    classes: tuple[int | str, ...]
+    classes: tuple[int | str, ...]  # empty for regression
     features: tuple[Column, ...]
     image_shape: tuple[int, int, int] | None
+    task: str = "classification"
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.regression else len(self.classes)
 
     @property
     def feature_names(self) -> list[str]:
@@ -67,4 +76,4 @@ def schema_from_params(data: DataParams) -> Schema:
         for name in f.names()
     )
     shape = tuple(data.image_shape) if data.image_shape else None
-    return Schema(data.id_column, data.target, tuple(data.classes), features, shape)  # type: ignore[arg-type]
+    return Schema(data.id_column, data.target, tuple(data.classes or ()), features, shape, data.task)  # type: ignore[arg-type]

@@ -65,16 +65,20 @@ def leaked_rows(splits: Splits, features: list[str]) -> int:
     return int((parts_per_row > 1).sum())
 
 
-def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams) -> Splits:
-    """Cut `df` into train/val/test by the strategy and ratios in params."""
+def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams, regression: bool = False) -> Splits:
+    """Cut `df` into train/val/test by the strategy and ratios in params. A regression target
+    is stratified by its deciles, so every split sees the whole range."""
+    strata = df[target]
+    if regression:
+        strata = pd.qcut(df[target].rank(method="first"), q=min(10, max(1, len(df) // 20)), labels=False)
     if params.strategy == "stratified":
-        part = stratified_assignment(df[target], params)
+        part = stratified_assignment(strata, params)
     elif params.strategy == "hash":
         part = hash_assignment(df[id_column], params)
     else:
         part = random_assignment(len(df), params)
     if params.strategy == "stratified":
-        counts = pd.crosstab(df[target], part).reindex(columns=range(3), fill_value=0)
+        counts = pd.crosstab(strata, part).reindex(columns=range(3), fill_value=0)
         short = counts[(counts == 0).any(axis=1)]
         if len(short):
             c = short.index[0]

@@ -41,7 +41,8 @@ def build_suite(schema: Schema, params: ValidateParams) -> Any:
     suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.id_column))
     suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=schema.id_column))
     suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.target))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=schema.target, value_set=list(schema.classes)))
+    if not schema.regression:
+        suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=schema.target, value_set=list(schema.classes)))
     for f in schema.features:
         if not f.nullable:
             suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=f.name))
@@ -111,14 +112,15 @@ def run_suite(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir
 def coerce_numeric(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Numeric columns read as text become numbers; returns the coerced frame and a boolean
     frame marking cells that held text that is not a number."""
-    bad = pd.DataFrame(False, index=df.index, columns=[f.name for f in schema.numeric])
+    names = [f.name for f in schema.numeric] + ([schema.target] if schema.regression else [])
+    bad = pd.DataFrame(False, index=df.index, columns=names)
     numbers = {}
-    for f in schema.numeric:
-        col = df[f.name]
+    for name in names:
+        col = df[name]
         if col.dtype.kind in "biuf":
             continue
-        numbers[f.name] = pd.to_numeric(col, errors="coerce")
-        bad[f.name] = numbers[f.name].isna() & col.notna()
+        numbers[name] = pd.to_numeric(col, errors="coerce")
+        bad[name] = numbers[name].isna() & col.notna()
     # Only text columns are replaced; a copy of a wide frame costs memory at a million rows.
     return (df.assign(**numbers) if numbers else df), bad
 
@@ -170,7 +172,8 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
             gate.append(f"{cfg.type}: observed {r.result.get('observed_value')}")
     labels = valid[schema.target].dropna().unique()
     if len(labels) < 2:
-        gate.append(f"target '{schema.target}' has {len(labels)} class(es) among valid rows: nothing to learn")
+        what = "distinct value(s)" if schema.regression else "class(es)"
+        gate.append(f"target '{schema.target}' has {len(labels)} {what} among valid rows: nothing to learn")
     bad_share = float(bad.mean())
     if bad_share > params.max_bad_row_fraction:
         gate.append(

@@ -44,16 +44,26 @@ def _stop_everywhere(stop: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def loss_fn(out: torch.Tensor, y: torch.Tensor, regression: bool, reduction: str = "mean") -> torch.Tensor:
+    if regression:
+        return nn.functional.mse_loss(out.squeeze(1), y, reduction=reduction)
+    return nn.functional.cross_entropy(out, y, reduction=reduction)
+
+
 @torch.no_grad()
-def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on a whole split."""
+def evaluate_split(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, regression: bool, target_scale: float = 1.0, batch: int = 1024
+) -> tuple[float, float]:
+    """Mean loss on a whole split, and its metric: accuracy, or RMSE in the target's units."""
     model.eval()
     loss, correct = 0.0, 0
     for i in range(0, len(x), batch):
-        logits = model(x[i : i + batch])
-        loss += nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i : i + batch]).sum().item()
-    return loss / len(x), correct / len(x)
+        out = model(x[i : i + batch])
+        loss += loss_fn(out, y[i : i + batch], regression, reduction="sum").item()
+        if not regression:
+            correct += (out.argmax(1) == y[i : i + batch]).sum().item()
+    mean = loss / len(x)
+    return mean, (mean**0.5 * target_scale if regression else correct / len(x))
 
 
 def _quiet_report_log() -> None:
@@ -107,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, seen = 0.0, 0
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss = loss_fn(model(xb), yb, config["regression"])
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(yb)
@@ -115,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, seen = _all_sum([loss_sum, seen], device)
         elapsed = time.perf_counter() - started
         # Every rank scores the whole validation split with identical weights, so all agree.
-        val_loss, val_acc = evaluate_split(_unwrap(model), x_val, y_val)
+        val_loss, val_metric = evaluate_split(_unwrap(model), x_val, y_val, config["regression"], config["target_scale"])
+        metric_name = "val_rmse" if config["regression"] else "val_accuracy"
         improved = val_loss < best_loss
         if improved:
             best_loss, bad_epochs = val_loss, 0
@@ -126,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "val_loss": val_loss,
-            "val_accuracy": val_acc,
+            metric_name: val_metric,
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_s": seen / elapsed,
             "epoch_s": elapsed,
@@ -137,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(
                 f"epoch {epoch + 1}/{config['epochs']}  train_loss {row['train_loss']:.4f}  "
-                f"val_loss {val_loss:.4f}  val_acc {val_acc:.4f}" + ("  *" if improved else ""),
+                f"val_loss {val_loss:.4f}  {metric_name} {val_metric:.4f}" + ("  *" if improved else ""),
                 flush=True,
             )
             with tempfile.TemporaryDirectory() as d:

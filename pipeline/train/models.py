@@ -15,7 +15,7 @@ class ModelSpec:
 
     kind: str
     n_features: int
-    n_classes: int
+    n_classes: int  # outputs: the number of classes, or 1 for regression
     image_shape: tuple[int, int, int] | None
     channels: tuple[int, ...]
     hidden: tuple[int, ...]

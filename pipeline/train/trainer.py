@@ -60,10 +60,13 @@ def ray_session(params: TrainParams) -> Iterator[None]:
 
 
 def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The network's float32 inputs (fitted preprocessing) and int64 class indices."""
-    from pipeline.preprocess import transform
+    """The network's float32 inputs (fitted preprocessing) and its targets: int64 class
+    indices, or for regression the target standardised by train statistics."""
+    from pipeline.preprocess import scale_target, transform
 
     x = transform(df, state)
+    if schema.regression:
+        return x, scale_target(df[schema.target], state)
     index = {str(c): i for i, c in enumerate(schema.classes)}
     y = df[schema.target].astype(str).map(index).to_numpy(dtype="int64")
     return x, y
@@ -75,7 +78,7 @@ def model_spec(schema: Schema, n_inputs: int, params: TrainParams) -> ModelSpec:
     return ModelSpec(
         kind=params.model,
         n_features=n_inputs,
-        n_classes=len(schema.classes),
+        n_classes=schema.n_outputs,
         image_shape=schema.image_shape,
         channels=tuple(params.channels),
         hidden=tuple(params.hidden),
@@ -111,6 +114,9 @@ def train(
         "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.lr,
         "weight_decay": params.weight_decay, "patience": params.patience, "seed": params.seed,
         "threads": params.cpus_per_worker,
+        "regression": schema.regression,
+        # validation RMSE is reported in the target's own units
+        "target_scale": state["target"]["scale"] if schema.regression else 1.0,
     }
     _check_resources(params)
     trainer = TorchTrainer(

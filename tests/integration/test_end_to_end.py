@@ -94,7 +94,7 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(result["metrics"]["test_accuracy"], abs=1e-6)
     assert len(client.get_metric_history(mlflow_run.info.run_id, "val_loss")) == len(history)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "reports")}
-    assert {"reports/confusion_matrix.png", "reports/learning_curves.png", "reports/validate.json"} <= artifacts
+    assert {"reports/test_predictions.png", "reports/learning_curves.png", "reports/validate.json"} <= artifacts
 
     registered = result["register"]
     assert registered["version"] == 1 and registered["promoted"] == (result["metrics"]["test_accuracy"] >= 0.5)
@@ -215,3 +215,34 @@ def test_bring_your_own_tabular_data(tmp_path, prefect_harness):
     pred = model.predict(gaps.drop(columns="cultivar"))
     assert len(pred) == len(gaps) and pred["label"].isin([0, 1, 2]).all()
     assert (pred["label"].to_numpy() == gaps["cultivar"].to_numpy()).mean() > 0.8
+
+
+def test_regression_end_to_end(tmp_path, prefect_harness):
+    """A continuous target (scikit-learn's diabetes progression) is inferred as regression and
+    goes through the whole flow: standardised target, MSE loss, RMSE/MAE/R², the R² gate."""
+    import mlflow
+    import numpy as np
+    from sklearn.datasets import load_diabetes
+
+    from flows.training import training_flow
+    from pipeline.evaluate import regression_metrics
+
+    df = load_diabetes(as_frame=True, scaled=False).frame.rename(columns={"target": "progression"})
+    df.insert(0, "patient_id", np.arange(len(df)))
+    df["sex"] = df["sex"].map({1.0: "f", 2.0: "m"})
+    df.loc[np.random.default_rng(0).choice(len(df), 15, replace=False), "bmi"] = None
+    df.to_csv(tmp_path / "diabetes.csv", index=False)
+    run(["d2d", "init-params", "--data", "diabetes.csv", "--target", "progression"], tmp_path)
+    state = training_flow(params_path="params.yaml", overrides=["register.min_test_r2=0.3"], root=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["metrics"]["test_r2"] > 0.3, "an MLP should explain a good share of diabetes progression"
+    assert result["register"]["promoted"]
+    assert "val_rmse" in pd.read_csv(tmp_path / "reports/history.csv").columns
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/d2d-diabetes@champion")
+    test = pd.read_parquet(tmp_path / "data/split/test.parquet")
+    raw = pd.read_csv(tmp_path / "diabetes.csv").set_index("patient_id").loc[test["patient_id"]].reset_index()
+    pred = model.predict(raw.drop(columns="progression"))["prediction"].to_numpy()
+    assert regression_metrics(raw["progression"].to_numpy(dtype=float), pred)["r2"] == pytest.approx(result["metrics"]["test_r2"], abs=1e-4)

@@ -36,8 +36,22 @@ def test_plots_are_written(tmp_path):
     [(0.96, None, True), (0.95, None, True), (0.94, None, False), (0.99, "3", False)],
 )
 def test_promotion_gate(accuracy, champion, promote):
-    ok, reasons = promotion_decision(accuracy, RegisterParams(min_test_accuracy=0.95), champion)
+    ok, reasons = promotion_decision({"test_accuracy": accuracy}, RegisterParams(min_test_accuracy=0.95), champion)
     assert ok is promote
     assert "register.min_test_accuracy=0.95" in reasons[0]
     if champion:
         assert "already champion" in reasons[-1]
+
+
+@pytest.mark.parametrize("r2, promote", [(0.7, True), (0.2, False)])
+def test_regression_gate_reads_r2(r2, promote):
+    ok, reasons = promotion_decision({"test_r2": r2}, RegisterParams(min_test_r2=0.5), None, "regression")
+    assert ok is promote and "register.min_test_r2=0.5" in reasons[0]
+
+
+def test_regression_metrics():
+    from pipeline.evaluate import regression_metrics
+
+    m = regression_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 5.0]))
+    assert m["mae"] == pytest.approx(2 / 3) and m["rmse"] == pytest.approx((4 / 3) ** 0.5)
+    assert m["r2"] == pytest.approx(1 - 4 / 2)

@@ -52,11 +52,18 @@ def test_non_negative_data_keeps_a_zero_floor():
 
 @pytest.mark.parametrize(
     "target, message",
-    [("nope", "not in the file"), ("income", "regression is not supported yet")],
+    [("nope", "not in the file")],
 )
 def test_bad_targets(target, message):
     with pytest.raises(DataError, match=message):
         infer_schema(frame(), target)
+
+
+def test_continuous_target_is_regression(tmp_path):
+    data, _ = infer_schema(frame(), "income")
+    assert data["task"] == "regression" and data["classes"] is None
+    params = params_from_dict(yaml.safe_load(render_params(data, tmp_path / "c.csv", [])))
+    assert params.data.task == "regression" and params.data.classes is None
 
 
 def test_no_id_column_is_an_error():
@@ -72,3 +79,13 @@ def test_rendered_params_load_and_pick_the_model(tmp_path):
     data, _ = infer_schema(img, "y", image_shape=[1, 2, 2])
     params = params_from_dict(yaml.safe_load(render_params(data, tmp_path / "img.csv", [])))
     assert params.train.model == "cnn" and params.data.image_shape == [1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [([1, 2, 3], "int"), ([1.0, 2.0, 3.0], "float"), ([1.0, None, 3.0], "int"), ([1.5, 2.0], "float")],
+)
+def test_int_only_where_a_reader_yields_ints(values, dtype):
+    """The signature must match what pandas reads: "59.0" in a CSV is a float64 column."""
+    spec, _ = infer_column("c", pd.Series(values))
+    assert spec["dtype"] == dtype
