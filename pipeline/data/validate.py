@@ -19,6 +19,7 @@ from pipeline.data.schema import Schema
 from pipeline.errors import DataError
 
 REASON = "reason"
+EXPECTATIONS = "failed_expectations"
 
 
 @dataclass
@@ -146,18 +147,30 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
         raise DataError("validation failed: " + "; ".join(gate))
 
     result = run_suite(coerced, schema, params, docs_dir)
+    # One entry per (row, failed rule): a readable reason and the GX expectation behind it.
     failures = [
-        pd.Series(_reason(r), index=pd.Index(r.result["unexpected_index_list"], dtype="int64"))
+        pd.DataFrame(
+            {REASON: _reason(r), EXPECTATIONS: f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')})"},
+            index=pd.Index(r.result["unexpected_index_list"], dtype="int64"),
+        )
         for r in result.results
         if not r.success and r.result.get("unexpected_index_list")
     ]
     rows, cols = np.nonzero(not_number.to_numpy())
     if len(rows):
-        failures.append(pd.Series([f"{not_number.columns[c]} is not a number" for c in cols], index=pd.Index(rows, dtype="int64")))
-    reasons = pd.concat(failures).groupby(level=0).agg("; ".join) if failures else pd.Series(dtype=str)
-    bad = df.index.isin(reasons.index)
+        names = not_number.columns[cols]
+        failures.append(pd.DataFrame(
+            {REASON: names + " is not a number", EXPECTATIONS: "numeric_type(" + names + ")"},
+            index=pd.Index(rows, dtype="int64"),
+        ))
+    per_row = (
+        pd.concat(failures).groupby(level=0).agg("; ".join)
+        if failures else pd.DataFrame(columns=[REASON, EXPECTATIONS], dtype=str)
+    )
+    bad = df.index.isin(per_row.index)
     # Quarantine keeps the raw values as they were read; valid rows carry the coerced numbers.
-    quarantine = df[bad].assign(**{REASON: reasons.reindex(df.index[bad]).to_numpy()})
+    found = per_row.reindex(df.index[bad])
+    quarantine = df[bad].assign(**{REASON: found[REASON].to_numpy(), EXPECTATIONS: found[EXPECTATIONS].to_numpy()})
     valid = coerced[~bad].reset_index(drop=True)
 
     table_failures = [r for r in result.results if not r.success and "unexpected_index_list" not in r.result]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_params
+from pipeline.data.io import file_md5
 from pipeline.stages import make_demo
 from tests.conftest import REPO
 
@@ -62,9 +63,13 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
     run(["dvc", "add", "-q", "data/raw/digits.csv"], root)
     shutil.rmtree(root / ".dvc/cache")  # as in a fresh clone: the file exists, the cache does not
+    raw_md5 = file_md5(root / "data/raw/digits.csv")
     state = training_flow(params_path="params.yaml", root=str(root), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
+
+    assert file_md5(root / "data/raw/digits.csv") == raw_md5  # raw data is never modified
+    assert (root / result["validate"]["data_docs"]).is_file()  # GX Data Docs for every run
 
     # data version: the md5 DVC records, pushed to the remote
     assert result["data"]["md5"] == demo["md5"] and result["data"]["dvc"] == "pushed to the DVC remote"

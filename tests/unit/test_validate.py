@@ -40,8 +40,22 @@ def test_each_row_rule_quarantines_with_its_reason(tiny_schema, column, value, r
 def test_every_broken_rule_is_named(tiny_schema):
     df = make_frame(tiny_schema, 20).astype("object")
     df.loc[5, ["f0", "f3", "label"]] = [None, 99, 9]
-    reason = validate(df, tiny_schema, LOOSE).quarantine[REASON].iloc[0]
-    assert set(reason.split("; ")) == {"f0 is null", "f3 outside [0, 10]", "label not in the allowed values"}
+    row = validate(df, tiny_schema, LOOSE).quarantine.iloc[0]
+    assert set(row[REASON].split("; ")) == {"f0 is null", "f3 outside [0, 10]", "label not in the allowed values"}
+    assert set(row["failed_expectations"].split("; ")) == {
+        "expect_column_values_to_not_be_null(f0)",
+        "expect_column_values_to_be_between(f3)",
+        "expect_column_values_to_be_in_set(label)",
+    }
+
+
+def test_text_in_a_numeric_column_is_quarantined(tiny_schema):
+    df = make_frame(tiny_schema, 20).astype({"f2": "object"})
+    df.loc[4, "f2"] = "seven"
+    report = validate(df, tiny_schema, LOOSE)
+    assert report.quarantine["id"].tolist() == [4]
+    assert "f2 is not a number" in report.quarantine[REASON].iloc[0]
+    assert report.valid["f2"].dtype.kind in "if"
 
 
 def test_duplicate_ids_are_quarantined(tiny_schema):
