@@ -163,14 +163,21 @@ class PreprocessParams(_Section):
 
 
 class TrainParams(_Section):
-    model: Literal["cnn", "mlp"] = "cnn"
-    channels: list[int] = Field(default=[32, 64], min_length=1)
-    hidden: list[int] = Field(default=[128], min_length=1)
+    model: Literal["cnn", "mlp", "lstm", "transformer"] = "cnn"
+    channels: list[int] = Field(default=[32, 64], min_length=1)  # cnn
+    hidden: list[int] = Field(default=[128], min_length=0)  # the dense head after any encoder
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    norm: Literal["auto", "batch", "layer", "none"] = "auto"  # auto: batch for cnn, layer for sequences, none for mlp
+    width: int = Field(default=64, ge=1)  # lstm hidden size / transformer d_model
+    depth: int = Field(default=2, ge=1)  # lstm / transformer layers
+    heads: int = Field(default=4, ge=1)  # transformer attention heads
     epochs: int = Field(default=40, ge=1)
     batch_size: int = Field(default=64, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    schedule: Literal["none", "cosine", "plateau"] = "none"
+    grad_clip: float | None = Field(default=None, gt=0.0)  # max gradient norm
     patience: int = Field(default=6, ge=1)
     seed: int = 42
     num_workers: int = Field(default=2, ge=1)
@@ -178,6 +185,15 @@ class TrainParams(_Section):
     use_gpu: bool = False
     max_failures: int = Field(default=1, ge=0)
     num_to_keep: int = Field(default=2, ge=1)
+    # A fault drill: rank 0 exits hard once at this epoch, and the run must resume from
+    # its latest checkpoint. Off (null) in normal runs.
+    fail_at_epoch: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> TrainParams:
+        if self.model == "transformer" and self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
 
 
 class EvaluateParams(_Section):

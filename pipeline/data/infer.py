@@ -185,21 +185,29 @@ preprocess:                          # fitted on the train split only, saved wit
   max_categories: 50
 
 train:
-  model: {"cnn" if image else "mlp"}                         # cnn (image-shaped data) or mlp (tabular)
+  model: {"cnn" if image else "mlp"}                         # cnn | mlp | lstm | transformer
   channels: [32, 64]                 # cnn only
-  hidden: [128, 64]
+  hidden: [128, 64]                  # the dense head
   dropout: 0.2
+  norm: auto                         # auto | batch | layer | none
+  width: 64                          # lstm hidden size / transformer d_model
+  depth: 2                           # lstm / transformer layers
+  heads: 4                           # transformer attention heads
   epochs: 40
   batch_size: 64                     # per worker; effective batch = batch_size × num_workers
+  optimizer: adam                    # adam | adamw | sgd
   lr: 0.001
   weight_decay: 0.0
+  schedule: none                     # none | cosine | plateau
+  grad_clip: null                    # max gradient norm
   patience: 6                        # early stopping on validation loss
   seed: 42
   num_workers: 2
   cpus_per_worker: 1
   use_gpu: false
-  max_failures: 1
+  max_failures: 1                    # a lost worker restarts the group from the latest checkpoint
   num_to_keep: 2
+  fail_at_epoch: null                # fault drill: rank 0 exits hard once at this epoch
 
 evaluate:
   experiment: d2d-{stem}

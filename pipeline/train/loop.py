@@ -74,6 +74,33 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _first_drill(marker: str) -> bool:
+    """True once per run: the marker file (beside the run's checkpoints) records the drill."""
+    if os.path.exists(marker):
+        return False
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    open(marker, "w").close()
+    return True
+
+
+def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    lr, wd = config["lr"], config["weight_decay"]
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    if config["optimizer"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+    """Cosine decay over the epoch budget, or halve the rate when validation loss stalls."""
+    if config["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config["epochs"])
+    if config["schedule"] == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(1, config["patience"] // 2))
+    return None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -89,17 +116,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     spec = ModelSpec.from_dict(config["spec"])
     model = ray.train.torch.prepare_model(build_model(spec))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
 
-    start_epoch, best_loss, bad_epochs, best_state, history = 0, float("inf"), 0, None, []
+    start_epoch, best_loss, bad_epochs, best_state, history, restarts = 0, float("inf"), 0, None, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a worker failure
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_loss, bad_epochs = state["epoch"] + 1, state["best_loss"], state["bad_epochs"]
-        best_state, history = state["best_model"], state["history"]
+        best_state, history, restarts = state["best_model"], state["history"], state["restarts"] + 1
+        if rank == 0:
+            print(f"resumed from the checkpoint of epoch {start_epoch} (restart {restarts})", flush=True)
 
     x_train = torch.tensor(config["x_train"])
     y_train = torch.tensor(config["y_train"])
@@ -110,6 +142,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
     for epoch in range(start_epoch, config["epochs"]):
+        if rank == 0 and config.get("fail_at_epoch") == epoch + 1 and _first_drill(config["drill_marker"]):
+            print(f"fault drill: rank 0 exits hard at epoch {epoch + 1}", flush=True)
+            # As a crash mid-epoch would, this leaves the controller a poll to record the last
+            # checkpoint; then the process dies without cleanup, like a lost node.
+            time.sleep(1.0)
+            os._exit(1)
         if ctx.get_world_size() > 1:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -119,6 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb, config["regression"])
             loss.backward()
+            if config["grad_clip"]:
+                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
             optimizer.step()
             loss_sum += loss.item() * len(yb)
             seen += len(yb)
@@ -133,14 +173,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
         else:
             bad_epochs += 1
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_loss)
+        elif scheduler is not None:
+            scheduler.step()
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,
             "val_loss": val_loss,
             metric_name: val_metric,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "samples_per_s": seen / elapsed,
             "epoch_s": elapsed,
+            "restarts": restarts,
         }
         history.append(row)
         stop = _stop_everywhere(bad_epochs >= config["patience"], device)
@@ -156,11 +202,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {
                         "model": _unwrap(model).state_dict(),
                         "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
                         "epoch": epoch,
                         "best_loss": best_loss,
                         "bad_epochs": bad_epochs,
                         "best_model": best_state,
                         "history": history,
+                        "restarts": restarts,
                     },
                     os.path.join(d, STATE_FILE),
                 )

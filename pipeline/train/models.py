@@ -3,6 +3,7 @@ logits (N, classes), so serving and evaluation never need to know the architectu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,48 +21,133 @@ class ModelSpec:
     channels: tuple[int, ...]
     hidden: tuple[int, ...]
     dropout: float
+    norm: str = "auto"  # batch | layer | none; auto: batch for cnn, none for the others
+    width: int = 64  # lstm hidden size, transformer d_model
+    depth: int = 2  # lstm / transformer layers
+    heads: int = 4  # transformer attention heads
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
-        shape = tuple(d["image_shape"]) if d.get("image_shape") else None
-        return cls(d["kind"], d["n_features"], d["n_classes"], shape, tuple(d["channels"]), tuple(d["hidden"]), d["dropout"])
+        d = dict(d)
+        d["image_shape"] = tuple(d["image_shape"]) if d.get("image_shape") else None
+        d["channels"], d["hidden"] = tuple(d["channels"]), tuple(d["hidden"])
+        return cls(**d)
 
 
-def _head(n_in: int, hidden: tuple[int, ...], n_out: int, dropout: float) -> list[nn.Module]:
+def _norm1d(kind: str, width: int) -> list[nn.Module]:
+    return {"batch": [nn.BatchNorm1d(width)], "layer": [nn.LayerNorm(width)]}.get(kind, [])
+
+
+def _head(n_in: int, spec: ModelSpec, norm: str = "none") -> list[nn.Module]:
     layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(n_in, width), nn.ReLU(), nn.Dropout(dropout)]
+    for width in spec.hidden:
+        layers += [nn.Linear(n_in, width), *_norm1d(norm, width), nn.ReLU(), nn.Dropout(spec.dropout)]
         n_in = width
-    return [*layers, nn.Linear(n_in, n_out)]
+    return [*layers, nn.Linear(n_in, spec.n_classes)]
 
 
+ZOO: dict[str, Callable[[ModelSpec], nn.Module]] = {}
+
+
+def register(name: str) -> Callable:
+    """Add an architecture to the zoo: `@register("mine") def mine(spec) -> nn.Module`.
+    It takes (N, n_features) floats and returns (N, n_classes)."""
+
+    def add(builder: Callable[[ModelSpec], nn.Module]) -> Callable[[ModelSpec], nn.Module]:
+        ZOO[name] = builder
+        return builder
+
+    return add
+
+
+@register("mlp")
 def mlp(spec: ModelSpec) -> nn.Module:
-    return nn.Sequential(*_head(spec.n_features, spec.hidden, spec.n_classes, spec.dropout))
+    norm = "none" if spec.norm == "auto" else spec.norm
+    return nn.Sequential(*_head(spec.n_features, spec, norm))
 
 
+@register("cnn")
 def cnn(spec: ModelSpec) -> nn.Module:
-    """Conv-BN-ReLU blocks, halving the image while it is at least 4 pixels on a side."""
+    """Conv-norm-ReLU blocks, halving the image while it is at least 4 pixels on a side."""
     if spec.image_shape is None:
         raise ValueError("cnn needs an image_shape")
     c, h, w = spec.image_shape
+    norm = "batch" if spec.norm == "auto" else spec.norm
     layers: list[nn.Module] = [nn.Unflatten(1, (c, h, w))]
     for out in spec.channels:
-        layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+        layers.append(nn.Conv2d(c, out, kernel_size=3, padding=1))
+        layers += {"batch": [nn.BatchNorm2d(out)], "layer": [nn.GroupNorm(1, out)]}.get(norm, [])
+        layers.append(nn.ReLU())
         if min(h, w) >= 4:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
         c = out
     layers.append(nn.Flatten())
-    return nn.Sequential(*layers, *_head(c * h * w, spec.hidden, spec.n_classes, spec.dropout))
+    return nn.Sequential(*layers, *_head(c * h * w, spec))
 
 
-ZOO = {"mlp": mlp, "cnn": cnn}
+def _steps(spec: ModelSpec) -> tuple[int, int]:
+    """A row as a sequence: an image's rows (H steps of C·W values), else one feature per step."""
+    if spec.image_shape:
+        c, h, w = spec.image_shape
+        return h, c * w
+    return spec.n_features, 1
+
+
+class _Sequence(nn.Module):
+    """Shared by the lstm and transformer: (N, features) → (N, steps, step_size) → encoder → head."""
+
+    def __init__(self, spec: ModelSpec, encoder: nn.Module, embed: nn.Module | None, pool: str) -> None:
+        super().__init__()
+        self.steps, self.step_size = _steps(spec)
+        self.embed, self.encoder, self.pool = embed, encoder, pool
+        norm = "layer" if spec.norm == "auto" else spec.norm
+        self.head = nn.Sequential(*_head(spec.width, spec, "none" if norm == "batch" else norm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.reshape(x.shape[0], self.steps, self.step_size)
+        if self.embed is not None:
+            seq = self.embed(seq)
+        out = self.encoder(seq)
+        out = out[0] if isinstance(out, tuple) else out
+        return self.head(out[:, -1] if self.pool == "last" else out.mean(dim=1))
+
+
+class _TokenEmbedding(nn.Module):
+    def __init__(self, steps: int, step_size: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(step_size, width)
+        self.position = nn.Parameter(torch.zeros(1, steps, width))
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.proj(seq) + self.position
+
+
+@register("lstm")
+def lstm(spec: ModelSpec) -> nn.Module:
+    """An LSTM over ordered features (or an image's rows); the last step feeds the head."""
+    _, step_size = _steps(spec)
+    encoder = nn.LSTM(step_size, spec.width, num_layers=spec.depth, batch_first=True,
+                      dropout=spec.dropout if spec.depth > 1 else 0.0)
+    return _Sequence(spec, encoder, None, "last")
+
+
+@register("transformer")
+def transformer(spec: ModelSpec) -> nn.Module:
+    """A small Transformer encoder over feature tokens (or sequence steps), mean-pooled."""
+    steps, step_size = _steps(spec)
+    layer = nn.TransformerEncoderLayer(spec.width, spec.heads, dim_feedforward=2 * spec.width,
+                                       dropout=spec.dropout, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, num_layers=spec.depth, enable_nested_tensor=False)
+    return _Sequence(spec, encoder, _TokenEmbedding(steps, step_size, spec.width), "mean")
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
+    if spec.kind not in ZOO:
+        raise ValueError(f"unknown model '{spec.kind}'; the zoo has: {', '.join(sorted(ZOO))}")
     return ZOO[spec.kind](spec)
 
 

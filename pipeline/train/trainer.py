@@ -83,6 +83,10 @@ def model_spec(schema: Schema, n_inputs: int, params: TrainParams) -> ModelSpec:
         channels=tuple(params.channels),
         hidden=tuple(params.hidden),
         dropout=params.dropout,
+        norm=params.norm,
+        width=params.width,
+        depth=params.depth,
+        heads=params.heads,
     )
 
 
@@ -112,13 +116,17 @@ def train(
         "spec": spec.to_dict(),
         "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
         "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.lr,
+        "optimizer": params.optimizer, "schedule": params.schedule, "grad_clip": params.grad_clip,
         "weight_decay": params.weight_decay, "patience": params.patience, "seed": params.seed,
+        "fail_at_epoch": params.fail_at_epoch,
         "threads": params.cpus_per_worker,
         "regression": schema.regression,
         # validation RMSE is reported in the target's own units
         "target_scale": state["target"]["scale"] if schema.regression else 1.0,
     }
     _check_resources(params)
+    name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    config["drill_marker"] = str(storage.resolve() / name / "fault_drill.done")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -129,7 +137,7 @@ def train(
             resources_per_worker={"CPU": params.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=name,
             storage_path=str(storage.resolve()),
             failure_config=FailureConfig(max_failures=params.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.num_to_keep),
