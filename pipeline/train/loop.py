@@ -106,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     _quiet_report_log()
-
+    loop_started = time.time()  # with wall_end below: start-up cost and per-epoch wall time
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"])
@@ -187,6 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": seen / elapsed,
             "epoch_s": elapsed,
             "restarts": restarts,
+            "loop_started": loop_started,
+            "wall_end": time.time(),
         }
         history.append(row)
         stop = _stop_everywhere(bad_epochs >= config["patience"], device)
