@@ -13,22 +13,13 @@ from prefect import flow, get_run_logger, task
 
 from pipeline import stages
 from pipeline.config import Params, load_params
-from pipeline.versioning import push_tracked
 
 
 @task(name="data-version")
 def version_data(params: Params, root: Path) -> dict[str, Any]:
     """Record the raw data's md5 and push it to the DVC remote when it is the DVC-recorded version."""
-    logger = get_run_logger()
-    version = stages.data_version(params, root)
-    raw = version["path"]
-    if version["dvc_md5"] is None:
-        version["dvc"] = f"not tracked: run `dvc add {raw}` to version it"
-    elif not version["matches_dvc"]:
-        version["dvc"] = f"differs from the DVC record: run `dvc add {raw}` to version it"
-    else:
-        version["dvc"] = push_tracked(root / params.data.raw, root)
-    logger.info("data version %s (%s): %s", version["md5"], raw, version["dvc"])
+    version = stages.run_data_version(params, root)
+    get_run_logger().info("data version %s (%s): %s", version["md5"], version["path"], version["dvc"])
     return version
 
 

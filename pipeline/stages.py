@@ -78,6 +78,22 @@ def data_version(params: Params, root: Path) -> dict[str, Any]:
     return {"path": str(params.data.raw), "md5": md5, "dvc_md5": recorded, "matches_dvc": recorded == md5}
 
 
+def run_data_version(params: Params, root: Path) -> dict[str, Any]:
+    """The data version, and the raw file cached and pushed to the DVC remote when it is the
+    version DVC records; otherwise what to run to version it."""
+    from pipeline.versioning import push_tracked
+
+    version = data_version(params, root)
+    raw = version["path"]
+    if version["dvc_md5"] is None:
+        version["dvc"] = f"not tracked: run `dvc add {raw}` to version it"
+    elif not version["matches_dvc"]:
+        version["dvc"] = f"differs from the DVC record: run `dvc add {raw}` to version it"
+    else:
+        version["dvc"] = push_tracked(raw_path(params, root), root)
+    return version
+
+
 def make_demo(params: Params, root: Path) -> dict[str, Any]:
     """Write the corrupted digits CSV; deterministic, so a fresh clone gets the recorded md5."""
     from pipeline.data.demo import corrupt, digits_frame
@@ -233,6 +249,7 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
         metrics=metrics,
         history=history,
         artifacts=[test_plot, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json"), paths.preprocess],
+        root=root,
         model_path=paths.model,
         preprocess_path=paths.preprocess,
         example=io.read_table(paths.valid).head(5),

@@ -116,6 +116,7 @@ def log_pipeline_run(
     metrics: dict[str, float],
     history: pd.DataFrame,
     artifacts: list[Path],
+    root: Path,
     model_path: Path,
     preprocess_path: Path,
     example: pd.DataFrame,
@@ -125,7 +126,6 @@ def log_pipeline_run(
     """Log one pipeline run; returns its run id and the logged model's URI."""
     import mlflow
 
-    root = model_path.parent.parent
     experiment_id = _experiment(params.evaluate.experiment, root)
     commit = git_commit(root)
     all_tags = {**tags, "d2d.params_hash": params.digest(), **({"git.commit": commit} if commit else {})}
