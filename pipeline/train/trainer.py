@@ -42,11 +42,6 @@ def ray_session(params: TrainParams) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    # Ray Train V2's controller polls its workers every 2 s by default and each report waits
-    # for that poll, which made a 0.1 s epoch take 2 s; a short interval keeps epochs honest.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    # The print patch copies every worker print into the log a second time.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
@@ -125,6 +120,12 @@ def train(
         "target_scale": state["target"]["scale"] if schema.regression else 1.0,
     }
     _check_resources(params)
+    # Ray Train passes these from the driver's environment to its controller and workers.
+    # The controller polls workers every 2 s by default and a report waits for the previous
+    # one to be consumed, which made a 0.1 s epoch take 2 s; a short interval keeps epochs
+    # honest. The print patch copies every worker print into the log a second time.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"
     config["drill_marker"] = str(storage.resolve() / name / "fault_drill.done")
     trainer = TorchTrainer(
