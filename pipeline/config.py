@@ -178,6 +178,8 @@ class TrainParams(_Section):
     weight_decay: float = Field(default=0.0, ge=0.0)
     schedule: Literal["none", "cosine", "plateau"] = "none"
     grad_clip: float | None = Field(default=None, gt=0.0)  # max gradient norm
+    # Mixed precision for the forward pass: bf16 or fp16 pays on GPUs; fp32 is exact.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     patience: int = Field(default=6, ge=1)
     seed: int = 42
     num_workers: int = Field(default=2, ge=1)

@@ -200,6 +200,7 @@ train:
   weight_decay: 0.0
   schedule: none                     # none | cosine | plateau
   grad_clip: null                    # max gradient norm
+  precision: fp32                    # fp32 | bf16 | fp16 (mixed precision; pays on GPUs)
   patience: 6                        # early stopping on validation loss
   seed: 42
   num_workers: 2

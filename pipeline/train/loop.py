@@ -117,6 +117,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = ModelSpec.from_dict(config["spec"])
     model = ray.train.torch.prepare_model(build_model(spec))
     optimizer = make_optimizer(model, config)
+    # Mixed precision: autocast to bf16/fp16 for the forward pass; fp16 also needs a loss
+    # scaler so small gradients do not underflow. Weights and the optimizer stay fp32.
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"])
+    scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")
     scheduler = make_scheduler(optimizer, config)
 
     start_epoch, best_loss, bad_epochs, best_state, history, restarts = 0, float("inf"), 0, None, [], 0
@@ -155,11 +159,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum, seen = 0.0, 0
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb, config["regression"])
-            loss.backward()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(xb)
+            loss = loss_fn(out.float(), yb, config["regression"])
+            scaler.scale(loss).backward()
             if config["grad_clip"]:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             loss_sum += loss.item() * len(yb)
             seen += len(yb)
         loss_sum, seen = _all_sum([loss_sum, seen], device)

@@ -112,6 +112,7 @@ def train(
         "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
         "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.lr,
         "optimizer": params.optimizer, "schedule": params.schedule, "grad_clip": params.grad_clip,
+        "precision": params.precision,
         "weight_decay": params.weight_decay, "patience": params.patience, "seed": params.seed,
         "fail_at_epoch": params.fail_at_epoch,
         "threads": params.cpus_per_worker,

@@ -76,6 +76,8 @@ def test_same_seed_one_worker_is_reproducible(ray_local, digits, tmp_path):
     [
         {"model": "cnn", "num_workers": 2, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "grad_clip": 1.0},
         {"model": "mlp", "optimizer": "adamw", "schedule": "plateau", "hidden": [64]},
+        # mixed precision runs for real on the CPU too (autocast supports bf16 there)
+        {"model": "cnn", "precision": "bf16", "grad_clip": 1.0},
         {"model": "lstm", "width": 32, "lr": 0.005},
         {"model": "transformer", "width": 32, "heads": 4, "depth": 1, "lr": 0.002},
     ],
