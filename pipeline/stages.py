@@ -216,7 +216,7 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
 
     paths = Paths(root)
     schema = schema_from_params(params.data)
-    model, _ = load_model(str(paths.model))
+    model, spec = load_model(str(paths.model))
     state = io.read_json(paths.preprocess)
     metrics: dict[str, float] = {}
     scored = {}
@@ -250,7 +250,8 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
         history=history,
         artifacts=[test_plot, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json"), paths.preprocess],
         root=root,
-        model_path=paths.model,
+        model=model,  # the network evaluated above, exported as is
+        n_inputs=spec.n_features,
         preprocess_path=paths.preprocess,
         example=io.read_table(paths.valid).head(5),
         schema=schema,

@@ -69,18 +69,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_raw_model(model_path: Path, preprocess_path: Path, example: pd.DataFrame, schema: Schema) -> Any:
+def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.DataFrame, schema: Schema) -> Any:
     """Export the network with torch.export and log it with its fitted preprocessing as a pyfunc."""
     import mlflow
     import torch
-
-    from pipeline.train.models import load_model
 
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec
     from mlflow.types import Schema as MlflowSchema
 
-    net, spec = load_model(str(model_path))
     raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
     # Declared from the schema, not inferred from five example rows: a nullable column is
     # optional even when the example happens to have no nulls in it.
@@ -89,7 +86,7 @@ def log_raw_model(model_path: Path, preprocess_path: Path, example: pd.DataFrame
         ColSpec(mlflow_type[f.numpy_dtype], f.name, required=not f.nullable) for f in schema.features
     ]))
     batch = torch.export.Dim("batch")
-    sample = torch.zeros((2, spec.n_features), dtype=torch.float32)
+    sample = torch.zeros((2, n_inputs), dtype=torch.float32)
     exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
     with tempfile.TemporaryDirectory() as d:
         network = Path(d) / "network.pt2"
@@ -117,7 +114,8 @@ def log_pipeline_run(
     history: pd.DataFrame,
     artifacts: list[Path],
     root: Path,
-    model_path: Path,
+    model: Any,
+    n_inputs: int,
     preprocess_path: Path,
     example: pd.DataFrame,
     schema: Schema,
@@ -137,5 +135,5 @@ def log_pipeline_run(
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="reports")
-        info = log_raw_model(model_path, preprocess_path, example, schema)
+        info = log_raw_model(model, n_inputs, preprocess_path, example, schema)
         return run.info.run_id, info.model_uri

@@ -39,6 +39,10 @@ def repeats(df: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return mask, first
 
 
+def _nothing_removed(df: pd.DataFrame) -> pd.DataFrame:
+    return df.iloc[0:0].assign(**{REASON: pd.Series(dtype=str)})
+
+
 def _split_off(df: pd.DataFrame, mask: np.ndarray, reason: pd.Series | str) -> tuple[pd.DataFrame, pd.DataFrame]:
     removed = df[mask].assign(**{REASON: reason})
     return df[~mask].reset_index(drop=True), removed.reset_index(drop=True)
@@ -72,7 +76,7 @@ def drop_missing(df: pd.DataFrame, schema: Schema, missing: MissingParams) -> tu
     """Rows with a null in a column whose policy is `drop`."""
     cols = [f.name for f in schema.features if f.nullable and imputation(f, missing) == "drop"]
     if not cols:
-        return df, df.iloc[0:0].assign(**{REASON: pd.Series(dtype=str)})
+        return df, _nothing_removed(df)
     nulls = df[cols].isna()
     hit = nulls.any(axis=1).to_numpy()
     first_null = nulls[hit].idxmax(axis=1)  # vectorised; the row's other nulls are in the quarantined row itself
@@ -95,9 +99,8 @@ def outlier_bounds(df: pd.DataFrame, schema: Schema, method: str, k: float) -> p
 def handle_outliers(df: pd.DataFrame, schema: Schema, params: CleanParams) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Clip or drop values outside the bounds; returns the frame, removed rows and clipped cells."""
     o = params.outliers
-    empty = df.iloc[0:0].assign(**{REASON: pd.Series(dtype=str)})
     if o.method == "none" or not schema.numeric:
-        return df, empty, 0
+        return df, _nothing_removed(df), 0
     b = outlier_bounds(df, schema, o.method, o.iqr_k)
     names = list(b.index)
     x = df[names]
@@ -105,7 +108,7 @@ def handle_outliers(df: pd.DataFrame, schema: Schema, params: CleanParams) -> tu
     if o.action == "clip":
         out = df.copy()
         out[names] = x.clip(lower=b["lo"], upper=b["hi"], axis=1)
-        return out, empty, int(outside.to_numpy().sum())
+        return out, _nothing_removed(df), int(outside.to_numpy().sum())
     hit = outside.any(axis=1).to_numpy()
     first = outside[hit].idxmax(axis=1)
     kept, removed = _split_off(df, hit, first + f" is an outlier (clean.outliers: {o.method})")
@@ -153,7 +156,7 @@ def clean(valid: pd.DataFrame, schema: Schema, params: CleanParams) -> CleanResu
     record(f"outliers_{params.outliers.method}_{params.outliers.action}", n, removed, cells_clipped=clipped)
     df = coerce_types(df, schema)
     rules.append({"rule": "coerce_types", "rows_in": len(df), "rows_out": len(df), "removed": 0})
-    removed_all = pd.concat(removed_parts, ignore_index=True) if removed_parts else valid.iloc[0:0]
+    removed_all = pd.concat(removed_parts, ignore_index=True)  # missing_drop and outliers always record
     report = {"rows_in": len(valid), "rows_out": len(df), "removed": len(removed_all), "rules": rules}
     return CleanResult(df, removed_all, report)
 
