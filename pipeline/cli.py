@@ -100,15 +100,19 @@ def stage(
     name: Annotated[str, typer.Argument(help="validate | clean | split | train | evaluate | register")],
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    root: Annotated[Path, typer.Option("--root", help="The project folder; a relative --params is read from it. "
+                                       "For a Ray job on a cluster, a folder every node sees.")] = Path("."),
 ) -> None:
-    """Run one stage on its own (what `dvc repro` calls)."""
+    """Run one stage on its own (what `dvc repro` calls, and a Ray job's entrypoint)."""
     from pipeline.config import load_params
     from pipeline.stages import STAGES
 
     if name not in STAGES:
         raise D2DError(f"unknown stage '{name}'; choose one of: {', '.join(STAGES)}")
-    cfg = load_params(params, set_ or [])
-    summary = STAGES[name](cfg, Path.cwd())
+    if not root.is_dir():
+        raise D2DError(f"--root {root}: not a folder")
+    cfg = load_params(root / params, set_ or [])
+    summary = STAGES[name](cfg, root.resolve())
     console.print(f"[green]{name}[/] done: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
 
 

@@ -190,11 +190,74 @@ class TrainParams(_Section):
     # A fault drill: rank 0 exits hard once at this epoch, and the run must resume from
     # its latest checkpoint. Off (null) in normal runs.
     fail_at_epoch: int | None = Field(default=None, ge=1)
+    # Warm start: initialise from a registered model's weights (models:/NAME@champion,
+    # models:/NAME/3, runs:/ID/model); tensors whose shapes differ (a new head) start fresh.
+    init_from: str | None = None
+    # A Ray cluster to train on (RAY_ADDRESS does the same); null: a local Ray instance.
+    ray_address: str | None = None
+    # Where Ray Train keeps checkpoints: a path on every node (NFS) or s3://bucket/prefix
+    # for multi-node clusters; null: artifacts/ray in the project.
+    storage_path: str | None = None
 
     @model_validator(mode="after")
     def _heads(self) -> TrainParams:
         if self.model == "transformer" and self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.init_from is not None and not self.init_from.startswith(("models:/", "runs:/")):
+            raise ValueError(f"init_from {self.init_from!r}: expected an MLflow model URI (models:/NAME@champion or runs:/ID/model)")
+        return self
+
+
+class SearchDim(_Section):
+    """One searched hyperparameter: exactly one of loguniform/uniform [low, high] or choice [values]."""
+
+    loguniform: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    uniform: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    choice: list[Any] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> SearchDim:
+        given = [k for k in ("loguniform", "uniform", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform or choice")
+        bounds = self.loguniform or self.uniform
+        if bounds and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]} needs [low, high] with low < high, got {bounds}")
+        if self.loguniform and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        return self
+
+
+# Hyperparameters a trial may change; the rest (workers, failure policy, the drill) is fixed.
+TUNABLE = {"lr", "batch_size", "dropout", "hidden", "channels", "width", "depth", "heads",
+           "weight_decay", "optimizer", "schedule", "grad_clip", "norm", "model"}
+
+
+class TuneParams(_Section):
+    """Ray Tune with ASHA over Ray Train runs; the best config then trains the model."""
+
+    enabled: bool = False
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int = Field(default=1, ge=1)  # trials at once; each takes workers_per_trial + 1 CPUs
+    workers_per_trial: int = Field(default=1, ge=1)
+    epochs: int | None = Field(default=None, ge=1)  # per trial; null: train.epochs
+    grace_period: int = Field(default=2, ge=1)  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = Field(default=3, ge=2)  # ASHA: keep the top 1/N at each rung
+    seed: int = 0
+    space: dict[str, SearchDim] = {
+        "lr": SearchDim(loguniform=[1e-4, 1e-2]),
+        "batch_size": SearchDim(choice=[32, 64, 128]),
+        "hidden": SearchDim(choice=[[64], [128], [256]]),
+        "dropout": SearchDim(uniform=[0.0, 0.5]),
+    }
+
+    @model_validator(mode="after")
+    def _space(self) -> TuneParams:
+        unknown = sorted(set(self.space) - TUNABLE)
+        if unknown:
+            raise ValueError(f"space: '{unknown[0]}' cannot be tuned; choose from {', '.join(sorted(TUNABLE))}")
+        if self.enabled and not self.space:
+            raise ValueError("space is empty; give at least one hyperparameter to search")
         return self
 
 
@@ -216,6 +279,7 @@ class Params(_Section):
     split: SplitParams = SplitParams()
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
+    tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
 

@@ -170,6 +170,10 @@ def run_split(params: Params, root: Path) -> dict[str, Any]:
 
 
 def run_train(params: Params, root: Path) -> dict[str, Any]:
+    """Tune first when tune.enabled (the best config then trains), warm-start from
+    train.init_from when set, and train with Ray Train."""
+    import pandas as pd
+
     from pipeline.train.models import save_model
     from pipeline.train.trainer import ray_session, train
 
@@ -177,8 +181,26 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
     schema = schema_from_params(params.data)
     train_df, val_df = io.read_table(paths.split("train")), io.read_table(paths.split("val"))
     state = io.read_json(paths.preprocess)
-    with ray_session(params.train):
-        result = train(train_df, val_df, schema, state, params.train, paths.ray_storage)
+    train_params, tuned = params.train, {"enabled": False}
+    trials = pd.DataFrame(columns=["trial", "epoch", "val_loss"])  # a DVC out either way
+    init_state = None
+    if params.train.init_from:
+        from pipeline import tracking
+
+        tracking.configure(root)
+        init_state = tracking.network_weights(params.train.init_from)
+    with ray_session(params.train, cpus_needed=_cpus_needed(params)):
+        if params.tune.enabled:
+            from pipeline.train.tune import tune
+
+            found = tune(train_df, val_df, schema, state, params.train, params.tune, paths.ray_storage)
+            trials = found.trials
+            train_params = params.train.model_copy(update=found.best_config)
+            tuned = {"enabled": True, "best_config": found.best_config, "best_trial": found.best_trial,
+                     "best_val_loss": found.best_val_loss, "trials": found.summary, "seconds": round(found.seconds, 2)}
+        result = train(train_df, val_df, schema, state, train_params, paths.ray_storage, init_state)
+    io.write_json(tuned, paths.report("tune.json"))
+    io.write_csv(trials, paths.report("tune_trials.csv"))
     paths.model.parent.mkdir(parents=True, exist_ok=True)
     save_model(result.model, result.spec, str(paths.model))
     io.write_csv(result.history, paths.history)
@@ -189,10 +211,21 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
         "best_val_loss": float(best["val_loss"]),
         **{f"best_{k}": float(best[k]) for k in ("val_accuracy", "val_rmse") if k in best},
         "train_seconds": round(result.seconds, 2),
-        "num_workers": params.train.num_workers,
+        "num_workers": train_params.num_workers,
+        **({"tuned": tuned["best_config"]} if tuned["enabled"] else {}),
+        **({"init_from": result.transfer["init_from"], "transferred_tensors": result.transfer["transferred"],
+            "fresh_tensors": result.transfer["fresh"]} if result.transfer else {}),
     }
     io.write_json(report, paths.report("train.json"))
     return report
+
+
+def _cpus_needed(params: Params) -> int:
+    """Logical CPUs a local Ray needs: the training run's workers, or the concurrent trials'
+    (each trial's driver takes one CPU on top of its workers), plus this driver."""
+    run = params.train.num_workers * params.train.cpus_per_worker
+    trials = params.tune.max_concurrent * (params.tune.workers_per_trial * params.train.cpus_per_worker + 1)
+    return max(run, trials if params.tune.enabled else 0) + 1
 
 
 def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
@@ -255,11 +288,24 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
         preprocess_path=paths.preprocess,
         example=io.read_table(paths.valid).head(5),
         schema=schema,
-        tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"]},
+        tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"], **_training_tags(paths)},
+        trials=pd.read_csv(paths.report("tune_trials.csv")) if params.tune.enabled else None,
     )
     report = {**{k: round(v, 6) for k, v in metrics.items()}, "mlflow_run_id": run_id, "model_uri": model_uri}
     io.write_json(report, paths.report("metrics.json"))
     return report
+
+
+def _training_tags(paths: Paths) -> dict[str, str]:
+    """Lineage of the weights: the warm start they came from and the tuned config, when any."""
+    import json
+
+    trained = io.read_json(paths.report("train.json"))
+    tuned = io.read_json(paths.report("tune.json")) if paths.report("tune.json").is_file() else {}
+    tags = {"d2d.init_from": trained["init_from"]} if "init_from" in trained else {}
+    if tuned.get("enabled"):
+        tags |= {"d2d.tuned_config": json.dumps(tuned["best_config"]), "d2d.tune_best_trial": tuned["best_trial"]}
+    return tags
 
 
 def run_register(params: Params, root: Path) -> dict[str, Any]:

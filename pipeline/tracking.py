@@ -120,8 +120,10 @@ def log_pipeline_run(
     example: pd.DataFrame,
     schema: Schema,
     tags: dict[str, str],
+    trials: pd.DataFrame | None = None,
 ) -> tuple[str, str]:
-    """Log one pipeline run; returns its run id and the logged model's URI."""
+    """Log one pipeline run; returns its run id and the logged model's URI. With `trials`
+    (the tuning history), each trial becomes a child run."""
     import mlflow
 
     experiment_id = _experiment(params.evaluate.experiment, root)
@@ -136,4 +138,41 @@ def log_pipeline_run(
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="reports")
         info = log_raw_model(model, n_inputs, preprocess_path, example, schema)
+        if trials is not None:
+            log_trials(trials, experiment_id)
         return run.info.run_id, info.model_uri
+
+
+def log_trials(trials: pd.DataFrame, experiment_id: str) -> None:
+    """One nested MLflow run per tuning trial: its sampled config as params, its epochs as step metrics."""
+    import mlflow
+
+    for trial, rows in trials.groupby("trial", sort=False):
+        config = {c.removeprefix("config."): rows[c].iloc[0] for c in rows if c.startswith("config.")}
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial {trial}", nested=True,
+                              tags={"d2d.tune_trial": str(trial)}):
+            mlflow.log_params(config)
+            for row in rows.to_dict("records"):
+                mlflow.log_metrics({k: float(v) for k, v in row.items()
+                                    if k not in ("trial", "epoch") and not k.startswith("config.") and pd.notna(v)},
+                                   step=int(row["epoch"]))
+            mlflow.log_metric("best_val_loss", float(rows["val_loss"].min()))
+
+
+def network_weights(model_uri: str) -> dict[str, Any]:
+    """The network's tensors from a logged d2d model (for a warm start), read from its
+    torch.export archive: no pickled objects are loaded."""
+    import mlflow
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import D2DError
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except MlflowException as e:
+        raise D2DError(f"train.init_from {model_uri}: {e.message.splitlines()[0]}") from None
+    network = local / "artifacts" / "network.pt2"
+    if not network.is_file():
+        raise D2DError(f"train.init_from {model_uri}: not a d2d model (no artifacts/network.pt2)")
+    return {k: v.detach().clone() for k, v in torch.export.load(str(network)).state_dict.items()}

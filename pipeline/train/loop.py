@@ -115,7 +115,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     spec = ModelSpec.from_dict(config["spec"])
-    model = ray.train.torch.prepare_model(build_model(spec))
+    model = build_model(spec)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("init_state"):  # a warm start; a resume overrides it below
+        model.load_state_dict(config["init_state"], strict=False)
+    model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, config)
     # Mixed precision: autocast to bf16/fp16 for the forward pass; fp16 also needs a loss
     # scaler so small gradients do not underflow. Weights and the optimizer stay fp32.
@@ -124,7 +128,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, config)
 
     start_epoch, best_loss, bad_epochs, best_state, history, restarts = 0, float("inf"), 0, None, [], 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a worker failure
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)

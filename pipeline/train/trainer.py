@@ -4,10 +4,11 @@ read the best model and the per-epoch history back from the last checkpoint."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,29 +30,58 @@ class TrainResult:
     history: pd.DataFrame
     best_epoch: int
     seconds: float
+    transfer: dict = field(default_factory=dict)  # warm start: what was initialised from init_from
 
 
 @contextmanager
-def ray_session(params: TrainParams) -> Iterator[None]:
-    """Use the Ray that is already up, the cluster in RAY_ADDRESS, or start a local one.
+def ray_session(params: TrainParams, cpus_needed: int | None = None) -> Iterator[None]:
+    """Use the Ray that is already up, the cluster in train.ray_address or RAY_ADDRESS, or
+    start a local one with room for `cpus_needed` (default: the workers plus the driver).
 
-    Only a Ray instance started here is shut down on exit.
+    Only a Ray instance started or connected here is shut down on exit.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = params.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise D2DError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from e
     else:
         # Logical CPUs: a 2-core laptop can still host the driver and two 1-CPU workers.
-        needed = params.num_workers * params.cpus_per_worker + 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
+        needed = cpus_needed or params.num_workers * params.cpus_per_worker + 1
+        # address="local": a new instance even when `ray start` left a cluster address behind;
+        # a cluster is used only when asked for.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a cluster address; ray.init retries for minutes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise D2DError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise D2DError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -93,22 +123,24 @@ def _check_resources(params: TrainParams) -> None:
         raise D2DError(f"train.use_gpu is true but the Ray cluster has {have:g} GPU(s) for {params.num_workers} worker(s)")
 
 
-def train(
-    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams, storage: Path
-) -> TrainResult:
-    """Fit the model from params with Ray Train's TorchTrainer; returns the best epoch's weights."""
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def storage_location(params: TrainParams, default: Path) -> str:
+    """Where Ray Train writes checkpoints: train.storage_path (a shared path or s3://...) or the project's folder."""
+    if params.storage_path is None:
+        return str(default.resolve())
+    if "://" in params.storage_path:
+        return params.storage_path
+    return str(Path(params.storage_path).resolve())
 
-    from pipeline.train.loop import STATE_FILE, train_loop_per_worker
-    from pipeline.train.models import build_model
 
+def loop_config(
+    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams,
+    init_state: dict | None = None,
+) -> dict:
+    """What every worker's loop receives: the model spec, the arrays and the loop's settings."""
     x_train, y_train = features_and_labels(train_df, schema, state)
     x_val, y_val = features_and_labels(val_df, schema, state)
-    spec = model_spec(schema, x_train.shape[1], params)
-    config = {
-        "spec": spec.to_dict(),
+    return {
+        "spec": model_spec(schema, x_train.shape[1], params).to_dict(),
         "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
         "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.lr,
         "optimizer": params.optimizer, "schedule": params.schedule, "grad_clip": params.grad_clip,
@@ -119,17 +151,34 @@ def train(
         "regression": schema.regression,
         # validation RMSE is reported in the target's own units
         "target_scale": state["target"]["scale"] if schema.regression else 1.0,
+        "init_state": init_state,
     }
-    _check_resources(params)
+
+
+def transferable(model_state: dict, init_state: dict) -> tuple[dict, list[str]]:
+    """The tensors of `init_state` that fit the new model by name and shape, and the names that start fresh."""
+    kept = {k: v for k, v in init_state.items() if k in model_state and tuple(v.shape) == tuple(model_state[k].shape)}
+    return kept, sorted(set(model_state) - set(kept))
+
+
+def make_trainer(config: dict, params: TrainParams, storage: str, name: str, callbacks: list | None = None):
+    """The TorchTrainer for one run: ScalingConfig, failure policy and checkpoints from params."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
     # Ray Train passes these from the driver's environment to its controller and workers.
     # The controller polls workers every 2 s by default and a report waits for the previous
     # one to be consumed, which made a 0.1 s epoch take 2 s; a short interval keeps epochs
     # honest. The print patch copies every worker print into the log a second time.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"
-    config["drill_marker"] = str(storage.resolve() / name / "fault_drill.done")
-    trainer = TorchTrainer(
+    # The fault drill's once-only marker lives beside the run's checkpoints when those are on
+    # a filesystem; with object storage, in the node's temp folder.
+    marker_root = storage if "://" not in storage else tempfile.gettempdir()
+    config = {**config, "drill_marker": os.path.join(marker_root, name, "fault_drill.done")}
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if params.use_gpu else "gloo"),
@@ -140,22 +189,56 @@ def train(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage.resolve()),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=params.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.num_to_keep),
             # The workers print one line per epoch; Ray Train's per-report INFO lines drown it.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or None,
         ),
     )
+
+
+def read_checkpoint(checkpoint) -> dict:
+    """The loop's state from a Ray Train checkpoint (local or remote storage)."""
+    import torch
+
+    from pipeline.train.loop import STATE_FILE
+
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def train(
+    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams, storage: Path,
+    init_state: dict | None = None,
+) -> TrainResult:
+    """Fit the model from params with Ray Train's TorchTrainer; returns the best epoch's weights.
+
+    `init_state` (a state dict, for a warm start) initialises every tensor that fits the model.
+    """
+    from pipeline.train.models import ModelSpec, build_model
+
+    config = loop_config(train_df, val_df, schema, state, params)
+    spec = ModelSpec.from_dict(config["spec"])
+    transfer: dict = {}
+    if init_state is not None:
+        kept, fresh = transferable(build_model(spec).state_dict(), init_state)
+        if not kept:
+            raise D2DError(f"train.init_from {params.init_from}: none of its weights fit a {spec.kind} model for these inputs")
+        config["init_state"] = kept
+        transfer = {"init_from": params.init_from, "transferred": len(kept), "fresh": fresh}
+    _check_resources(params)
+    name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = make_trainer(config, params, storage_location(params, storage), name)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    saved = read_checkpoint(result.checkpoint)
     model = build_model(spec)
-    model.load_state_dict(state["best_model"])
-    history = pd.DataFrame(state["history"])
+    model.load_state_dict(saved["best_model"])
+    history = pd.DataFrame(saved["history"])
     best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"])
-    return TrainResult(model.eval(), spec, history, best_epoch, seconds)
+    return TrainResult(model.eval(), spec, history, best_epoch, seconds, transfer)
