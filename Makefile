@@ -10,7 +10,17 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test unit integration install data repro ui clean-outputs
+.PHONY: run test unit integration install system-deps data repro ui clean-outputs
+
+# PostgreSQL from Debian's packages: the tests run `mlflow server` on it, as a team would.
+# Installed only when missing; the tests start and stop their own server as the postgres user.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+ifeq ($(PG_INITDB),)
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+endif
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,13 +40,13 @@ data: $(RAW)
 run: $(STAMP) $(RAW)
 	$(BIN)/d2d run
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(STAMP)
+integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
 repro: $(STAMP) $(RAW)
