@@ -116,6 +116,41 @@ def stage(
     console.print(f"[green]{name}[/] done: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
 
 
+ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why; recorded on the version's tags with your user name.")]
+
+
+def _registry_call(params: Path, set_: list[str] | None, call: Any) -> dict[str, Any]:
+    from pipeline import tracking
+    from pipeline.config import load_params
+
+    cfg = load_params(params, set_ or [])
+    tracking.configure(Path.cwd())
+    return tracking.reachable(lambda: call(cfg.register_.model_name))
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered version to make champion.")],
+    reason: ReasonOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Move the `champion` alias to VERSION by hand (the gate is skipped; who and why are recorded)."""
+    from pipeline import registry
+
+    out = _registry_call(params, set_, lambda name: registry.promote(name, version, reason))
+    console.print(f"{out['model_name']}: champion is version {out['champion']} (was {out['previous'] or 'none'})")
+
+
+@app.command()
+def rollback(reason: ReasonOpt, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Move `champion` back to the version the current champion replaced."""
+    from pipeline import registry
+
+    out = _registry_call(params, set_, lambda name: registry.rollback(name, reason))
+    console.print(f"{out['model_name']}: champion is version {out['champion']} again (rolled back from {out['previous']})")
+
+
 @data_app.command("demo")
 def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""
@@ -205,7 +240,7 @@ def main() -> None:
         if DEBUG:
             raise
         err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

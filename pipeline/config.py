@@ -263,6 +263,11 @@ class TuneParams(_Section):
 
 class EvaluateParams(_Section):
     experiment: str = "d2d"
+    # Metrics per group of this column (a categorical's values, or a numeric's quantile bins):
+    # the check for a model that is worse for one group than for the others.
+    slice_column: str | None = None
+    slice_bins: int = Field(default=4, ge=2)
+    attribution_examples: int = Field(default=2, ge=1, le=10)  # test examples per class in attributions.png
 
 
 class RegisterParams(_Section):
@@ -270,6 +275,10 @@ class RegisterParams(_Section):
     # The absolute gate: a version below this test accuracy is registered but not promoted.
     min_test_accuracy: float = Field(default=0.95, ge=0.0, le=1.0)  # classification
     min_test_r2: float = Field(default=0.5, le=1.0)  # regression
+    # Challenger vs champion, both scored on the current test split: this metric (higher is
+    # better; null: f1_macro, or r2 for regression) may be at most `tolerance` below the champion's.
+    compare_metric: Literal["accuracy", "f1_macro", "roc_auc_ovr", "r2"] | None = None
+    tolerance: float = Field(default=0.005, ge=0.0)
 
 
 class Params(_Section):
@@ -287,6 +296,10 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Params:
+        if self.evaluate.slice_column is not None and self.evaluate.slice_column not in {
+            n for f in self.data.features for n in f.names()
+        } | {self.data.target}:
+            raise ValueError(f"evaluate.slice_column '{self.evaluate.slice_column}' is not a column of the dataset")
         if self.train.model == "cnn" and self.data.image_shape is None:
             raise ValueError("train.model 'cnn' needs data.image_shape; use 'mlp' for tabular data")
         if self.preprocess.scale == "range":

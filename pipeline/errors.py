@@ -1,8 +1,11 @@
-"""Errors a user can fix. The CLI prints their message on one line and exits 2."""
+"""Errors a user can fix. The CLI prints their message on one line and exits 2 (1 for a
+service that is down: the input was fine, the run can be repeated once it is back)."""
 
 
 class D2DError(Exception):
     """A problem with the user's input (data, params, paths), not a bug in d2d."""
+
+    exit_code = 2
 
 
 class ConfigError(D2DError):
@@ -11,3 +14,9 @@ class ConfigError(D2DError):
 
 class DataError(D2DError):
     """The dataset cannot be used: missing file, missing columns, too many bad rows."""
+
+
+class ServiceError(D2DError):
+    """A server d2d needs (MLflow, a Ray cluster) did not answer after retries with backoff."""
+
+    exit_code = 1

@@ -1,4 +1,5 @@
-"""Metric functions and the plots people look at: confusion matrix and learning curves."""
+"""Metric functions and the plots people look at: confusion matrix, per-class F1, ROC
+curves, learning curves, sliced metrics and gradient attributions."""
 
 from __future__ import annotations
 
@@ -28,18 +29,93 @@ def predict_proba(model: Any, x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1 (every class counts equally)."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro precision/recall/F1 (every class counts equally), one-vs-rest macro
+    ROC-AUC and log loss, from the true class indices and the predicted probabilities."""
+    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
 
+    proba = proba / proba.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only within rounding
+    n_classes = proba.shape[1]
     labels = list(range(n_classes))
+    y_pred = proba.argmax(1)
     p, r, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+    auc = per_class_auc(y_true, proba)
+    present = [a for a in auc if not np.isnan(a)]
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "precision_macro": float(p),
         "recall_macro": float(r),
         "f1_macro": float(f1),
+        # classes absent from this split have no ROC curve; the mean is over those present
+        "roc_auc_ovr": float(np.mean(present)) if present else float("nan"),
+        "log_loss": float(log_loss(y_true, proba, labels=labels)),
     }
+
+
+def per_class_auc(y_true: np.ndarray, proba: np.ndarray) -> list[float]:
+    """One-vs-rest ROC-AUC per class; NaN for a class with no positives (or no negatives) here."""
+    from sklearn.metrics import roc_auc_score
+
+    out = []
+    for k in range(proba.shape[1]):
+        positives = y_true == k
+        out.append(float(roc_auc_score(positives, proba[:, k])) if 0 < positives.sum() < len(y_true) else float("nan"))
+    return out
+
+
+def per_class_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[Any]) -> pd.DataFrame:
+    """Precision, recall, F1, support and ROC-AUC for every class."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    p, r, f1, support = precision_recall_fscore_support(y_true, proba.argmax(1), labels=labels, zero_division=0)
+    return pd.DataFrame({"class": [str(c) for c in classes], "precision": p, "recall": r, "f1": f1,
+                         "support": support, "roc_auc": per_class_auc(y_true, proba)})
+
+
+def slice_metrics(
+    keys: pd.Series, y_true: np.ndarray, y_pred: np.ndarray, regression: bool, bins: int = 4, min_rows: int = 1
+) -> pd.DataFrame:
+    """The headline metric per group of a column: per value for a categorical column, per
+    quantile bin for a numeric one. A group far below the others is the model failing it."""
+    if pd.api.types.is_numeric_dtype(keys) and keys.nunique() > bins:
+        groups = pd.qcut(keys, q=bins, duplicates="drop").astype(str)
+    else:
+        groups = keys.astype(str)
+    groups = groups.fillna("(missing)").to_numpy()
+    rows = []
+    for value in sorted(set(groups)):
+        mask = groups == value
+        if mask.sum() < min_rows:
+            continue
+        if regression:
+            err = y_true[mask] - y_pred[mask]
+            rows.append({"slice": value, "rows": int(mask.sum()), "rmse": float(np.sqrt(np.mean(err**2))),
+                         "mae": float(np.mean(np.abs(err)))})
+        else:
+            from sklearn.metrics import f1_score
+
+            rows.append({"slice": value, "rows": int(mask.sum()), "accuracy": float(np.mean(y_true[mask] == y_pred[mask])),
+                         "f1_macro": float(f1_score(y_true[mask], y_pred[mask], average="macro", zero_division=0))})
+    return pd.DataFrame(rows)
+
+
+def gradient_attributions(model: Any, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Gradient × input of the target output with respect to each input feature: how much
+    each (preprocessed) feature pushed the model towards that output, one row per example."""
+    import torch
+
+    model.eval()
+    inputs = torch.tensor(x, requires_grad=True)
+    out = model(inputs)
+    picked = out[torch.arange(len(x)), torch.as_tensor(targets, dtype=torch.long)]
+    (grad,) = torch.autograd.grad(picked.sum(), inputs)
+    return (grad * inputs).detach().numpy()
+
+
+def examples_per_class(y: np.ndarray, n_classes: int, per_class: int = 2) -> np.ndarray:
+    """Indices of the first `per_class` examples of each class (deterministic)."""
+    return np.concatenate([np.flatnonzero(y == k)[:per_class] for k in range(n_classes)]).astype(int)
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -133,3 +209,88 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, best_epoch: int | No
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_class_f1(per_class: pd.DataFrame, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(per_class) + 2), 4))
+    bars = ax.bar(per_class["class"], per_class["f1"], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("class")
+    ax.set_ylabel("F1")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_roc_curves(y_true: np.ndarray, proba: np.ndarray, classes: list[Any], path: Path, title: str) -> Path:
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k, (name, auc) in enumerate(zip(classes, per_class_auc(y_true, proba))):
+        if np.isnan(auc):
+            continue
+        fpr, tpr, _ = roc_curve(y_true == k, proba[:, k])
+        ax.plot(fpr, tpr, linewidth=1.2, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_attributions(
+    x: np.ndarray, attributions: np.ndarray, labels: list[str], feature_names: list[str],
+    image_shape: list[int] | None, path: Path,
+) -> Path:
+    """Saliency for image inputs (each example beside its |gradient × input| map), or for
+    tabular inputs a heatmap of the attributions of the most influential features."""
+    plt = _pyplot()
+    if image_shape:
+        c, h, w = image_shape
+        n = len(x)
+        cols = min(n, 10)
+        rows = 2 * int(np.ceil(n / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.4 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i in range(n):
+            r, col = 2 * (i // cols), i % cols
+            axes[r][col].imshow(x[i].reshape(c, h, w).mean(0), cmap="gray_r")
+            axes[r][col].set_title(labels[i], fontsize=8)
+            axes[r + 1][col].imshow(np.abs(attributions[i]).reshape(c, h, w).sum(0), cmap="hot")
+        fig.suptitle("test examples, true → predicted (top), and saliency |gradient × input| (bottom)", fontsize=9)
+        return _save(fig, path)
+    top = np.argsort(-np.abs(attributions).mean(0))[:20]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(top) + 2), max(3, 0.3 * len(x) + 1.5)))
+    values = attributions[:, top]
+    bound = float(np.abs(values).max()) or 1.0
+    im = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(top)), [feature_names[j] for j in top], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(x)), labels, fontsize=7)
+    ax.set_title("feature attributions (gradient × input) for test examples, by true class")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return _save(fig, path)

@@ -1,10 +1,22 @@
-"""The only module that talks to MLflow's model registry, and the promotion gate."""
+"""The only module that talks to MLflow's model registry, and the promotion gate.
+
+A candidate becomes a new version with alias `challenger`. It takes the `champion` alias
+only if it meets the absolute thresholds in params and is not worse than the current
+champion, re-scored on the same current test split, by more than `register.tolerance`.
+Every decision is written to the version's tags with its reasons.
+"""
 
 from __future__ import annotations
 
+import getpass
+import time
 from typing import Any
 
+import pandas as pd
+
 from pipeline.config import RegisterParams
+from pipeline.data.schema import Schema
+from pipeline.errors import D2DError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -16,35 +28,84 @@ def gate_metric(task: str, params: RegisterParams) -> tuple[str, str, float]:
     return "test_accuracy", "min_test_accuracy", params.min_test_accuracy
 
 
-def promotion_decision(
-    metrics: dict[str, Any], params: RegisterParams, champion_version: str | None, task: str = "classification"
-) -> tuple[bool, list[str]]:
-    """The absolute gate: promote the first version that reaches the threshold.
+def compare_metric(task: str, params: RegisterParams) -> str:
+    """The metric challenger and champion are compared on (higher is better)."""
+    return f"test_{params.compare_metric or ('r2' if task == 'regression' else 'f1_macro')}"
 
-    Comparing a challenger against an existing champion on the same test split is not
-    done here yet; until it is, an existing champion is never replaced automatically.
-    """
+
+def promotion_decision(
+    metrics: dict[str, Any], params: RegisterParams, champion: dict[str, Any] | None = None, task: str = "classification"
+) -> tuple[bool, list[str]]:
+    """(a) the absolute threshold; (b) no worse than the champion's score on the same test
+    split, within the tolerance. `champion` is {"version", "metrics"} or None (no champion yet)."""
     key, param, threshold = gate_metric(task, params)
     value = float(metrics[key])
     meets = value >= threshold
     reasons = [f"{key} {value:.4f} {'meets' if meets else 'is below'} register.{param}={threshold:g}"]
-    if champion_version is not None:
-        reasons.append(f"version {champion_version} is already champion; it is kept")
-        return False, reasons
-    return meets, reasons
+    if champion is None:
+        reasons.append("no champion yet")
+        return meets, reasons
+    metric = compare_metric(task, params)
+    mine, theirs = float(metrics[metric]), float(champion["metrics"][metric])
+    holds = mine >= theirs - params.tolerance
+    reasons.append(
+        f"{metric} {mine:.4f} vs champion version {champion['version']} {theirs:.4f} on the same test split "
+        f"({mine - theirs:+.4f}; register.tolerance={params.tolerance:g}): "
+        + ("not worse beyond the tolerance" if holds else "worse beyond the tolerance")
+    )
+    return meets and holds, reasons
 
 
-def current_champion(client: Any, name: str) -> str | None:
+def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str, float]:
+    """A registered model's test metrics, computed the same way as the challenger's, from
+    its own raw-row predictions (its own preprocessing) on the current test split."""
+    import mlflow
+
+    from pipeline.evaluate import classification_metrics, regression_metrics
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    raw = test[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
+    out = model.predict(raw)
+    if schema.regression:
+        return {f"test_{k}": v for k, v in regression_metrics(test[schema.target].to_numpy("float64"),
+                                                               out["prediction"].to_numpy("float64")).items()}
+    classes = [str(c) for c in schema.classes]
+    proba = out[[f"prob_{c}" for c in classes]].to_numpy("float64")
+    index = {c: i for i, c in enumerate(classes)}
+    y = test[schema.target].astype(str).map(index).to_numpy("int64")
+    return {f"test_{k}": v for k, v in classification_metrics(y, proba).items()}
+
+
+def current_champion(client: Any, name: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
-    except MlflowException:
-        return None
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
-def register_and_gate(metrics: dict[str, Any], params: RegisterParams, task: str = "classification") -> dict[str, Any]:
-    """Register the evaluated model as a new version (alias challenger); promote it if the gate says so.
+def version_for_run(client: Any, name: str, run_id: str) -> str | None:
+    """The version already registered from this run, so a retried registration reuses it."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min((v.version for v in found), key=int) if found else None
+
+
+def _set_champion(client: Any, name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:
+    """Move the alias and record where it came from, so `d2d rollback` can move it back."""
+    if previous is not None and previous != version:
+        client.set_model_version_tag(name, version, "d2d.previous_champion", previous)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def register_and_gate(
+    metrics: dict[str, Any], params: RegisterParams, task: str, test: pd.DataFrame, schema: Schema
+) -> dict[str, Any]:
+    """Register the evaluated model (once per run), gate it against the champion, move the alias if it passes.
 
     `metrics` is what the evaluate stage wrote: test metrics, the MLflow run id and model URI.
     """
@@ -52,22 +113,89 @@ def register_and_gate(metrics: dict[str, Any], params: RegisterParams, task: str
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    champion = current_champion(client, params.model_name)
-    run_id = metrics["mlflow_run_id"]
-    version = mlflow.register_model(metrics["model_uri"], params.model_name).version
-    client.set_registered_model_alias(params.model_name, CHALLENGER, version)
+    name, run_id = params.model_name, metrics["mlflow_run_id"]
+    version = version_for_run(client, name, run_id) or mlflow.register_model(metrics["model_uri"], name).version
+    client.set_registered_model_alias(name, CHALLENGER, version)
     run = client.get_run(run_id)
-    for key in ("d2d.data_md5", "d2d.params_hash", "git.commit"):
+    for key in ("d2d.data_md5", "d2d.data_path", "d2d.params_hash", "git.commit", "prefect.flow_run_id", "d2d.init_from"):
         if key in run.data.tags:
-            client.set_model_version_tag(params.model_name, version, key, run.data.tags[key])
-    promote, reasons = promotion_decision(metrics, params, champion, task)
+            client.set_model_version_tag(name, version, key, run.data.tags[key])
+    for key in ("test_accuracy", "test_f1_macro", "test_roc_auc_ovr", "test_r2", "test_rmse"):
+        if key in metrics:
+            client.set_model_version_tag(name, version, f"d2d.{key}", f"{float(metrics[key]):.6f}")
+
+    # Compare-and-set: if another run moved the alias while this one was deciding, decide again
+    # against the new champion, so a promotion never overwrites a champion it was not compared with.
+    for _ in range(3):
+        champ = current_champion(client, name)
+        if champ is not None and champ.version == version:  # a retry after this version was promoted
+            return _decision(name, version, True, version, ["already champion (a retried registration)"], None)
+        compared = None if champ is None else {"version": champ.version,
+                                               "metrics": score_model(f"models:/{name}/{champ.version}", test, schema)}
+        promote, reasons = promotion_decision(metrics, params, compared, task)
+        latest = current_champion(client, name)
+        if (latest and latest.version) == (champ and champ.version):
+            break
+    else:
+        raise D2DError(f"the champion of {name} kept changing while version {version} was being gated; run register again")
+    previous = champ.version if champ is not None else None
+    tags = {"d2d.decision": "promoted" if promote else "rejected", "d2d.promotion": "; ".join(reasons),
+            "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if compared is not None:
+        tags["d2d.compared_with"] = f"version {compared['version']}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in compared["metrics"].items())
     if promote:
-        client.set_registered_model_alias(params.model_name, CHAMPION, version)
-    client.set_model_version_tag(params.model_name, version, "d2d.promotion", "; ".join(reasons))
-    return {
-        "model_name": params.model_name,
-        "version": version,
-        "promoted": promote,
-        "champion": version if promote else champion,
-        "reasons": reasons,
-    }
+        _set_champion(client, name, version, previous, tags)
+        winner = current_champion(client, name)
+        if winner is not None and winner.version != version:  # a concurrent promotion landed after ours
+            reasons.append(f"superseded at once by version {winner.version}, promoted concurrently")
+            client.set_model_version_tag(name, version, "d2d.promotion", "; ".join(reasons))
+            return _decision(name, version, False, winner.version, reasons, compared)
+    else:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    return _decision(name, version, promote, version if promote else previous, reasons, compared)
+
+
+def _decision(name: str, version: str, promoted: bool, champion: str | None, reasons: list[str],
+              compared: dict | None) -> dict[str, Any]:
+    return {"model_name": name, "version": int(version), "promoted": promoted,
+            "champion": int(champion) if champion is not None else None, "reasons": reasons, "champion_metrics": compared}
+
+
+def promote(name: str, version: str, reason: str) -> dict[str, Any]:
+    """A person moves `champion` to a version; who and why are recorded on it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise D2DError(f"{name} has no version {version}") from None
+    champ = current_champion(client, name)
+    previous = champ.version if champ is not None else None
+    _set_champion(client, name, version, previous, {
+        "d2d.decision": "promoted by hand", "d2d.promoted_by": getpass.getuser(), "d2d.promotion": reason,
+        "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return {"model_name": name, "champion": version, "previous": previous}
+
+
+def rollback(name: str, reason: str) -> dict[str, Any]:
+    """Move `champion` back to the version it replaced (recorded when it was promoted)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    champ = current_champion(client, name)
+    if champ is None:
+        raise D2DError(f"{name} has no champion to roll back")
+    previous = champ.tags.get("d2d.previous_champion")
+    if previous is None:
+        raise D2DError(f"{name} version {champ.version} replaced no earlier champion; nothing to roll back to")
+    client.set_model_version_tag(name, champ.version, "d2d.rolled_back", f"by {getpass.getuser()}: {reason}")
+    target = client.get_model_version(name, previous)
+    for key, value in {"d2d.decision": "restored by rollback", "d2d.promoted_by": getpass.getuser(),
+                       "d2d.promotion": reason, "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
+        client.set_model_version_tag(name, previous, key, value)
+    client.set_registered_model_alias(name, CHAMPION, target.version)
+    return {"model_name": name, "champion": previous, "previous": champ.version}

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import schema_from_params
@@ -228,21 +230,13 @@ def _cpus_needed(params: Params) -> int:
     return max(run, trials if params.tune.enabled else 0) + 1
 
 
-def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
-    """Score val and test, draw the plots, log the run and the raw-row model to MLflow."""
+def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Score val and test, draw the plots, log the run, its datasets and the raw-row model to
+    MLflow. `tags` adds to the run's lineage tags (the flow passes its flow run id)."""
     import pandas as pd
 
     from pipeline import tracking
-    from pipeline.evaluate import (
-        classification_metrics,
-        confusion,
-        plot_confusion_matrix,
-        plot_learning_curves,
-        plot_predicted_vs_actual,
-        predict,
-        predict_proba,
-        regression_metrics,
-    )
+    from pipeline import evaluate as ev
     from pipeline.preprocess import unscale_target
     from pipeline.train.models import load_model
     from pipeline.train.trainer import features_and_labels
@@ -252,44 +246,79 @@ def run_evaluate(params: Params, root: Path) -> dict[str, Any]:
     model, spec = load_model(str(paths.model))
     state = io.read_json(paths.preprocess)
     metrics: dict[str, float] = {}
+    frames = {name: io.read_table(paths.split(name)) for name in SPLITS}
     scored = {}
     for name in ("val", "test"):
-        df = io.read_table(paths.split(name))
-        x, y = features_and_labels(df, schema, state)
+        x, y = features_and_labels(frames[name], schema, state)
         if schema.regression:
-            scored[name] = (df[schema.target].to_numpy(dtype="float64"), unscale_target(predict(model, x)[:, 0], state))
-            metrics |= {f"{name}_{k}": v for k, v in regression_metrics(*scored[name]).items()}
+            scored[name] = (frames[name][schema.target].to_numpy(dtype="float64"),
+                            unscale_target(ev.predict(model, x)[:, 0], state))
+            metrics |= {f"{name}_{k}": v for k, v in ev.regression_metrics(*scored[name]).items()}
         else:
-            scored[name] = (y, predict_proba(model, x).argmax(1))
-            metrics |= {f"{name}_{k}": v for k, v in classification_metrics(*scored[name], schema.n_outputs).items()}
+            scored[name] = (y, ev.predict_proba(model, x))
+            metrics |= {f"{name}_{k}": v for k, v in ev.classification_metrics(*scored[name]).items()}
+    y_test, out_test = scored["test"]
+    plots = []
     if schema.regression:
-        test_plot = plot_predicted_vs_actual(
-            *scored["test"], paths.report("test_predictions.png"), f"test split, R² {metrics['test_r2']:.3f}"
-        )
+        pred_test = out_test
+        plots.append(ev.plot_predicted_vs_actual(y_test, out_test, paths.report("test_predictions.png"),
+                                                 f"test split, R² {metrics['test_r2']:.3f}"))
+        io.write_csv(pd.DataFrame(columns=["class", "f1"]), paths.report("per_class.csv"))  # a DVC plot either way
+        x_test, _ = features_and_labels(frames["test"], schema, state)
+        chosen = np.arange(min(10, len(x_test)))
+        attr = ev.gradient_attributions(model, x_test[chosen], np.zeros(len(chosen), dtype=int))
+        shown = [f"{v:.3g}" for v in y_test[chosen]]
     else:
-        test_plot = plot_confusion_matrix(
-            confusion(*scored["test"], schema.n_outputs), list(schema.classes), paths.report("test_predictions.png"),
-            f"test split, accuracy {metrics['test_accuracy']:.3f}",
-        )
+        classes = list(schema.classes)
+        pred_test = out_test.argmax(1)
+        per_class = ev.per_class_metrics(y_test, out_test, classes)
+        io.write_csv(per_class, paths.report("per_class.csv"))
+        plots += [
+            ev.plot_confusion_matrix(ev.confusion(y_test, pred_test, schema.n_outputs), classes,
+                                     paths.report("test_predictions.png"), f"test split, accuracy {metrics['test_accuracy']:.3f}"),
+            ev.plot_per_class_f1(per_class, paths.report("per_class_f1.png"), f"test F1 per class (macro {metrics['test_f1_macro']:.3f})"),
+            ev.plot_roc_curves(y_test, out_test, classes, paths.report("roc_curves.png"),
+                               f"test ROC, one-vs-rest (macro AUC {metrics['test_roc_auc_ovr']:.3f})"),
+        ]
+        x_test, _ = features_and_labels(frames["test"], schema, state)
+        chosen = ev.examples_per_class(y_test, schema.n_outputs, params.evaluate.attribution_examples)
+        attr = ev.gradient_attributions(model, x_test[chosen], y_test[chosen])
+        shown = [f"{classes[t]} → {classes[p]}" for t, p in zip(y_test[chosen], pred_test[chosen])]
+    plots.append(ev.plot_attributions(x_test[chosen], attr, shown, state["outputs"], schema.image_shape,
+                                      paths.report("attributions.png")))
+    slices = pd.DataFrame()
+    if params.evaluate.slice_column:
+        slices = ev.slice_metrics(frames["test"][params.evaluate.slice_column], y_test, pred_test, schema.regression,
+                                  params.evaluate.slice_bins)
+        worst = slices.iloc[slices["rmse"].argmax() if schema.regression else slices["f1_macro"].argmin()]
+        metrics["test_worst_slice_" + ("rmse" if schema.regression else "f1_macro")] = float(
+            worst["rmse"] if schema.regression else worst["f1_macro"])
+    io.write_csv(slices, paths.report("slices.csv"))
     history = pd.read_csv(paths.history)
     train_report = io.read_json(paths.report("train.json"))
-    curves = plot_learning_curves(history, paths.report("learning_curves.png"), train_report["best_epoch"])
+    plots.append(ev.plot_learning_curves(history, paths.report("learning_curves.png"), train_report["best_epoch"]))
     validation = io.read_json(paths.report("validate.json"))
 
     tracking.configure(root)
+    tracking.reachable(tracking.ping)
+    reports = [paths.report(n) for n in ("validate.json", "clean.json", "split.json", "train.json", "tune.json",
+                                         "per_class.csv", "slices.csv") if paths.report(n).is_file()]
     run_id, model_uri = tracking.log_pipeline_run(
         params=params,
         metrics=metrics,
         history=history,
-        artifacts=[test_plot, curves, paths.report("validate.json"), paths.report("clean.json"), paths.report("split.json"), paths.preprocess],
+        artifacts=[*plots, *reports, paths.preprocess],
         root=root,
         model=model,  # the network evaluated above, exported as is
         n_inputs=spec.n_features,
         preprocess_path=paths.preprocess,
         example=io.read_table(paths.valid).head(5),
         schema=schema,
-        tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"], **_training_tags(paths)},
+        tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"],
+              **_training_tags(paths), **(tags or {})},
         trials=pd.read_csv(paths.report("tune_trials.csv")) if params.tune.enabled else None,
+        datasets={name: frames[name] for name in SPLITS},
+        data_docs=paths.data_docs if paths.data_docs.is_dir() else None,
     )
     report = {**{k: round(v, 6) for k, v in metrics.items()}, "mlflow_run_id": run_id, "model_uri": model_uri}
     io.write_json(report, paths.report("metrics.json"))
@@ -309,12 +338,14 @@ def _training_tags(paths: Paths) -> dict[str, str]:
 
 
 def run_register(params: Params, root: Path) -> dict[str, Any]:
+    """Register the evaluated model and gate it against the champion on the current test split."""
     from pipeline import registry, tracking
 
     paths = Paths(root)
     metrics = io.read_json(paths.report("metrics.json"))
     tracking.configure(root)
-    decision = registry.register_and_gate(metrics, params.register_, params.data.task)
+    decision = tracking.reachable(lambda: registry.register_and_gate(
+        metrics, params.register_, params.data.task, io.read_table(paths.split("test")), schema_from_params(params.data)))
     io.write_json(decision, paths.report("register.json"))
     return decision
 

@@ -10,13 +10,14 @@ import tempfile
 import warnings
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pandas as pd
 
 from pipeline.config import Params
 from pipeline.data.schema import Schema
 
+T = TypeVar("T")
 MODEL_CODE = Path(__file__).with_name("raw_model.py")
 PREPROCESS_CODE = Path(__file__).with_name("preprocess.py")
 # The SQLite URI this process chose. MLflow copies whatever URI is set into
@@ -24,10 +25,21 @@ PREPROCESS_CODE = Path(__file__).with_name("preprocess.py")
 _local_uri: str | None = None
 
 
+# MLflow retries a failed HTTP call 7 times with a backoff factor of 2 (minutes in all) and
+# waits 120 s per call; a pipeline should say the server is down well before that. The
+# user's own settings of these variables win.
+RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                  # one progress bar per downloaded file drowns the pipeline's own output
+                  "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
 def configure(root: Path) -> str:
     """MLFLOW_TRACKING_URI when the user set it (a team server); otherwise SQLite in the project."""
     import mlflow
 
+    for key, value in RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     global _local_uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env and env != _local_uri:
@@ -36,6 +48,31 @@ def configure(root: Path) -> str:
         uri = _local_uri = f"sqlite:///{(root / 'mlflow.db').resolve()}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def ping() -> None:
+    """One cheap call to the tracking server."""
+    from mlflow import MlflowClient
+
+    MlflowClient().search_experiments(max_results=1)
+
+
+def reachable(call: Callable[[], T]) -> T:
+    """Run `call`; a tracking server that stays down through MLflow's retries becomes one line."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import ServiceError
+
+    try:
+        return call()
+    except (MlflowException, OSError) as e:
+        text = str(e)
+        if isinstance(e, OSError) or any(s in text for s in ("Max retries exceeded", "Connection refused", "timed out")):
+            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+            raise ServiceError(f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable "
+                               f"(after {retries} retries with backoff)") from e
+        raise
 
 
 def _experiment(name: str, root: Path) -> str:
@@ -121,6 +158,8 @@ def log_pipeline_run(
     schema: Schema,
     tags: dict[str, str],
     trials: pd.DataFrame | None = None,
+    datasets: dict[str, pd.DataFrame] | None = None,
+    data_docs: Path | None = None,
 ) -> tuple[str, str]:
     """Log one pipeline run; returns its run id and the logged model's URI. With `trials`
     (the tuning history), each trial becomes a child run."""
@@ -137,10 +176,29 @@ def log_pipeline_run(
         mlflow.log_metrics(metrics)
         for path in artifacts:
             mlflow.log_artifact(str(path), artifact_path="reports")
+        if data_docs is not None:
+            mlflow.log_artifacts(str(data_docs), artifact_path="data_docs")
+        for name, frame in (datasets or {}).items():
+            log_dataset(frame, name, schema.target, tags.get("d2d.data_path"), tags.get("d2d.data_md5"))
         info = log_raw_model(model, n_inputs, preprocess_path, example, schema)
         if trials is not None:
             log_trials(trials, experiment_id)
         return run.info.run_id, info.model_uri
+
+
+CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def log_dataset(frame: pd.DataFrame, split: str, target: str, raw_path: str | None, raw_md5: str | None) -> None:
+    """The split as an MLflow dataset input, so the UI shows what data the run used (with the
+    raw file's DVC md5 in its name: the data version it came from)."""
+    import mlflow
+
+    version = f"@{raw_md5[:8]}" if raw_md5 else ""
+    with warnings.catch_warnings():  # MLflow's hints about a local path source and integer columns
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=raw_path or "unknown", targets=target, name=f"{split}{version}")
+    mlflow.log_input(dataset, context=CONTEXTS.get(split, split))
 
 
 def log_trials(trials: pd.DataFrame, experiment_id: str) -> None:

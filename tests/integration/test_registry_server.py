@@ -1,0 +1,159 @@
+"""Evaluation and the registry against a real tracking server: PostgreSQL (Debian's package)
+and `mlflow server` on it with a served artifact root, both on loopback, reached only
+through MLFLOW_TRACKING_URI, checked through MLflow's REST client. Then the gate's faults:
+a retried registration, a worse challenger, a hand promotion and rollback, two concurrent
+promotions, and a server that is down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_params
+from pipeline.data import io
+from pipeline.stages import make_demo, run_clean, run_evaluate, run_register, run_split, run_train, run_validate
+from tests.integration.servers import free_port, mlflow_server, postgres
+from tests.integration.test_end_to_end import small_project
+
+pytestmark = pytest.mark.integration
+FAST = ["train.epochs=4", "train.num_workers=1", "register.min_test_accuracy=0.5"]
+NAME = "d2d-digits"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("servers")
+    with postgres(work / "pg") as db_uri, mlflow_server(db_uri, work / "artifacts", work / "mlflow.log") as url:
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        try:
+            yield {"url": url, "db": db_uri}
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = small_project(tmp_path_factory.mktemp("project"))
+    params = load_params(root / "params.yaml", FAST)
+    make_demo(params, root)
+    for stage in (run_validate, run_clean, run_split, run_train):
+        stage(params, root)
+    return root
+
+
+def d2d(args: list[str], root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    return subprocess.run([str(bin_dir / "d2d"), *args], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+
+
+def test_evaluate_and_register_on_a_postgresql_backed_server(server, project):
+    import psycopg
+    from mlflow import MlflowClient
+
+    params = load_params(project / "params.yaml", FAST)
+    metrics = run_evaluate(params, project, tags={"prefect.flow_run_id": "test-flow-run"})
+    decision = run_register(params, project)
+    assert decision["version"] == 1 and decision["promoted"], decision
+
+    client = MlflowClient(server["url"])  # the REST client, as the UI and other tools see it
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert {"test_accuracy", "test_f1_macro", "test_roc_auc_ovr", "test_log_loss", "val_log_loss"} <= set(run.data.metrics)
+    assert run.data.tags["prefect.flow_run_id"] == "test-flow-run" and "d2d.params_hash" in run.data.tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/per_class_f1.png", "reports/roc_curves.png", "reports/attributions.png",
+            "reports/test_predictions.png",
+            "reports/validate.json", "reports/clean.json", "reports/split.json", "reports/per_class.csv"} <= artifacts
+    assert "data_docs/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "data_docs")}
+    inputs = {(d.dataset.name.split("@")[0], d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert inputs == {("train", "training"), ("val", "validation"), ("test", "test")}
+    assert all(d.dataset.name.endswith("@" + run.data.tags["d2d.data_md5"][:8]) for d in run.inputs.dataset_inputs)
+
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.version == "1" and champion.run_id == run.info.run_id
+    for tag in ("d2d.data_md5", "d2d.params_hash", "prefect.flow_run_id", "d2d.decision", "d2d.promotion"):
+        assert tag in champion.tags, tag
+    assert champion.tags["d2d.decision"] == "promoted"
+    # what the server stored went to PostgreSQL, not to a file next to it
+    with psycopg.connect(server["db"]) as conn:
+        assert conn.execute("select count(*) from model_versions where name = %s", (NAME,)).fetchone()[0] == 1
+
+
+def test_a_retried_registration_does_not_add_a_version(server, project):
+    from mlflow import MlflowClient
+
+    params = load_params(project / "params.yaml", FAST)
+    again = run_register(params, project)
+    assert again["version"] == 1 and again["champion"] == 1
+    assert len(MlflowClient(server["url"]).search_model_versions(f"name = '{NAME}'")) == 1
+
+
+def test_a_worse_challenger_stays_registered_but_is_not_champion(server, project):
+    from mlflow import MlflowClient
+
+    weak = load_params(project / "params.yaml", [*FAST, "train.epochs=1", "train.lr=0.00001"])
+    run_train(weak, project)
+    run_evaluate(weak, project)
+    decision = run_register(weak, project)
+    assert decision["version"] == 2 and not decision["promoted"] and decision["champion"] == 1
+    assert "worse beyond the tolerance" in decision["reasons"][-1] or "is below" in decision["reasons"][0]
+    assert decision["champion_metrics"]["version"] == "1"
+    client = MlflowClient(server["url"])
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags["d2d.decision"] == "rejected" and "challenger" in v2.aliases
+    assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+    assert io.read_json(project / "reports/register.json")["promoted"] is False
+
+
+def test_promote_and_rollback_by_hand_record_who_and_why(server, project):
+    from mlflow import MlflowClient
+
+    env = {"MLFLOW_TRACKING_URI": server["url"]}
+    out = d2d(["promote", "2", "--reason", "audit asked for it", "--set", "register.min_test_accuracy=0.5"], project, env)
+    assert out.returncode == 0, out.stderr
+    client = MlflowClient(server["url"])
+    v2 = client.get_model_version(NAME, "2")
+    assert "champion" in v2.aliases and v2.tags["d2d.previous_champion"] == "1"
+    assert v2.tags["d2d.promotion"] == "audit asked for it" and v2.tags["d2d.promoted_by"]
+
+    out = d2d(["rollback", "--reason", "worse in production"], project, env)
+    assert out.returncode == 0, out.stderr
+    assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+    assert "worse in production" in client.get_model_version(NAME, "2").tags["d2d.rolled_back"]
+
+    missing = d2d(["promote", "9", "--reason", "x"], project, env)
+    assert missing.returncode == 2 and "has no version 9" in missing.stderr
+
+
+def test_two_concurrent_promotions_leave_exactly_one_champion(server, project):
+    from mlflow import MlflowClient
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    procs = [subprocess.Popen([str(bin_dir / "d2d"), "promote", v, "--reason", f"race {v}"], cwd=project, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in ("1", "2")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    client = MlflowClient(server["url"])
+    versions = [client.get_model_version(NAME, v.version) for v in client.search_model_versions(f"name = '{NAME}'")]
+    holders = [v.version for v in versions if "champion" in v.aliases]
+    assert len(holders) == 1 and holders[0] in ("1", "2")
+    champion = client.get_model_version(NAME, holders[0])
+    assert champion.tags.get("d2d.previous_champion") != champion.version  # the chain never points at itself
+
+
+def test_an_unreachable_server_fails_with_one_line_after_retries(project):
+    down = f"http://127.0.0.1:{free_port()}"
+    out = d2d(["stage", "register"], project, {"MLFLOW_TRACKING_URI": down, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and f"MLflow tracking server {down} is unreachable (after 2 retries with backoff)" in lines[0]
