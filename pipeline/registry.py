@@ -45,6 +45,10 @@ def promotion_decision(
     if champion is None:
         reasons.append("no champion yet")
         return meets, reasons
+    if "error" in champion:  # it cannot score today's data at all: only the absolute gate applies
+        reasons.append(f"champion version {champion['version']} cannot score the current test split "
+                       f"({champion['error']}); compared on the absolute gate only")
+        return meets, reasons
     metric = compare_metric(task, params)
     mine, theirs = float(metrics[metric]), float(champion["metrics"][metric])
     holds = mine >= theirs - params.tolerance
@@ -64,7 +68,12 @@ def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str,
     from pipeline.evaluate import classification_metrics, regression_metrics
 
     model = mlflow.pyfunc.load_model(model_uri)
-    raw = test[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
+    # Each version is fed the types its own signature declares (an older champion may have
+    # been logged with other column types than the current schema gives).
+    declared = model.metadata.get_input_schema()
+    types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in test} if declared is not None
+             else {f.name: f.numpy_dtype for f in schema.features})
+    raw = test[schema.feature_names].astype(types)
     out = model.predict(raw)
     if schema.regression:
         return {f"test_{k}": v for k, v in regression_metrics(test[schema.target].to_numpy("float64"),
@@ -74,6 +83,16 @@ def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str,
     index = {c: i for i, c in enumerate(classes)}
     y = test[schema.target].astype(str).map(index).to_numpy("int64")
     return {f"test_{k}": v for k, v in classification_metrics(y, proba).items()}
+
+
+def _rescore(model_uri: str, version: str, test: pd.DataFrame, schema: Schema) -> dict[str, Any]:
+    """The champion's metrics on the current test split, or why it could not be scored."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {"version": version, "metrics": score_model(model_uri, test, schema)}
+    except (MlflowException, KeyError, ValueError, TypeError) as e:
+        return {"version": version, "error": str(e).strip().splitlines()[-1][:300]}
 
 
 def current_champion(client: Any, name: str) -> Any | None:
@@ -130,8 +149,7 @@ def register_and_gate(
         champ = current_champion(client, name)
         if champ is not None and champ.version == version:  # a retry after this version was promoted
             return _decision(name, version, True, version, ["already champion (a retried registration)"], None)
-        compared = None if champ is None else {"version": champ.version,
-                                               "metrics": score_model(f"models:/{name}/{champ.version}", test, schema)}
+        compared = None if champ is None else _rescore(f"models:/{name}/{champ.version}", champ.version, test, schema)
         promote, reasons = promotion_decision(metrics, params, compared, task)
         latest = current_champion(client, name)
         if (latest and latest.version) == (champ and champ.version):
@@ -141,7 +159,7 @@ def register_and_gate(
     previous = champ.version if champ is not None else None
     tags = {"d2d.decision": "promoted" if promote else "rejected", "d2d.promotion": "; ".join(reasons),
             "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if compared is not None:
+    if compared is not None and "metrics" in compared:
         tags["d2d.compared_with"] = f"version {compared['version']}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in compared["metrics"].items())
     if promote:

@@ -147,6 +147,14 @@ def test_dvc_repro_runs_every_stage_once(tmp_path):
     assert "Running stage" not in second.stdout
     assert "up to date" in run(["dvc", "status"], root).stdout
 
+    # what DVC users look at: the metrics and every declared plot
+    shown = run(["dvc", "metrics", "show", "--json"], root).stdout
+    assert all(k in shown for k in ("test_accuracy", "test_roc_auc_ovr", "test_log_loss", "best_val_loss"))
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], root)
+    page = (tmp_path / "plots/index.html").read_text()
+    for plot in ("learning_curves.png", "per_class_f1.png", "roc_curves.png", "attributions.png", "reports/per_class.csv"):
+        assert plot in page, plot
+
     # a changed training param re-runs training and what follows, not the data stages
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["epochs"] = 2

@@ -9,13 +9,9 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +21,7 @@ import pytest
 from pipeline.config import load_params
 from pipeline.data import io
 from pipeline.stages import make_demo, run_clean, run_evaluate, run_register, run_split, run_train, run_validate
+from tests.integration.servers import free_port, wait_http
 from tests.integration.test_end_to_end import small_project
 
 pytestmark = pytest.mark.integration
@@ -95,25 +92,6 @@ def test_warm_start_from_the_champion(project):
     assert warm["best_val_loss"] < scratch["best_val_loss"] / 2, (warm, scratch)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {seconds:.0f} s")
-
-
 @pytest.fixture
 def ray_cluster(tmp_path):
     """`ray start --head --block` with token auth and the dashboard (job API) on loopback;
@@ -124,16 +102,16 @@ def ray_cluster(tmp_path):
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     log = open(tmp_path / "ray_start.log", "w")
     head = subprocess.Popen(
         [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--disable-usage-stats"],
+         f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
+        wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
         yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
         started = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
@@ -178,7 +156,7 @@ def test_training_stage_as_a_ray_job_on_a_cluster(project, ray_cluster):
 def test_an_unreachable_cluster_is_a_clear_error(project):
     """A wrong train.ray_address fails fast with one line naming it (exit 2), not a hang."""
     out = subprocess.run(
-        ["d2d", "stage", "train", "--root", str(project), "--set", f"train.ray_address=127.0.0.1:{_free_port()}"],
+        ["d2d", "stage", "train", "--root", str(project), "--set", f"train.ray_address=127.0.0.1:{free_port()}"],
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
         capture_output=True, text=True, timeout=300,
     )

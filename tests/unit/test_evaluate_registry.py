@@ -162,3 +162,11 @@ def test_regression_metrics():
     m = regression_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 5.0]))
     assert m["mae"] == pytest.approx(2 / 3) and m["rmse"] == pytest.approx((4 / 3) ** 0.5)
     assert m["r2"] == pytest.approx(1 - 4 / 2)
+
+
+def test_a_champion_that_cannot_score_todays_data_leaves_only_the_absolute_gate():
+    champion = {"version": "4", "error": "missing column pixel_0"}
+    ok, reasons = promotion_decision({"test_accuracy": 0.97, "test_f1_macro": 0.9}, RegisterParams(), champion)
+    assert ok and "cannot score the current test split (missing column pixel_0)" in reasons[1]
+    ok, _ = promotion_decision({"test_accuracy": 0.5, "test_f1_macro": 0.5}, RegisterParams(), champion)
+    assert not ok
