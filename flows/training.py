@@ -23,8 +23,8 @@ def version_data(params: Params, root: Path) -> dict[str, Any]:
     return version
 
 
-def _run_stage(name: str, params: Params, root: Path) -> dict[str, Any]:
-    summary = stages.STAGES[name](params, root)
+def _run_stage(name: str, params: Params, root: Path, **kwargs: Any) -> dict[str, Any]:
+    summary = stages.STAGES[name](params, root, **kwargs)
     get_run_logger().info("%s: %s", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
     return summary
 
@@ -51,7 +51,10 @@ def train(params: Params, root: Path) -> dict[str, Any]:
 
 @task(name="evaluate")
 def evaluate(params: Params, root: Path) -> dict[str, Any]:
-    return _run_stage("evaluate", params, root)
+    from prefect.runtime import flow_run
+
+    # the MLflow run and the registered version point back at this flow run
+    return _run_stage("evaluate", params, root, tags={"prefect.flow_run_id": str(flow_run.id)})
 
 
 # Registration talks to the tracking server; a brief outage should not waste a training run.

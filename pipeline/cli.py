@@ -64,7 +64,8 @@ def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -
     else:
         shown = (
             f"accuracy {metrics['test_accuracy']:.4f}, macro F1 {metrics['test_f1_macro']:.4f}, "
-            f"macro precision {metrics['test_precision_macro']:.4f}, macro recall {metrics['test_recall_macro']:.4f}"
+            f"macro precision {metrics['test_precision_macro']:.4f}, macro recall {metrics['test_recall_macro']:.4f}, "
+            f"ROC-AUC {metrics['test_roc_auc_ovr']:.4f}, log loss {metrics['test_log_loss']:.4f}"
         )
     table.add_row("test metrics", shown)
     table.add_row(
