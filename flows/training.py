@@ -1,7 +1,12 @@
 """The training flow: a table of contents over the pipeline's stages.
 
-Tasks only add what Prefect is for (names, retries, logs); the work is in pipeline.stages,
-the same functions the DVC stages run.
+Tasks only add what Prefect is for (names, retries, logs, artifacts); the work is in
+pipeline.stages, the same functions the DVC stages run. When the project is a DVC project
+run with its own params.yaml, each task first asks DVC whether its stage is up to date in
+dvc.lock (same data, same params section, same code, outputs intact) and then reuses the
+outputs; otherwise it runs the stage and records the result in dvc.lock with `dvc commit`.
+So a second `d2d run` skips what did not change, `dvc repro` after a `d2d run` has nothing
+to do, and a `d2d run` after `dvc repro` reuses its outputs: one record, kept by DVC.
 """
 
 from __future__ import annotations
@@ -10,12 +15,33 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.tasks import exponential_backoff
 
-from pipeline import stages
+from pipeline import stages, versioning
 from pipeline.config import Params, load_params
+from pipeline.data import io
+from pipeline.errors import D2DError, ServiceError
 
 
-@task(name="data-version")
+def _retry_worthwhile(task, task_run, state) -> bool:
+    """Retry a service that failed, never input that is wrong: that fails the same way again."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, D2DError) or isinstance(error, ServiceError)
+
+
+def _stage(name: str, params: Params, root: Path, lock: str | None, **kwargs: Any) -> dict[str, Any]:
+    logger = get_run_logger()
+    if lock is None and versioning.stage_up_to_date(root, name):
+        logger.info("%s: up to date in dvc.lock (same data, params and code); reusing its outputs", name)
+        return io.read_json(root / versioning.SUMMARIES[name])
+    summary = stages.STAGES[name](params, root, **kwargs)
+    if lock is None:
+        versioning.record_stage(root, name)
+    logger.info("%s: %s", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    return summary
+
+
+@task(name="data-version", retry_condition_fn=_retry_worthwhile)
 def version_data(params: Params, root: Path) -> dict[str, Any]:
     """Record the raw data's md5 and push it to the DVC remote when it is the DVC-recorded version."""
     version = stages.run_data_version(params, root)
@@ -23,59 +49,79 @@ def version_data(params: Params, root: Path) -> dict[str, Any]:
     return version
 
 
-def _run_stage(name: str, params: Params, root: Path, **kwargs: Any) -> dict[str, Any]:
-    summary = stages.STAGES[name](params, root, **kwargs)
-    get_run_logger().info("%s: %s", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
-    return summary
-
-
 @task(name="validate")
-def validate(params: Params, root: Path) -> dict[str, Any]:
-    return _run_stage("validate", params, root)
+def validate(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
+    return _stage("validate", params, root, lock)
 
 
 @task(name="clean")
-def clean(params: Params, root: Path) -> dict[str, Any]:
-    return _run_stage("clean", params, root)
+def clean(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
+    return _stage("clean", params, root, lock)
 
 
 @task(name="split")
-def split(params: Params, root: Path) -> dict[str, Any]:
-    return _run_stage("split", params, root)
+def split(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
+    return _stage("split", params, root, lock)
 
 
-@task(name="train")
-def train(params: Params, root: Path) -> dict[str, Any]:
-    return _run_stage("train", params, root)
+@task(name="train", retry_condition_fn=_retry_worthwhile)
+def train(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
+    return _stage("train", params, root, lock)
 
 
-@task(name="evaluate")
-def evaluate(params: Params, root: Path) -> dict[str, Any]:
+@task(name="evaluate", retry_condition_fn=_retry_worthwhile)
+def evaluate(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     # the MLflow run and the registered version point back at this flow run
-    return _run_stage("evaluate", params, root, tags={"prefect.flow_run_id": str(flow_run.id)})
+    return _stage("evaluate", params, root, lock, tags={"prefect.flow_run_id": str(flow_run.id)})
 
 
-# Registration talks to the tracking server; a brief outage should not waste a training run.
-@task(name="register", retries=2, retry_delay_seconds=5)
-def register(params: Params, root: Path) -> dict[str, Any]:
-    return _run_stage("register", params, root)
+@task(name="register", retry_condition_fn=_retry_worthwhile)
+def register(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
+    return _stage("register", params, root, lock)
+
+
+@task(name="publish-report")
+def publish_report(result: dict[str, Any], root: Path) -> None:
+    """The run's summary and per-class metrics as Prefect artifacts, for the UI."""
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from pipeline.report import per_class_rows, run_summary
+
+    create_markdown_artifact(key="d2d-run-summary", markdown=run_summary(result, root, mlflow.get_tracking_uri()),
+                             description="validation, splits, test metrics and the promotion decision")
+    rows = per_class_rows(root / "reports/per_class.csv")
+    if rows:
+        create_table_artifact(key="d2d-per-class-metrics", table=rows, description="test metrics per class")
+
+
+def _with_retries(t: Any, params: Params) -> Any:
+    """Tasks that talk to a service: retry counts and backoff from params.flow."""
+    if not params.flow.retries:
+        return t
+    delays = exponential_backoff(backoff_factor=params.flow.retry_delay_s)(params.flow.retries)
+    return t.with_options(retries=params.flow.retries, retry_delay_seconds=delays)
 
 
 @flow(name="d2d-training")
 def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict[str, Any]:
     """validate → clean → split → train → evaluate → register."""
     project = Path(root).resolve()
-    params = load_params(project / params_path if not Path(params_path).is_absolute() else params_path, overrides)
-    data = version_data(params, project)
-    validated = validate(params, project)
-    cleaned = clean(params, project)
-    splits = split(params, project)
-    trained = train(params, project)
-    metrics = evaluate(params, project)
-    registered = register(params, project)
-    return {
+    params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
+    params = load_params(params_file, overrides)
+    lock = versioning.lock_mode(project, params_file, overrides or [])
+    if lock:
+        get_run_logger().info("every stage runs and dvc.lock is not updated: %s", lock)
+    data = _with_retries(version_data, params)(params, project)
+    validated = validate(params, project, lock)
+    cleaned = clean(params, project, lock)
+    splits = split(params, project, lock)
+    trained = _with_retries(train, params)(params, project, lock)
+    metrics = _with_retries(evaluate, params)(params, project, lock)
+    registered = _with_retries(register, params)(params, project, lock)
+    result = {
         "data": data,
         "validate": validated,
         "clean": cleaned,
@@ -84,3 +130,5 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         "metrics": metrics,
         "register": registered,
     }
+    publish_report(result, project)
+    return result

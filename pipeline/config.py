@@ -281,6 +281,14 @@ class RegisterParams(_Section):
     tolerance: float = Field(default=0.005, ge=0.0)
 
 
+class FlowParams(_Section):
+    """Prefect orchestration: retries for the tasks that talk to a service (the DVC remote,
+    the Ray cluster, MLflow), with exponential backoff."""
+
+    retries: int = Field(default=2, ge=0)
+    retry_delay_s: float = Field(default=5.0, ge=0.0)  # the first wait; each later one doubles
+
+
 class Params(_Section):
     data: DataParams
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
@@ -291,6 +299,7 @@ class Params(_Section):
     tune: TuneParams = TuneParams()
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
+    flow: FlowParams = FlowParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

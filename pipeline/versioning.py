@@ -27,3 +27,40 @@ def push_tracked(path: Path, root: Path) -> str:
             lines = (out.stderr or out.stdout).strip().splitlines()
             return f"dvc {args[0]} failed: {lines[-1] if lines else out.returncode}"
     return "pushed to the DVC remote"
+
+
+# What each stage's function returns is also what it writes here, so a stage DVC reports
+# as up to date can hand back its summary without running.
+SUMMARIES = {"validate": "reports/validate.json", "clean": "reports/clean.json", "split": "reports/split.json",
+             "train": "reports/train.json", "evaluate": "reports/metrics.json", "register": "reports/register.json"}
+
+
+def lock_mode(root: Path, params_file: Path, overrides: list[str]) -> str | None:
+    """None when the run can be checked against and recorded in dvc.lock; else why not.
+
+    dvc.yaml's stages read params.yaml, so a run with other params (a different file or
+    --set overrides) is not what dvc.lock describes: it runs everything and records nothing.
+    """
+    if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
+        return "not a DVC project"
+    if params_file.resolve() != (root / "params.yaml").resolve():
+        return f"params from {params_file}, not params.yaml"
+    if overrides:
+        return "--set overrides (use `dvc exp run --set-param` for a versioned experiment)"
+    return None
+
+
+def stage_up_to_date(root: Path, name: str) -> bool:
+    """DVC's own verdict: deps (data, params section, code) and outs match dvc.lock."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return not repo.status(targets=[name])
+
+
+def record_stage(root: Path, name: str) -> None:
+    """Write what the stage just produced into dvc.lock and the DVC cache (`dvc commit`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        repo.commit(name, force=True)

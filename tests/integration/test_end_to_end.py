@@ -108,6 +108,29 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     assert int(champion.version) == 1
     assert champion.tags["d2d.data_md5"] == demo["md5"]
 
+    # what a person sees in the Prefect UI: the run's summary and per-class metrics as artifacts
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    by_key = {a.key: a for a in artifacts}
+    summary = by_key["d2d-run-summary"].data
+    assert "## Promotion" in summary and "version 1" in summary and result["register"]["reasons"][0] in summary
+    assert f"{result['validate']['rows_quarantined']} quarantined" in summary
+    assert len(by_key["d2d-per-class-metrics"].data) >= 10  # a row per digit (JSON rows)
+    assert mlflow_run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+
+    # DVC and Prefect agree: the run is recorded in dvc.lock, so `dvc repro` has nothing to do,
+    # and a second run with nothing changed reuses every stage (no new MLflow run or version)
+    assert "up to date" in run(["dvc", "status"], root).stdout
+    assert "Running stage" not in run(["dvc", "repro"], root).stdout
+    again = training_flow(params_path="params.yaml", root=str(root))
+    assert again["metrics"]["mlflow_run_id"] == result["metrics"]["mlflow_run_id"]
+    assert again["register"]["version"] == 1 and again["train"] == result["train"]
+    assert len(client.search_runs([mlflow_run.info.experiment_id])) == 1
+
     # the champion predicts on raw rows, straight from the CSV
     model = mlflow.pyfunc.load_model("models:/d2d-digits@champion")
     raw = pd.read_parquet(root / "data/split/test.parquet")  # scaled; use the raw rows by id instead

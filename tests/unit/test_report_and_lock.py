@@ -1,0 +1,46 @@
+"""The run summary people read in the Prefect UI, and when a run may use dvc.lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.report import per_class_rows, run_summary
+from pipeline.versioning import lock_mode
+
+RESULT = {
+    "data": {"path": "data/raw/digits.csv", "md5": "abc", "dvc": "pushed to the DVC remote"},
+    "validate": {"passed": True, "expectations": 10, "expectations_failed": 2, "rows_in": 100, "rows_quarantined": 4,
+                 "data_docs": "reports/data_docs/index.html"},
+    "clean": {"removed": 3},
+    "split": {"sizes": {"train": 65, "val": 14, "test": 14}},
+    "metrics": {"test_accuracy": 0.95, "test_f1_macro": 0.94, "val_accuracy": 0.9, "mlflow_run_id": "r1"},
+    "register": {"model_name": "m", "version": 2, "promoted": False, "champion": 1,
+                 "reasons": ["test_accuracy 0.9500 meets register.min_test_accuracy=0.9", "worse beyond the tolerance"]},
+}
+
+
+def test_the_summary_has_every_section_and_the_reasons(tmp_path):
+    text = run_summary(RESULT, tmp_path, "sqlite:///mlflow.db")
+    for part in ("## Validation", "passed: 8/10 expectations met", "4 quarantined", "3 removed by cleaning",
+                 "| train | 65 |", "| accuracy | 0.9500 |", "not promoted (champion: version 1)",
+                 "- worse beyond the tolerance", "MLflow run `r1` on `sqlite:///mlflow.db`", "models:/m/2",
+                 str(tmp_path / "reports/data_docs/index.html")):
+        assert part in text, part
+    assert "val_accuracy" not in text and "| val_accuracy" not in text
+
+
+def test_per_class_rows(tmp_path):
+    assert per_class_rows(tmp_path / "missing.csv") == []
+    pd.DataFrame({"class": ["a"], "f1": [0.123456], "support": [3]}).to_csv(tmp_path / "p.csv", index=False)
+    assert per_class_rows(tmp_path / "p.csv") == [{"class": "a", "f1": 0.1235, "support": 3}]
+
+
+def test_the_lock_is_used_only_for_the_project_s_own_params(tmp_path: Path):
+    assert lock_mode(tmp_path, tmp_path / "params.yaml", []) == "not a DVC project"
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert lock_mode(tmp_path, tmp_path / "params.yaml", []) is None
+    assert "--set overrides" in lock_mode(tmp_path, tmp_path / "params.yaml", ["train.lr=0.1"])
+    assert "other.yaml" in lock_mode(tmp_path, tmp_path / "other.yaml", [])
