@@ -58,5 +58,5 @@ def per_class_rows(path: Path) -> list[dict[str, Any]]:
     """The per-class metrics table (empty for regression)."""
     if not path.is_file():
         return []
-    table = pd.read_csv(path)
+    table = pd.read_csv(path, dtype={"class": str})  # labels stay labels: "9", not 9
     return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in table.to_dict("records")]

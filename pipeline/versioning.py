@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,15 +53,16 @@ def lock_mode(root: Path, params_file: Path, overrides: list[str]) -> str | None
 
 def stage_up_to_date(root: Path, name: str) -> bool:
     """DVC's own verdict: deps (data, params section, code) and outs match dvc.lock."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return not repo.status(targets=[name])
+    # DVC's CLI in the project folder: its Python API resolves stages and outputs against the
+    # process's working directory, which a flow run's need not be.
+    out = _dvc(["status", f"dvc.yaml:{name}", "--json"], root)
+    if out.returncode:
+        raise RuntimeError(f"dvc status {name} failed: {(out.stderr or out.stdout).strip()[-300:]}")
+    return not json.loads(out.stdout or "{}")
 
 
 def record_stage(root: Path, name: str) -> None:
     """Write what the stage just produced into dvc.lock and the DVC cache (`dvc commit`)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        repo.commit(name, force=True)
+    out = _dvc(["commit", "-f", "-q", f"dvc.yaml:{name}"], root)
+    if out.returncode:
+        raise RuntimeError(f"dvc commit {name} failed: {(out.stderr or out.stdout).strip()[-300:]}")
