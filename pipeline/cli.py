@@ -152,6 +152,61 @@ def rollback(reason: ReasonOpt, params: ParamsOpt = Path("params.yaml"), set_: S
     console.print(f"{out['model_name']}: champion is version {out['champion']} again (rolled back from {out['previous']})")
 
 
+POOL = "d2d-process"
+
+
+def _prefect(args: list[str]) -> Any:
+    import subprocess
+
+    # the interpreter's own Prefect CLI, as `d2d` may run without the venv on PATH
+    return subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, timeout=600)
+
+
+@app.command()
+def deploy() -> None:
+    """Register prefect.yaml's deployments with the Prefect server in PREFECT_API_URL,
+    creating the `d2d-process` work pool if it is missing."""
+    if not Path("prefect.yaml").is_file():
+        raise D2DError("prefect.yaml not found: run `d2d deploy` in the project folder")
+    if not os.environ.get("PREFECT_API_URL"):
+        raise D2DError("PREFECT_API_URL is not set: deployments need a Prefect server (`prefect server start`); "
+                       "`d2d serve-flows` serves them without one")
+    if _prefect(["work-pool", "inspect", POOL]).returncode:
+        created = _prefect(["work-pool", "create", POOL, "--type", "process"])
+        if created.returncode:
+            raise D2DError(f"could not create work pool {POOL}: {(created.stderr or created.stdout).strip()[-300:]}")
+        console.print(f"created work pool {POOL} (process)")
+    out = _prefect(["--no-prompt", "deploy", "--all"])
+    if out.returncode:
+        raise D2DError(f"prefect deploy failed: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+    console.print(out.stdout.strip())
+    console.print(f"next: prefect worker start --pool {POOL}")
+
+
+@app.command("serve-flows")
+def serve_flows() -> None:
+    """Serve prefect.yaml's deployments with their schedules in this process (no worker needed)."""
+    import yaml
+    from prefect import serve
+
+    from flows.training import training_flow
+
+    flows = {"flows/training.py:training_flow": training_flow}
+    spec = yaml.safe_load(Path("prefect.yaml").read_text()) if Path("prefect.yaml").is_file() else None
+    if not spec:
+        raise D2DError("prefect.yaml not found: run `d2d serve-flows` in the project folder")
+    deployments = []
+    for d in spec.get("deployments", []):
+        if d["entrypoint"] not in flows:
+            continue  # a flow this version of d2d does not have
+        crons = [s["cron"] for s in d.get("schedules", []) if s.get("active", True)]
+        deployments.append(flows[d["entrypoint"]].to_deployment(
+            name=d["name"], parameters=d.get("parameters", {}), cron=crons[0] if crons else None,
+            tags=d.get("tags"), description=d.get("description")))
+    console.print(f"serving {', '.join(d.name for d in deployments)}; Ctrl-C stops")
+    serve(*deployments)
+
+
 @data_app.command("demo")
 def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""

@@ -112,8 +112,7 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     import httpx
     from prefect.settings import PREFECT_API_URL
 
-    # The REST API directly: prefect 3.8's client sends null for unset filter fields, which
-    # this server (fastapi 0.154) rejects with a 422; the body below is what the UI sends.
+    # through the server's REST API, as the UI reads them
     flow_run_id = str(state.state_details.flow_run_id)
     found = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"})

@@ -1,0 +1,129 @@
+"""Prefect as a team runs it: `prefect server start` on loopback, `d2d deploy` (work pool +
+prefect.yaml's deployments), a flow run of the training deployment executed by
+`prefect worker start --pool d2d-process --run-once`, checked through the REST API. And a
+`d2d run` killed mid-training, then re-run: it completes, reusing the finished steps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from pipeline.config import load_params
+from pipeline.stages import make_demo
+from tests.conftest import REPO
+from tests.integration.servers import free_port, stop, wait_http
+from tests.integration.test_end_to_end import run, small_project
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def dvc_project(root: Path) -> Path:
+    """A small project with its flows and prefect.yaml, the raw data tracked by DVC in Git."""
+    root.mkdir(parents=True)
+    small_project(root)
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    make_demo(load_params(root / "params.yaml"), root)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "data/raw/digits.csv"]):
+        run(cmd, root)
+    return root
+
+
+def environment(home: Path, api_url: str | None) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(home),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = environment(tmp_path / "prefect_home", api)
+    with open(tmp_path / "prefect_server.log", "w") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{api}/health", 180, proc)
+            yield {"api": api, "env": env}
+        finally:
+            stop(proc)
+
+
+def test_the_training_deployment_runs_on_a_process_worker(tmp_path, prefect_server):
+    root = dvc_project(tmp_path / "project")
+    env, api = prefect_server["env"], prefect_server["api"]
+
+    deployed = subprocess.run([str(BIN / "d2d"), "deploy"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    pool = httpx.get(f"{api}/work_pools/d2d-process", timeout=30).json()
+    assert pool["type"] == "process"
+    deployment = httpx.get(f"{api}/deployments/name/d2d-training/training", timeout=30).json()
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
+    assert deployment["parameters"] == {"params_path": "params.yaml", "root": "."}
+
+    flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).json()
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
+    state = httpx.get(f"{api}/flow_runs/{flow_run['id']}", timeout=30).json()["state"]
+    assert state["type"] == "COMPLETED", f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+
+    found = httpx.post(f"{api}/artifacts/filter", timeout=30, json={
+        "artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"})
+    keys = {a["key"] for a in found.json()}
+    assert {"d2d-run-summary", "d2d-per-class-metrics"} <= keys
+    assert (root / "reports/register.json").is_file() and (root / "dvc.lock").is_file()
+    assert "up to date" in run(["dvc", "status"], root).stdout
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the run and everything it started (its Ray processes included): a lost machine."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+
+
+def test_a_run_killed_mid_training_completes_on_rerun_reusing_finished_steps(tmp_path):
+    root = dvc_project(tmp_path / "project")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=30, patience=30)  # long enough to be killed mid-way
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = environment(tmp_path / "prefect_home", None)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([str(BIN / "d2d"), "run"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not list((root / "artifacts/ray").glob("d2d-train-*/checkpoint_*")):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "training never checkpointed"
+            time.sleep(0.5)
+        _kill_tree(first)
+    assert not (root / "reports/register.json").exists()
+    locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert {"validate", "clean", "split"} <= set(locked) and "train" not in locked  # what finished is recorded
+
+    second = subprocess.run([str(BIN / "d2d"), "run"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    for stage in ("validate", "clean", "split"):
+        assert f"{stage}: up to date in dvc.lock" in log, stage
+    assert "train: up to date" not in log and (root / "reports/register.json").is_file()
+    assert "up to date" in run(["dvc", "status"], root).stdout
