@@ -11,6 +11,7 @@ to do, and a `d2d run` after `dvc repro` reuses its outputs: one record, kept by
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,38 @@ def _retry_worthwhile(task, task_run, state) -> bool:
 
 def _stage(name: str, params: Params, root: Path, lock: str | None, **kwargs: Any) -> dict[str, Any]:
     logger = get_run_logger()
+    started = time.perf_counter()
     if lock is None and versioning.stage_up_to_date(root, name):
         logger.info("%s: up to date in dvc.lock (same data, params and code); reusing its outputs", name)
+        _record_time(root, name, "reused", started, started)
         return io.read_json(root / versioning.SUMMARIES[name])
+    checked = time.perf_counter()
     summary = stages.STAGES[name](params, root, **kwargs)
+    ran = time.perf_counter()
     if lock is None:
         versioning.record_stage(root, name)
-    logger.info("%s: %s", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    _record_time(root, name, "ran", started, ran, checked)
+    logger.info("%s: %s (%.1f s)", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+                ran - checked)
     return summary
+
+
+def _record_time(root: Path, name: str, how: str, started: float, ran: float, checked: float | None = None) -> None:
+    """reports/timings.json: each step's own time and the DVC bookkeeping around it, so the
+    orchestration overhead (wall time minus step time) can be measured."""
+    path = root / "reports/timings.json"
+    timings = io.read_json(path) if path.is_file() else {}
+    step = ran - checked if checked is not None else 0.0
+    timings[name] = {"how": how, "step_s": round(step, 3), "dvc_s": round(time.perf_counter() - started - step, 3)}
+    io.write_json(timings, path)
 
 
 @task(name="data-version", retry_condition_fn=_retry_worthwhile)
 def version_data(params: Params, root: Path) -> dict[str, Any]:
     """Record the raw data's md5 and push it to the DVC remote when it is the DVC-recorded version."""
+    started = time.perf_counter()
     version = stages.run_data_version(params, root)
+    _record_time(root, "data-version", "ran", started, time.perf_counter(), started)
     get_run_logger().info("data version %s (%s): %s", version["md5"], version["path"], version["dvc"])
     return version
 
@@ -112,6 +131,7 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
     params = load_params(params_file, overrides)
     lock = versioning.lock_mode(project, params_file, overrides or [])
+    (project / "reports/timings.json").unlink(missing_ok=True)
     if lock:
         get_run_logger().info("every stage runs and dvc.lock is not updated: %s", lock)
     data = _with_retries(version_data, params)(params, project)

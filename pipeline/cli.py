@@ -297,6 +297,13 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
         sys.exit(e.exit_code)
+    except Exception as e:  # a failed step that is not the input's fault: one line, exit 1
+        if DEBUG:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {first} (--debug shows the traceback)",
+                          soft_wrap=True, highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,21 @@ def test_validation_gate_failure_keeps_quarantine(project):
     quarantine = pd.read_parquet(project / "data/quarantine/validate.parquet")
     assert len(quarantine) == 41 and quarantine["reason"].str.len().gt(0).all()
     assert not (project / "data/validated/valid.parquet").exists()
+
+
+def test_a_step_that_fails_for_another_reason_is_one_line_and_exit_1(monkeypatch, capsys):
+    from pipeline import cli, stages
+
+    def broken(params, root):
+        raise RuntimeError("the disk is full\nmore detail")
+
+    monkeypatch.setitem(stages.STAGES, "clean", broken)
+    monkeypatch.setattr("sys.argv", ["d2d", "stage", "clean", "--params", str(REPO / "params.yaml")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "RuntimeError: the disk is full" in err[0] and "--debug" in err[0]
+    monkeypatch.setattr("sys.argv", ["d2d", "stage", "clean", "--debug", "--params", str(REPO / "params.yaml")])
+    with pytest.raises(RuntimeError):
+        cli.main()
