@@ -155,7 +155,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return out
 
 
-def test_dvc_repro_runs_every_stage_once(tmp_path):
+def test_dvc_repro_runs_every_stage_once(tmp_path, prefect_harness):
     root = small_project(tmp_path)
     run(["git", "init", "-q"], root)
     run(["dvc", "init", "-q"], root)
@@ -172,6 +172,16 @@ def test_dvc_repro_runs_every_stage_once(tmp_path):
     second = run(["dvc", "repro"], root)
     assert "Running stage" not in second.stdout
     assert "up to date" in run(["dvc", "status"], root).stdout
+
+    # a `d2d run` after `dvc repro` reuses every output DVC recorded
+    from flows.training import training_flow
+
+    metrics_before = (root / "reports/metrics.json").read_text()
+    reused = training_flow(params_path="params.yaml", root=str(root))
+    timings = yaml.safe_load((root / "reports/timings.json").read_text())
+    assert {k: v["how"] for k, v in timings.items() if k != "data-version"} == dict.fromkeys(
+        ("validate", "clean", "split", "train", "evaluate", "register"), "reused")
+    assert (root / "reports/metrics.json").read_text() == metrics_before and reused["register"]["version"] == 1
 
     # what DVC users look at: the metrics and every declared plot
     shown = run(["dvc", "metrics", "show", "--json"], root).stdout
