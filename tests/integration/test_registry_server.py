@@ -6,6 +6,7 @@ promotions, and a server that is down."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,6 +86,39 @@ def test_evaluate_and_register_on_a_postgresql_backed_server(server, project):
     # what the server stored went to PostgreSQL, not to a file next to it
     with psycopg.connect(server["db"]) as conn:
         assert conn.execute("select count(*) from model_versions where name = %s", (NAME,)).fetchone()[0] == 1
+
+
+NO_D2D = """
+import json, sys
+sys.modules["pipeline"] = sys.modules["flows"] = None  # any import of d2d's code now fails
+import mlflow, pandas as pd
+# the signature's types: pandas reads a column with a null anywhere in the file as float
+rows = pd.read_csv(sys.argv[1]).astype({f"pixel_{i}": "int64" for i in range(64)})
+out = mlflow.pyfunc.load_model("models:/d2d-digits@champion").predict(rows.drop(columns=["label"]))
+probs = out[[c for c in out.columns if c.startswith("prob_")]]
+print(json.dumps({"accuracy": float((out["label"].astype(str) == rows["label"].astype(str)).mean()),
+                  "columns": list(out.columns), "prob_sums": probs.sum(axis=1).round(4).tolist(),
+                  "d2d_loaded": any(m.startswith(("pipeline.", "flows.")) for m in sys.modules)}))
+"""
+
+
+def test_the_champion_predicts_raw_rows_in_a_process_without_d2d(server, project, tmp_path):
+    """`mlflow.pyfunc.load_model("models:/…@champion").predict(raw_df)` in a fresh, isolated
+    interpreter where importing d2d's code is impossible, on the raw CSV rows of the test split."""
+    import pandas as pd
+
+    test_ids = pd.read_parquet(project / "data/split/test.parquet")["id"]
+    raw = pd.read_csv(project / "data/raw/digits.csv").set_index("id").loc[test_ids].reset_index()
+    raw.to_csv(tmp_path / "rows.csv", index=False)
+    out = subprocess.run([sys.executable, "-I", "-c", NO_D2D, str(tmp_path / "rows.csv")], cwd=tmp_path,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": server["url"]}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not result["d2d_loaded"]
+    assert result["columns"][:2] == ["label", "probability"] and len(result["columns"]) == 12
+    assert result["prob_sums"] == [1.0] * len(raw)
+    assert result["accuracy"] == pytest.approx(io.read_json(project / "reports/metrics.json")["test_accuracy"], abs=1e-6)
 
 
 def test_a_retried_registration_does_not_add_a_version(server, project):
