@@ -24,13 +24,21 @@ from pipeline.data import io
 from pipeline.errors import D2DError, ServiceError
 
 
+TRANSIENT_MODULES = ("ray.", "mlflow.", "requests.", "urllib3.", "httpx.", "dvc.")
+
+
 def _retry_worthwhile(task, task_run, state) -> bool:
-    """Retry a service that failed, never input that is wrong: that fails the same way again."""
+    """Retry a service that failed (a server, the cluster, the network), never input that is
+    wrong or a bug in a step: those fail the same way again."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, D2DError) or isinstance(error, ServiceError)
+    if isinstance(error, D2DError):
+        return isinstance(error, ServiceError)
+    return isinstance(error, (ConnectionError, TimeoutError)) or type(error).__module__.startswith(TRANSIENT_MODULES)
 
 
-def _stage(name: str, params: Params, root: Path, lock: str | None, **kwargs: Any) -> dict[str, Any]:
+def _stage(name: str, params: Params, root: Path, lock: str | None, params_md5: str, **kwargs: Any) -> dict[str, Any]:
+    """`lock`: None to check and record the stage in dvc.lock, else why not; `params_md5`:
+    params.yaml as this run read it."""
     logger = get_run_logger()
     started = time.perf_counter()
     if lock is None and versioning.stage_up_to_date(root, name):
@@ -41,7 +49,10 @@ def _stage(name: str, params: Params, root: Path, lock: str | None, **kwargs: An
     summary = stages.STAGES[name](params, root, **kwargs)
     ran = time.perf_counter()
     if lock is None:
-        versioning.record_stage(root, name)
+        if io.file_md5(root / "params.yaml") == params_md5:
+            versioning.record_stage(root, name)
+        else:  # dvc commit would pair these outputs with params they were not made with
+            logger.warning("%s: params.yaml changed during the run; dvc.lock not updated", name)
     _record_time(root, name, "ran", started, ran, checked)
     logger.info("%s: %s (%.1f s)", name, {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
                 ran - checked)
@@ -69,36 +80,36 @@ def version_data(params: Params, root: Path) -> dict[str, Any]:
 
 
 @task(name="validate")
-def validate(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
-    return _stage("validate", params, root, lock)
+def validate(params: Params, root: Path, lock: str | None, params_md5: str) -> dict[str, Any]:
+    return _stage("validate", params, root, lock, params_md5)
 
 
 @task(name="clean")
-def clean(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
-    return _stage("clean", params, root, lock)
+def clean(params: Params, root: Path, lock: str | None, params_md5: str) -> dict[str, Any]:
+    return _stage("clean", params, root, lock, params_md5)
 
 
 @task(name="split")
-def split(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
-    return _stage("split", params, root, lock)
+def split(params: Params, root: Path, lock: str | None, params_md5: str) -> dict[str, Any]:
+    return _stage("split", params, root, lock, params_md5)
 
 
 @task(name="train", retry_condition_fn=_retry_worthwhile)
-def train(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
-    return _stage("train", params, root, lock)
+def train(params: Params, root: Path, lock: str | None, params_md5: str) -> dict[str, Any]:
+    return _stage("train", params, root, lock, params_md5)
 
 
 @task(name="evaluate", retry_condition_fn=_retry_worthwhile)
-def evaluate(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
+def evaluate(params: Params, root: Path, lock: str | None, params_md5: str) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     # the MLflow run and the registered version point back at this flow run
-    return _stage("evaluate", params, root, lock, tags={"prefect.flow_run_id": str(flow_run.id)})
+    return _stage("evaluate", params, root, lock, params_md5, tags={"prefect.flow_run_id": str(flow_run.id)})
 
 
 @task(name="register", retry_condition_fn=_retry_worthwhile)
-def register(params: Params, root: Path, lock: str | None) -> dict[str, Any]:
-    return _stage("register", params, root, lock)
+def register(params: Params, root: Path, lock: str | None, params_md5: str) -> dict[str, Any]:
+    return _stage("register", params, root, lock, params_md5)
 
 
 @task(name="publish-report")
@@ -131,16 +142,17 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
     params = load_params(params_file, overrides)
     lock = versioning.lock_mode(project, params_file, overrides or [])
+    params_md5 = io.file_md5(params_file)  # what this run read
     (project / "reports/timings.json").unlink(missing_ok=True)
     if lock:
         get_run_logger().info("every stage runs and dvc.lock is not updated: %s", lock)
     data = _with_retries(version_data, params)(params, project)
-    validated = validate(params, project, lock)
-    cleaned = clean(params, project, lock)
-    splits = split(params, project, lock)
-    trained = _with_retries(train, params)(params, project, lock)
-    metrics = _with_retries(evaluate, params)(params, project, lock)
-    registered = _with_retries(register, params)(params, project, lock)
+    validated = validate(params, project, lock, params_md5)
+    cleaned = clean(params, project, lock, params_md5)
+    splits = split(params, project, lock, params_md5)
+    trained = _with_retries(train, params)(params, project, lock, params_md5)
+    metrics = _with_retries(evaluate, params)(params, project, lock, params_md5)
+    registered = _with_retries(register, params)(params, project, lock, params_md5)
     result = {
         "data": data,
         "validate": validated,

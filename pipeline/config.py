@@ -305,6 +305,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Params:
+        compare = self.register_.compare_metric
+        if compare is not None and (compare == "r2") != (self.data.task == "regression"):
+            raise ValueError(f"register.compare_metric '{compare}' does not apply to a {self.data.task} task")
         if self.evaluate.slice_column is not None and self.evaluate.slice_column not in {
             n for f in self.data.features for n in f.names()
         } | {self.data.target}:

@@ -294,3 +294,12 @@ def plot_attributions(
     ax.set_title("feature attributions (gradient × input) for test examples, by true class")
     fig.colorbar(im, ax=ax, fraction=0.03)
     return _save(fig, path)
+
+
+def plot_not_applicable(path: Path, text: str) -> Path:
+    """A small image that says why a declared plot has no content for this task."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, color="grey")
+    return _save(fig, path)

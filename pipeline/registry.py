@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline.config import RegisterParams
 from pipeline.data.schema import Schema
-from pipeline.errors import D2DError
+from pipeline.errors import D2DError, ServiceError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -89,9 +89,13 @@ def _rescore(model_uri: str, version: str, test: pd.DataFrame, schema: Schema) -
     """The champion's metrics on the current test split, or why it could not be scored."""
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import unreachable
+
     try:
         return {"version": version, "metrics": score_model(model_uri, test, schema)}
     except (MlflowException, KeyError, ValueError, TypeError) as e:
+        if unreachable(e):  # an outage is not a champion that cannot score: fail, retry later
+            raise
         return {"version": version, "error": str(e).strip().splitlines()[-1][:300]}
 
 
@@ -113,12 +117,13 @@ def version_for_run(client: Any, name: str, run_id: str) -> str | None:
 
 
 def _set_champion(client: Any, name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:
-    """Move the alias and record where it came from, so `d2d rollback` can move it back."""
+    """Move the alias first (the shortest window after the last check), then record where it
+    came from, so `d2d rollback` can move it back."""
+    client.set_registered_model_alias(name, CHAMPION, version)
     if previous is not None and previous != version:
         client.set_model_version_tag(name, version, "d2d.previous_champion", previous)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, CHAMPION, version)
 
 
 def register_and_gate(
@@ -143,8 +148,10 @@ def register_and_gate(
         if key in metrics:
             client.set_model_version_tag(name, version, f"d2d.{key}", f"{float(metrics[key]):.6f}")
 
-    # Compare-and-set: if another run moved the alias while this one was deciding, decide again
-    # against the new champion, so a promotion never overwrites a champion it was not compared with.
+    # Compare-and-set, as far as MLflow allows (it has no atomic alias swap): if another run
+    # moved the alias while this one was scoring, decide again against the new champion; the
+    # last check is the call right before the alias moves, and a promotion that lands in that
+    # window anyway is detected afterwards and recorded as superseded.
     for _ in range(3):
         champ = current_champion(client, name)
         if champ is not None and champ.version == version:  # a retry after this version was promoted
@@ -155,7 +162,7 @@ def register_and_gate(
         if (latest and latest.version) == (champ and champ.version):
             break
     else:
-        raise D2DError(f"the champion of {name} kept changing while version {version} was being gated; run register again")
+        raise ServiceError(f"the champion of {name} kept changing while version {version} was being gated; run register again")
     previous = champ.version if champ is not None else None
     tags = {"d2d.decision": "promoted" if promote else "rejected", "d2d.promotion": "; ".join(reasons),
             "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -167,6 +174,7 @@ def register_and_gate(
         winner = current_champion(client, name)
         if winner is not None and winner.version != version:  # a concurrent promotion landed after ours
             reasons.append(f"superseded at once by version {winner.version}, promoted concurrently")
+            client.set_model_version_tag(name, version, "d2d.decision", "superseded")
             client.set_model_version_tag(name, version, "d2d.promotion", "; ".join(reasons))
             return _decision(name, version, False, winner.version, reasons, compared)
     else:
@@ -189,7 +197,9 @@ def promote(name: str, version: str, reason: str) -> dict[str, Any]:
     client = MlflowClient()
     try:
         client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise D2DError(f"{name} has no version {version}") from None
     champ = current_champion(client, name)
     previous = champ.version if champ is not None else None

@@ -4,6 +4,7 @@ so the two ways of running the pipeline produce the same files."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,12 @@ def run_validate(params: Params, root: Path) -> dict[str, Any]:
     version = data_version(params, root)
     raw = io.read_table(raw_path(params, root))
     docs = paths.data_docs if params.validate_.data_docs else None
+    # A fresh folder each run: GX adds pages to an existing site, and DVC records this one as
+    # an output, so it must hold this run's docs only (or a note that they are off).
+    shutil.rmtree(paths.data_docs, ignore_errors=True)
+    paths.data_docs.mkdir(parents=True)
+    if docs is None:
+        (paths.data_docs / "index.html").write_text("<p>Data Docs are off (validate.data_docs: false).</p>\n")
     report = validate(raw, schema_from_params(params.data), params.validate_, docs)
     io.write_parquet(report.quarantine, paths.quarantine)
     summary = {**report.summary, "data_md5": version["md5"], "data_path": version["path"]}
@@ -185,12 +192,13 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
     state = io.read_json(paths.preprocess)
     train_params, tuned = params.train, {"enabled": False}
     trials = pd.DataFrame(columns=["trial", "epoch", "val_loss"])  # a DVC out either way
-    init_state = None
+    init_state, pinned = None, None
     if params.train.init_from:
         from pipeline import tracking
 
         tracking.configure(root)
-        init_state = tracking.network_weights(params.train.init_from)
+        pinned = tracking.pin_version(params.train.init_from)
+        init_state = tracking.network_weights(pinned)
     with ray_session(params.train, cpus_needed=_cpus_needed(params)):
         if params.tune.enabled:
             from pipeline.train.tune import tune
@@ -215,8 +223,9 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 2),
         "num_workers": train_params.num_workers,
         **({"tuned": tuned["best_config"]} if tuned["enabled"] else {}),
-        **({"init_from": result.transfer["init_from"], "transferred_tensors": result.transfer["transferred"],
-            "fresh_tensors": result.transfer["fresh"]} if result.transfer else {}),
+        **({"init_from": result.transfer["init_from"], "init_from_version": pinned,
+            "transferred_tensors": result.transfer["transferred"], "fresh_tensors": result.transfer["fresh"]}
+           if result.transfer else {}),
     }
     io.write_json(report, paths.report("train.json"))
     return report
@@ -263,7 +272,10 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
         pred_test = out_test
         plots.append(ev.plot_predicted_vs_actual(y_test, out_test, paths.report("test_predictions.png"),
                                                  f"test split, R² {metrics['test_r2']:.3f}"))
-        io.write_csv(pd.DataFrame(columns=["class", "f1"]), paths.report("per_class.csv"))  # a DVC plot either way
+        # dvc.yaml declares the classification plots too; for regression they say so
+        io.write_csv(pd.DataFrame(columns=["class", "f1"]), paths.report("per_class.csv"))
+        for name in ("per_class_f1.png", "roc_curves.png"):
+            ev.plot_not_applicable(paths.report(name), f"{name.removesuffix('.png')}: not applicable to regression")
         x_test, _ = features_and_labels(frames["test"], schema, state)
         chosen = np.arange(min(10, len(x_test)))
         attr = ev.gradient_attributions(model, x_test[chosen], np.zeros(len(chosen), dtype=int))
@@ -331,7 +343,7 @@ def _training_tags(paths: Paths) -> dict[str, str]:
 
     trained = io.read_json(paths.report("train.json"))
     tuned = io.read_json(paths.report("tune.json")) if paths.report("tune.json").is_file() else {}
-    tags = {"d2d.init_from": trained["init_from"]} if "init_from" in trained else {}
+    tags = {"d2d.init_from": trained["init_from_version"]} if "init_from" in trained else {}
     if tuned.get("enabled"):
         tags |= {"d2d.tuned_config": json.dumps(tuned["best_config"]), "d2d.tune_best_trial": tuned["best_trial"]}
     return tags
@@ -344,6 +356,7 @@ def run_register(params: Params, root: Path) -> dict[str, Any]:
     paths = Paths(root)
     metrics = io.read_json(paths.report("metrics.json"))
     tracking.configure(root)
+    tracking.reachable(tracking.ping)
     decision = tracking.reachable(lambda: registry.register_and_gate(
         metrics, params.register_, params.data.task, io.read_table(paths.split("test")), schema_from_params(params.data)))
     io.write_json(decision, paths.report("register.json"))

@@ -60,19 +60,27 @@ def ping() -> None:
 def reachable(call: Callable[[], T]) -> T:
     """Run `call`; a tracking server that stays down through MLflow's retries becomes one line."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from pipeline.errors import ServiceError
 
     try:
         return call()
-    except (MlflowException, OSError) as e:
-        text = str(e)
-        if isinstance(e, OSError) or any(s in text for s in ("Max retries exceeded", "Connection refused", "timed out")):
+    except Exception as e:
+        if unreachable(e):
             retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
             raise ServiceError(f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable "
                                f"(after {retries} retries with backoff)") from e
         raise
+
+
+def unreachable(error: BaseException) -> bool:
+    """A connection that failed or timed out (MLflow wraps the HTTP client's errors in its own)."""
+    import requests
+
+    if isinstance(error, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(error)
+    return any(s in text for s in ("Max retries exceeded", "Connection refused", "Read timed out", "timed out"))
 
 
 def _experiment(name: str, root: Path) -> str:
@@ -170,6 +178,8 @@ def log_pipeline_run(
     all_tags = {**tags, "d2d.params_hash": params.digest(), **({"git.commit": commit} if commit else {})}
     with mlflow.start_run(experiment_id=experiment_id, tags=all_tags) as run:
         mlflow.log_params(flatten({k: v for k, v in params.as_dict().items() if k != "data"} | {"data.raw": str(params.data.raw)}))
+        if "d2d.tuned_config" in tags:  # what the model trained with, where tuning replaced train.*
+            mlflow.log_params(flatten(json.loads(tags["d2d.tuned_config"]), "tuned."))
         for row in history.to_dict("records"):
             step = int(row["epoch"])
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
@@ -227,10 +237,30 @@ def network_weights(model_uri: str) -> dict[str, Any]:
     from pipeline.errors import D2DError
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        local = Path(reachable(lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri)))
     except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
         raise D2DError(f"train.init_from {model_uri}: {e.message.splitlines()[0]}") from None
     network = local / "artifacts" / "network.pt2"
     if not network.is_file():
         raise D2DError(f"train.init_from {model_uri}: not a d2d model (no artifacts/network.pt2)")
     return {k: v.detach().clone() for k, v in torch.export.load(str(network)).state_dict.items()}
+
+
+def pin_version(model_uri: str) -> str:
+    """models:/NAME@ALIAS → models:/NAME/VERSION (what the alias points at now), so a warm
+    start records the exact weights it began from; other URIs are returned as they are."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import D2DError
+
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    name, alias = model_uri.removeprefix("models:/").split("@", 1)
+    try:
+        version = reachable(lambda: MlflowClient().get_model_version_by_alias(name, alias)).version
+    except MlflowException as e:
+        raise D2DError(f"train.init_from {model_uri}: {e.message.splitlines()[0]}") from None
+    return f"models:/{name}/{version}"

@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipeline.config import TrainParams
 from pipeline.data.schema import Schema
-from pipeline.errors import D2DError
+from pipeline.errors import D2DError, ServiceError
 
 if TYPE_CHECKING:
     from pipeline.train.models import ModelSpec
@@ -51,7 +51,7 @@ def ray_session(params: TrainParams, cpus_needed: int | None = None) -> Iterator
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise D2DError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from e
+            raise ServiceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from e
     else:
         # Logical CPUs: a 2-core laptop can still host the driver and two 1-CPU workers.
         needed = cpus_needed or params.num_workers * params.cpus_per_worker + 1
@@ -81,7 +81,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise D2DError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
+        raise ServiceError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[np.ndarray, np.ndarray]:
