@@ -150,6 +150,8 @@ GIT_ID = {"GIT_AUTHOR_NAME": "d2d test", "GIT_AUTHOR_EMAIL": "test@d2d.invalid",
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # MLflow exports the URI an in-process test set; a project's own commands use their own
+    env.pop("MLFLOW_TRACKING_URI", None)
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out

@@ -44,6 +44,7 @@ def environment(home: Path, api_url: str | None) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(home),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # exported by MLflow in earlier in-process tests
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
