@@ -281,6 +281,23 @@ class RegisterParams(_Section):
     tolerance: float = Field(default=0.005, ge=0.0)
 
 
+class DriftParams(_Section):
+    """Drift tests and thresholds (defaults as drift tools set them)."""
+
+    drift_share: float = Field(default=0.5, gt=0.0, le=1.0)  # the dataset drifts at this share of drifted features
+    small_reference_rows: int = Field(default=1000, ge=1)  # up to here: KS / chi-squared; above: distances
+    ks_p: float = Field(default=0.05, gt=0.0, lt=1.0)
+    wasserstein_threshold: float = Field(default=0.1, gt=0.0)  # normalised by the reference's std
+    chi2_p: float = Field(default=0.05, gt=0.0, lt=1.0)
+    js_threshold: float = Field(default=0.1, gt=0.0, le=1.0)
+    psi_bins: int = Field(default=10, ge=2)
+    # A domain classifier (reference vs current); auto: for inputs with at least wide_features columns.
+    multivariate: Literal["auto", "on", "off"] = "auto"
+    wide_features: int = Field(default=20, ge=1)
+    domain_auc_threshold: float = Field(default=0.6, gt=0.5, le=1.0)
+    domain_max_rows: int = Field(default=2000, ge=50)  # rows sampled from each side
+
+
 class FlowParams(_Section):
     """Prefect orchestration: retries for the tasks that talk to a service (the DVC remote,
     the Ray cluster, MLflow), with exponential backoff."""
@@ -300,6 +317,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
     flow: FlowParams = FlowParams()
+    drift: DriftParams = DriftParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

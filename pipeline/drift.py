@@ -1,0 +1,162 @@
+"""Drift statistics: is the current batch distributed like the reference (the champion's
+training data)?
+
+Per feature, the test a drift-tool user expects for its type and the reference's size:
+numeric — Kolmogorov–Smirnov (p < ks_p) for small references, normalised Wasserstein
+distance (≥ threshold) for large ones; categorical — chi-squared (p < chi2_p) for small,
+Jensen–Shannon distance (≥ threshold) for large. PSI is reported for every feature. The
+dataset drifts when the share of drifted features reaches `drift_share`. For wide inputs
+(images) a per-feature vote is weak, so a domain classifier's ROC-AUC (reference vs
+current) is the multivariate check. All vectorised over columns with numpy/scipy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import DriftParams
+from pipeline.data.schema import Schema
+
+QUANTILE_GRID = 1001  # the Wasserstein integral over quantiles, to well under 1% of its value
+
+
+@dataclass
+class DriftReport:
+    features: pd.DataFrame  # feature, kind, test, score, threshold, drifted, psi; most drifted first
+    share: float  # drifted features / features
+    multivariate: dict[str, Any] | None
+    drifted: bool
+    reasons: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"drifted": self.drifted, "drift_share": round(self.share, 4),
+                "drifted_features": int(self.features["drifted"].sum()), "features": len(self.features),
+                "multivariate": self.multivariate, "reasons": self.reasons}
+
+
+def ks_pvalues(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    """Two-sample Kolmogorov–Smirnov p-value per column."""
+    from scipy.stats import ks_2samp
+
+    return np.atleast_1d(ks_2samp(ref, cur, axis=0).pvalue)
+
+
+def _quantiles(sorted_x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Quantiles at `u` of every column of a column-sorted array (linear interpolation)."""
+    pos = u * (len(sorted_x) - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(sorted_x) - 1)
+    w = (pos - lo)[:, None]
+    return sorted_x[lo] * (1 - w) + sorted_x[hi] * w
+
+
+def wasserstein_normalised(ref: np.ndarray, cur: np.ndarray, presorted: bool = False) -> np.ndarray:
+    """Wasserstein-1 distance per column over the reference's standard deviation (as drift
+    tools normalise it), from the quantile functions on a fine grid."""
+    ref_s, cur_s = (ref, cur) if presorted else (np.sort(ref, axis=0), np.sort(cur, axis=0))
+    grid = np.linspace(0.0, 1.0, QUANTILE_GRID)
+    distance = np.abs(_quantiles(ref_s, grid) - _quantiles(cur_s, grid)).mean(axis=0)
+    scale = ref_s.std(axis=0)
+    return np.where(scale > 0, distance / np.where(scale > 0, scale, 1.0), np.where(distance > 0, np.inf, 0.0))
+
+
+def psi(ref: np.ndarray, cur: np.ndarray, bins: int = 10, eps: float = 1e-4, presorted: bool = False) -> np.ndarray:
+    """Population stability index per column, on the reference's quantile bins. Bin counts
+    come from binary searches of the bin edges in the sorted columns."""
+    ref_s, cur_s = (ref, cur) if presorted else (np.sort(ref, axis=0), np.sort(cur, axis=0))
+    inner = _quantiles(ref_s, np.linspace(0, 1, bins + 1)[1:-1])  # (bins-1) × columns
+    out = np.empty(ref_s.shape[1])
+    for j in range(ref_s.shape[1]):
+        edges = np.unique(inner[:, j])
+        expected = np.diff(np.r_[0, np.searchsorted(ref_s[:, j], edges, side="right"), len(ref_s)]) / len(ref_s)
+        actual = np.diff(np.r_[0, np.searchsorted(cur_s[:, j], edges, side="right"), len(cur_s)]) / len(cur_s)
+        expected, actual = np.clip(expected, eps, None), np.clip(actual, eps, None)
+        out[j] = float(np.sum((actual - expected) * np.log(actual / expected)))
+    return out
+
+
+def categorical_drift(ref: pd.Series, cur: pd.Series, small: bool, params: DriftParams) -> tuple[str, float, float, bool, float]:
+    """(test, score, threshold, drifted, psi) for one categorical column."""
+    from scipy.spatial.distance import jensenshannon
+    from scipy.stats import chisquare
+
+    values = sorted(set(ref.dropna().astype(str)) | set(cur.dropna().astype(str)))
+    r = ref.dropna().astype(str).value_counts().reindex(values, fill_value=0).to_numpy(float)
+    c = cur.dropna().astype(str).value_counts().reindex(values, fill_value=0).to_numpy(float)
+    p, q = r / max(r.sum(), 1), c / max(c.sum(), 1)
+    pp, qq = np.clip(p, 1e-4, None), np.clip(q, 1e-4, None)
+    index = float(np.sum((qq - pp) * np.log(qq / pp)))
+    if small:
+        # expected counts from the reference's shares (a floor keeps unseen categories testable)
+        expected = np.clip(p, 1e-6, None) * c.sum()
+        expected *= c.sum() / expected.sum()
+        pvalue = float(chisquare(c, expected).pvalue) if len(values) > 1 else 1.0
+        return "chi2", pvalue, params.chi2_p, pvalue < params.chi2_p, index
+    distance = float(jensenshannon(p, q, base=2)) if len(values) > 1 else 0.0
+    return "jensen_shannon", distance, params.js_threshold, distance >= params.js_threshold, index
+
+
+def domain_classifier_auc(ref: np.ndarray, cur: np.ndarray, max_rows: int = 2000, seed: int = 0) -> float:
+    """ROC-AUC of a classifier told to separate reference rows from current rows
+    (cross-validated): 0.5 when it cannot, towards 1.0 as the batches differ."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    a = ref[rng.choice(len(ref), min(len(ref), max_rows), replace=False)]
+    b = cur[rng.choice(len(cur), min(len(cur), max_rows), replace=False)]
+    x = np.vstack([a, b])
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    proba = cross_val_predict(model, x, y, cv=3, method="predict_proba")[:, 1]
+    return float(roc_auc_score(y, proba))
+
+
+def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema, params: DriftParams) -> DriftReport:
+    """Every feature's test and verdict, the multivariate check, and the dataset's verdict."""
+    small = len(reference) <= params.small_reference_rows
+    rows: list[dict[str, Any]] = []
+    numeric = [f.name for f in schema.features if f.kind == "numeric"]
+    if numeric:
+        ref = reference[numeric].to_numpy(dtype="float64")
+        cur = current[numeric].to_numpy(dtype="float64")
+        ref_ok, cur_ok = ref[~np.isnan(ref).any(axis=1)], cur[~np.isnan(cur).any(axis=1)]
+        ref_s, cur_s = np.sort(ref_ok, axis=0), np.sort(cur_ok, axis=0)  # one sort serves every statistic
+        if small:
+            scores, test, threshold = ks_pvalues(ref_ok, cur_ok), "ks", params.ks_p
+            drifted = scores < threshold
+        else:
+            scores = wasserstein_normalised(ref_s, cur_s, presorted=True)
+            test, threshold = "wasserstein", params.wasserstein_threshold
+            drifted = scores >= threshold
+        indexes = psi(ref_s, cur_s, params.psi_bins, presorted=True)
+        rows += [{"feature": n, "kind": "numeric", "test": test, "score": float(s), "threshold": threshold,
+                  "drifted": bool(d), "psi": float(i)} for n, s, d, i in zip(numeric, scores, drifted, indexes)]
+    for f in schema.features:
+        if f.kind == "categorical":
+            test, score, threshold, drifted, index = categorical_drift(reference[f.name], current[f.name], small, params)
+            rows.append({"feature": f.name, "kind": "categorical", "test": test, "score": score, "threshold": threshold,
+                         "drifted": drifted, "psi": index})
+    table = pd.DataFrame(rows)
+    # most drifted first: by PSI, which every test reports on one scale
+    table = table.sort_values(["drifted", "psi"], ascending=[False, False]).reset_index(drop=True)
+    share = float(table["drifted"].mean()) if len(table) else 0.0
+    reasons = [f"{int(table['drifted'].sum())} of {len(table)} features drifted (share {share:.2f}; "
+               f"drift_share {params.drift_share:g})"]
+    verdict = share >= params.drift_share
+    multivariate = None
+    if numeric and (params.multivariate == "on" or (params.multivariate == "auto" and len(numeric) >= params.wide_features)):
+        auc = domain_classifier_auc(ref_ok, cur_ok, params.domain_max_rows)
+        multivariate = {"method": "domain_classifier", "roc_auc": round(auc, 4), "threshold": params.domain_auc_threshold,
+                        "drifted": auc >= params.domain_auc_threshold}
+        reasons.append(f"domain classifier ROC-AUC {auc:.3f} "
+                       f"{'≥' if multivariate['drifted'] else '<'} {params.domain_auc_threshold:g}")
+        verdict = verdict or multivariate["drifted"]
+    return DriftReport(table, share, multivariate, verdict, reasons)
