@@ -207,6 +207,31 @@ def serve_flows() -> None:
     serve(*deployments)
 
 
+@app.command("simulate-drift")
+def simulate_drift(
+    kind: Annotated[str, typer.Option(help="none | brightness | contrast | noise | shift | thicken")] = "none",
+    strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="How strong the change is, 0..1.")] = 0.5,
+    rows: Annotated[int, typer.Option(min=1, help="Rows in the batch.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seeds the resampling and the noise.")] = 0,
+    out: Annotated[Path, typer.Option(help="The inbox folder the batch is written to.")] = Path("data/inbox"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write a labelled batch of new digits, unchanged or drifted, for the drift monitor."""
+    from pipeline.config import load_params
+    from pipeline.data import io
+    from pipeline.data.demo import digits_frame
+    from pipeline.data.schema import schema_from_params
+    from pipeline.data.simulate import simulate_batch
+
+    schema = schema_from_params(load_params(params).data)
+    try:
+        batch = simulate_batch(digits_frame(schema), schema, kind, strength, rows, seed, first_id=1_000_000 + seed * rows)
+    except ValueError as e:
+        raise D2DError(str(e)) from None
+    path = io.write_csv(batch, out / f"batch-{kind}-{strength:g}-seed{seed}.csv")
+    console.print(f"wrote {len(batch)} labelled rows ({kind}, strength {strength:g}) to {path}")
+
+
 @data_app.command("demo")
 def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""

@@ -97,3 +97,11 @@ def test_a_step_that_fails_for_another_reason_is_one_line_and_exit_1(monkeypatch
     monkeypatch.setattr("sys.argv", ["d2d", "stage", "clean", "--debug", "--params", str(REPO / "params.yaml")])
     with pytest.raises(RuntimeError):
         cli.main()
+
+
+def test_simulate_drift_writes_a_labelled_batch_to_the_inbox(project):
+    out = d2d("simulate-drift", "--kind", "thicken", "--strength", "0.4", "--rows", "25", "--seed", "3", cwd=project)
+    assert out.returncode == 0, out.stderr
+    batch = pd.read_csv(project / "data/inbox/batch-thicken-0.4-seed3.csv")
+    assert len(batch) == 25 and batch["id"].is_unique and batch["label"].between(0, 9).all()
+    one_line_error(d2d("simulate-drift", "--kind", "blur", cwd=project), "unknown drift kind 'blur'")
