@@ -160,3 +160,76 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema,
                        f"{'≥' if multivariate['drifted'] else '<'} {params.domain_auc_threshold:g}")
         verdict = verdict or multivariate["drifted"]
     return DriftReport(table, share, multivariate, verdict, reasons)
+
+
+def prediction_drift(reference_labels: pd.Series, current_labels: pd.Series, params: DriftParams) -> dict[str, Any]:
+    """Has the champion's output distribution moved? The same categorical test as a feature,
+    on its predicted labels for the reference and the current batch."""
+    small = len(reference_labels) <= params.small_reference_rows
+    test, score, threshold, drifted, index = categorical_drift(reference_labels, current_labels, small, params)
+    return {"test": test, "score": round(score, 6), "threshold": threshold, "drifted": bool(drifted), "psi": round(index, 6)}
+
+
+def performance_drift(batch_metric: float, test_metric: float, tolerance: float, name: str) -> dict[str, Any]:
+    """The champion's metric on a labelled batch against its own test metric (higher is better)."""
+    decayed = batch_metric < test_metric - tolerance
+    return {"metric": name, "batch": round(batch_metric, 6), "test": round(test_metric, 6), "tolerance": tolerance,
+            "decayed": decayed,
+            "reason": f"{name} on the batch {batch_metric:.4f} vs {test_metric:.4f} on the test split "
+                      f"({batch_metric - test_metric:+.4f}; tolerance {tolerance:g})"}
+
+
+def _histogram_png(ref: pd.Series, cur: pd.Series, title: str) -> str:
+    """Overlaid histograms of one feature, as a base64 PNG for an HTML page."""
+    import base64
+    import io as stdio
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.6))
+    if pd.api.types.is_numeric_dtype(ref):
+        both = pd.concat([ref, cur]).dropna()
+        bins = np.histogram_bin_edges(both, bins=min(30, max(5, both.nunique())))
+        ax.hist(ref.dropna(), bins=bins, alpha=0.55, density=True, label="reference")
+        ax.hist(cur.dropna(), bins=bins, alpha=0.55, density=True, label="current")
+    else:
+        shares = pd.DataFrame({"reference": ref.astype(str).value_counts(normalize=True),
+                               "current": cur.astype(str).value_counts(normalize=True)}).fillna(0)
+        shares.plot.bar(ax=ax, alpha=0.8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = stdio.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame, top: int = 6) -> str:
+    """One self-contained page: the verdict and its reasons, overlaid histograms of the most
+    drifted features, and every feature's test, score and PSI (most drifted first)."""
+    import html
+
+    verdict = "DRIFT" if report.drifted else "no drift"
+    colour = "#b00020" if report.drifted else "#1b5e20"
+    figures = "".join(
+        f'<img alt="{html.escape(r.feature)}" src="data:image/png;base64,'
+        f'{_histogram_png(reference[r.feature], current[r.feature], f"{r.feature}: {r.test} {r.score:.3g}, PSI {r.psi:.3f}")}">'
+        for r in report.features.head(top).itertuples())
+    rows = "".join(
+        f"<tr{' class=drift' if r.drifted else ''}><td>{html.escape(r.feature)}</td><td>{r.kind}</td><td>{r.test}</td>"
+        f"<td>{r.score:.4g}</td><td>{r.threshold:g}</td><td>{'yes' if r.drifted else 'no'}</td><td>{r.psi:.4f}</td></tr>"
+        for r in report.features.itertuples())
+    reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in report.reasons)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>d2d drift report</title><style>
+body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}
+tr.drift{{background:#fde7e9}} .verdict{{color:{colour};font-size:1.6em}} img{{margin:4px}}</style></head><body>
+<h1>Drift report</h1><p class="verdict">{verdict}</p><ul>{reasons}</ul>
+<p>reference {len(reference):,} rows, current {len(current):,} rows</p>
+<h2>Most drifted features</h2><div>{figures}</div>
+<h2>Every feature</h2><table><tr><th>feature</th><th>kind</th><th>test</th><th>score</th><th>threshold</th>
+<th>drifted</th><th>PSI</th></tr>{rows}</table></body></html>
+"""

@@ -10,7 +10,15 @@ import pytest
 
 from pipeline.config import DataParams, DriftParams
 from pipeline.data.schema import schema_from_params
-from pipeline.drift import domain_classifier_auc, drift_report, psi, wasserstein_normalised
+from pipeline.drift import (
+    domain_classifier_auc,
+    drift_report,
+    performance_drift,
+    prediction_drift,
+    psi,
+    report_html,
+    wasserstein_normalised,
+)
 
 
 def schema(n_numeric: int, categorical: bool = False):
@@ -95,3 +103,23 @@ def test_the_quantile_grid_matches_scipy_s_exact_wasserstein():
     ours = wasserstein_normalised(ref, cur)
     exact = np.array([wasserstein_distance(ref[:, j], cur[:, j]) / ref[:, j].std() for j in range(3)])
     assert ours == pytest.approx(exact, rel=0.01)
+
+
+def test_the_html_report_has_the_verdict_the_histograms_and_every_feature():
+    ref, cur = frame(500, 4, 0), frame(500, 4, 1, shift=1.0, colours=(0.1, 0.3, 0.6))
+    report = drift_report(ref, cur, schema(4, categorical=True), DriftParams())
+    page = report_html(report, ref, cur, top=3)
+    assert report.drifted and '<p class="verdict">DRIFT</p>' in page and report.reasons[0] in page
+    assert page.count("data:image/png;base64,") == 3
+    assert all(f"<td>{name}</td>" in page for name in ("x0", "x1", "x2", "x3", "colour"))
+    quiet = drift_report(ref, frame(500, 4, 2), schema(4, categorical=True), DriftParams())
+    assert not quiet.drifted and '<p class="verdict">no drift</p>' in report_html(quiet, ref, frame(500, 4, 2))
+
+
+def test_prediction_and_performance_drift():
+    labels = pd.Series(np.random.default_rng(0).integers(0, 3, 2000))
+    assert not prediction_drift(labels, labels.sample(frac=1, random_state=1), DriftParams())["drifted"]
+    assert prediction_drift(labels, pd.Series([0] * 500), DriftParams())["drifted"]
+    assert not performance_drift(0.96, 0.97, 0.02, "accuracy")["decayed"]
+    decayed = performance_drift(0.90, 0.97, 0.02, "accuracy")
+    assert decayed["decayed"] and "-0.0700" in decayed["reason"]
