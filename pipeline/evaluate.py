@@ -130,11 +130,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 
 
 def plot_predicted_vs_actual(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.scatter(y_true, y_pred, s=10, alpha=0.6)
     lo, hi = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
@@ -144,11 +140,7 @@ def plot_predicted_vs_actual(y_true: np.ndarray, y_pred: np.ndarray, path: Path,
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -158,11 +150,7 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[Any], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.2))
     im = ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), [str(c) for c in classes])
@@ -175,19 +163,11 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[Any], path: Path, title:
         if v:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > threshold else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_learning_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(history["epoch"], history["train_loss"], label="train")
     loss_ax.plot(history["epoch"], history["val_loss"], label="validation")
@@ -204,11 +184,7 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, best_epoch: int | No
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label="best epoch")
         ax.grid(alpha=0.3)
     loss_ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -222,6 +198,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display on servers and workers)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -259,6 +259,8 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
     scored = {}
     for name in ("val", "test"):
         x, y = features_and_labels(frames[name], schema, state)
+        if name == "test":
+            x_test = x  # the attributions below explain test rows
         if schema.regression:
             scored[name] = (frames[name][schema.target].to_numpy(dtype="float64"),
                             unscale_target(ev.predict(model, x)[:, 0], state))
@@ -276,7 +278,6 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
         io.write_csv(pd.DataFrame(columns=["class", "f1"]), paths.report("per_class.csv"))
         for name in ("per_class_f1.png", "roc_curves.png"):
             ev.plot_not_applicable(paths.report(name), f"{name.removesuffix('.png')}: not applicable to regression")
-        x_test, _ = features_and_labels(frames["test"], schema, state)
         chosen = np.arange(min(10, len(x_test)))
         attr = ev.gradient_attributions(model, x_test[chosen], np.zeros(len(chosen), dtype=int))
         shown = [f"{v:.3g}" for v in y_test[chosen]]
@@ -292,7 +293,6 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
             ev.plot_roc_curves(y_test, out_test, classes, paths.report("roc_curves.png"),
                                f"test ROC, one-vs-rest (macro AUC {metrics['test_roc_auc_ovr']:.3f})"),
         ]
-        x_test, _ = features_and_labels(frames["test"], schema, state)
         chosen = ev.examples_per_class(y_test, schema.n_outputs, params.evaluate.attribution_examples)
         attr = ev.gradient_attributions(model, x_test[chosen], y_test[chosen])
         shown = [f"{classes[t]} → {classes[p]}" for t, p in zip(y_test[chosen], pred_test[chosen])]
@@ -302,9 +302,8 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
     if params.evaluate.slice_column:
         slices = ev.slice_metrics(frames["test"][params.evaluate.slice_column], y_test, pred_test, schema.regression,
                                   params.evaluate.slice_bins)
-        worst = slices.iloc[slices["rmse"].argmax() if schema.regression else slices["f1_macro"].argmin()]
-        metrics["test_worst_slice_" + ("rmse" if schema.regression else "f1_macro")] = float(
-            worst["rmse"] if schema.regression else worst["f1_macro"])
+        key = "rmse" if schema.regression else "f1_macro"
+        metrics[f"test_worst_slice_{key}"] = float(slices[key].max() if schema.regression else slices[key].min())
     io.write_csv(slices, paths.report("slices.csv"))
     history = pd.read_csv(paths.history)
     train_report = io.read_json(paths.report("train.json"))
@@ -327,7 +326,7 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
         example=io.read_table(paths.valid).head(5),
         schema=schema,
         tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"],
-              **_training_tags(paths), **(tags or {})},
+              **_training_tags(train_report, paths), **(tags or {})},
         trials=pd.read_csv(paths.report("tune_trials.csv")) if params.tune.enabled else None,
         datasets={name: frames[name] for name in SPLITS},
         data_docs=paths.data_docs if paths.data_docs.is_dir() else None,
@@ -337,11 +336,11 @@ def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None)
     return report
 
 
-def _training_tags(paths: Paths) -> dict[str, str]:
-    """Lineage of the weights: the warm start they came from and the tuned config, when any."""
+def _training_tags(trained: dict[str, Any], paths: Paths) -> dict[str, str]:
+    """Lineage of the weights (`trained`: train.json): the warm start they came from and the
+    tuned config, when any."""
     import json
 
-    trained = io.read_json(paths.report("train.json"))
     tuned = io.read_json(paths.report("tune.json")) if paths.report("tune.json").is_file() else {}
     tags = {"d2d.init_from": trained["init_from_version"]} if "init_from" in trained else {}
     if tuned.get("enabled"):
