@@ -97,6 +97,38 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
 
 @app.command()
+def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Check the inbox's new batches for drift; a drifted labelled batch joins the dataset as a
+    new DVC version and, when monitor.* allows, retrains (the drift-monitor flow)."""
+    from rich.table import Table
+
+    from pipeline.config import load_params
+
+    overrides = set_ or []
+    load_params(params, overrides)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.monitor import monitor_flow
+
+    _quiet_user_errors()
+    result = monitor_flow(params_path=str(params.resolve()), overrides=overrides, root=str(Path.cwd()))
+    if not result["batches"]:
+        console.print("no new batches in the inbox")
+        return
+    table = Table(title=f"drift monitor: {len(result['batches'])} batch(es), {result['retrains']} retrain(s) "
+                        f"({result['mode']})", title_justify="left")
+    for column in ("batch", "drift share", "domain AUC", "action", "why"):
+        table.add_column(column)
+    for b in result["batches"]:
+        auc = b.get("domain_auc")
+        why = "; ".join(b["reasons"]) + (f"; new version {b['register']['version']}: "
+                                         f"{'champion' if b['register']['promoted'] else 'rejected by the gate'}"
+                                         if "register" in b else "")
+        table.add_row(b["batch"], f"{b['drift_share']:.2f}" if "drift_share" in b else "-",
+                      f"{auc:.3f}" if auc is not None else "-", b["action"], why)
+    console.print(table)
+
+
+@app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="validate | clean | split | train | evaluate | register")],
     params: ParamsOpt = Path("params.yaml"),
@@ -162,6 +194,23 @@ def _prefect(args: list[str]) -> Any:
     return subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, timeout=600)
 
 
+def _check_triggers(spec_path: Path, params_path: Path) -> None:
+    """A retrain trigger that names another model than register.model_name would never fire."""
+    import yaml
+
+    from pipeline.config import load_params
+
+    if not params_path.is_file():
+        return
+    expected = f"d2d.model.{load_params(params_path).register_.model_name}"
+    for d in (yaml.safe_load(spec_path.read_text()) or {}).get("deployments", []):
+        for t in d.get("triggers") or []:
+            named = (t.get("match") or {}).get("prefect.resource.id", "")
+            if named.startswith("d2d.model.") and named != expected:
+                raise D2DError(f"prefect.yaml: deployment {d['name']}'s trigger matches {named}, but the monitor emits "
+                               f"its events on {expected} (register.model_name)")
+
+
 @app.command()
 def deploy() -> None:
     """Register prefect.yaml's deployments with the Prefect server in PREFECT_API_URL,
@@ -171,6 +220,7 @@ def deploy() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise D2DError("PREFECT_API_URL is not set: deployments need a Prefect server (`prefect server start`); "
                        "`d2d serve-flows` serves them without one")
+    _check_triggers(Path("prefect.yaml"), Path("params.yaml"))
     if _prefect(["work-pool", "inspect", POOL]).returncode:
         created = _prefect(["work-pool", "create", POOL, "--type", "process"])
         if created.returncode:
@@ -189,9 +239,12 @@ def serve_flows() -> None:
     import yaml
     from prefect import serve
 
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from flows.monitor import monitor_flow
     from flows.training import training_flow
 
-    flows = {"flows/training.py:training_flow": training_flow}
+    flows = {"flows/training.py:training_flow": training_flow, "flows/monitor.py:monitor_flow": monitor_flow}
     spec = yaml.safe_load(Path("prefect.yaml").read_text()) if Path("prefect.yaml").is_file() else None
     if not spec:
         raise D2DError("prefect.yaml not found: run `d2d serve-flows` in the project folder")
@@ -202,7 +255,8 @@ def serve_flows() -> None:
         crons = [s["cron"] for s in d.get("schedules", []) if s.get("active", True)]
         deployments.append(flows[d["entrypoint"]].to_deployment(
             name=d["name"], parameters=d.get("parameters", {}), cron=crons[0] if crons else None,
-            tags=d.get("tags"), description=d.get("description")))
+            tags=d.get("tags"), description=d.get("description"),
+            triggers=[DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"}) for t in d.get("triggers", [])]))
     console.print(f"serving {', '.join(d.name for d in deployments)}; Ctrl-C stops")
     serve(*deployments)
 
@@ -223,9 +277,12 @@ def simulate_drift(
     from pipeline.data.schema import schema_from_params
     from pipeline.data.simulate import simulate_batch
 
-    schema = schema_from_params(load_params(params).data)
+    data = load_params(params).data
+    schema = schema_from_params(data)
+    # the digits the demo dataset holds (data.demo.rows), so `none` is the reference's own distribution
+    source = digits_frame(schema).head(data.demo.rows)
     try:
-        batch = simulate_batch(digits_frame(schema), schema, kind, strength, rows, seed, first_id=1_000_000 + seed * rows)
+        batch = simulate_batch(source, schema, kind, strength, rows, seed, first_id=1_000_000 + seed * rows)
     except ValueError as e:
         raise D2DError(str(e)) from None
     path = io.write_csv(batch, out / f"batch-{kind}-{strength:g}-seed{seed}.csv")

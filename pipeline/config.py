@@ -298,6 +298,25 @@ class DriftParams(_Section):
     domain_max_rows: int = Field(default=2000, ge=50)  # rows sampled from each side
 
 
+class MonitorParams(_Section):
+    """The drift monitor: where new batches arrive, and when a drifted batch retrains."""
+
+    inbox: str = "data/inbox"  # new labelled batches (CSV or Parquet), each processed once
+    state: str = "data/monitor"  # the ledger of processed batches and retrains
+    # The champion's metric (register.compare_metric) on a labelled batch may fall this far
+    # below its test metric before it counts as performance decay.
+    performance_tolerance: float = Field(default=0.05, ge=0.0)
+    retrain_on_prediction_drift: bool = False  # the champion's outputs moved, with inputs that did not
+    cooldown_hours: float = Field(default=24.0, ge=0.0)  # no retrain within this long of the last one
+    max_retrains: int = Field(default=3, ge=0)  # at most this many retrains ...
+    window_hours: float = Field(default=168.0, gt=0.0)  # ... in this window (a week)
+    # flow: run the training flow in this process; event: emit d2d.drift.detected and let the
+    # training deployment's automation (prefect.yaml) run it on a worker; auto: event when
+    # PREFECT_API_URL names a server, else flow; off: decide and report only.
+    retrain: Literal["auto", "flow", "event", "off"] = "auto"
+    experiment: str = "monitoring"  # the MLflow experiment of drift reports
+
+
 class FlowParams(_Section):
     """Prefect orchestration: retries for the tasks that talk to a service (the DVC remote,
     the Ray cluster, MLflow), with exponential backoff."""
@@ -318,6 +337,7 @@ class Params(_Section):
     register_: RegisterParams = Field(default=RegisterParams(), alias="register")
     flow: FlowParams = FlowParams()
     drift: DriftParams = DriftParams()
+    monitor: MonitorParams = MonitorParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -13,12 +13,13 @@ current) is the multivariate check. All vectorised over columns with numpy/scipy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import DriftParams
+from pipeline.config import DriftParams, MonitorParams
 from pipeline.data.schema import Schema
 
 QUANTILE_GRID = 1001  # the Wasserstein integral over quantiles, to well under 1% of its value
@@ -162,11 +163,23 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema,
     return DriftReport(table, share, multivariate, verdict, reasons)
 
 
-def prediction_drift(reference_labels: pd.Series, current_labels: pd.Series, params: DriftParams) -> dict[str, Any]:
-    """Has the champion's output distribution moved? The same categorical test as a feature,
-    on its predicted labels for the reference and the current batch."""
+def prediction_drift(reference_labels: pd.Series, current_labels: pd.Series, params: DriftParams,
+                     numeric: bool = False) -> dict[str, Any]:
+    """Has the champion's output distribution moved? The same test as a feature of the output's
+    type, on its predictions (labels, or values for regression) for the reference and the batch."""
     small = len(reference_labels) <= params.small_reference_rows
-    test, score, threshold, drifted, index = categorical_drift(reference_labels, current_labels, small, params)
+    if numeric:
+        ref = reference_labels.to_numpy("float64")[:, None]
+        cur = current_labels.to_numpy("float64")[:, None]
+        if small:
+            test, score, threshold = "ks", float(ks_pvalues(ref, cur)[0]), params.ks_p
+            drifted = score < threshold
+        else:
+            test, score, threshold = "wasserstein", float(wasserstein_normalised(ref, cur)[0]), params.wasserstein_threshold
+            drifted = score >= threshold
+        index = float(psi(ref, cur, params.psi_bins)[0])
+    else:
+        test, score, threshold, drifted, index = categorical_drift(reference_labels, current_labels, small, params)
     return {"test": test, "score": round(score, 6), "threshold": threshold, "drifted": bool(drifted), "psi": round(index, 6)}
 
 
@@ -177,6 +190,35 @@ def performance_drift(batch_metric: float, test_metric: float, tolerance: float,
             "decayed": decayed,
             "reason": f"{name} on the batch {batch_metric:.4f} vs {test_metric:.4f} on the test split "
                       f"({batch_metric - test_metric:+.4f}; tolerance {tolerance:g})"}
+
+
+def retrain_decision(
+    drift: DriftReport, prediction: dict[str, Any] | None, performance: dict[str, Any] | None, labelled: bool,
+    retrains: list[datetime], now: datetime, params: MonitorParams,
+) -> tuple[bool, bool, list[str]]:
+    """(act, retrain, reasons). `act`: the batch shows drift or decay, so it joins the dataset
+    (when labelled) and d2d.drift.detected is emitted; `retrain`: a retrain may run now, which
+    needs labels to learn from and is held back by the cooldown and the maximum rate."""
+    signals = []
+    if drift.drifted:
+        signals.append("data drift: " + "; ".join(drift.reasons))
+    if performance is not None and performance["decayed"]:
+        signals.append("performance decay: " + performance["reason"])
+    if prediction is not None and prediction["drifted"] and params.retrain_on_prediction_drift:
+        signals.append(f"prediction drift: {prediction['test']} {prediction['score']:.4g} (threshold {prediction['threshold']:g})")
+    if not signals:
+        return False, False, ["no drift and no decay: " + "; ".join(drift.reasons)]
+    reasons = list(signals)
+    if not labelled:
+        return True, False, reasons + ["no retrain: the batch has no labels to learn from"]
+    recent = sorted(t for t in retrains if t > now - timedelta(hours=params.window_hours))
+    if retrains and now - max(retrains) < timedelta(hours=params.cooldown_hours):
+        return True, False, reasons + [f"no retrain: cooldown, the last retrain was at {max(retrains):%Y-%m-%d %H:%M} UTC "
+                                       f"(cooldown_hours {params.cooldown_hours:g})"]
+    if len(recent) >= params.max_retrains:
+        return True, False, reasons + [f"no retrain: {len(recent)} retrains in the last {params.window_hours:g} h "
+                                       f"(max_retrains {params.max_retrains})"]
+    return True, True, reasons + ["retrain"]
 
 
 def _histogram_png(ref: pd.Series, cur: pd.Series, title: str) -> str:
@@ -208,9 +250,12 @@ def _histogram_png(ref: pd.Series, cur: pd.Series, title: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame, top: int = 6) -> str:
-    """One self-contained page: the verdict and its reasons, overlaid histograms of the most
-    drifted features, and every feature's test, score and PSI (most drifted first)."""
+def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame, top: int = 6,
+                prediction: dict[str, Any] | None = None, performance: dict[str, Any] | None = None,
+                notes: list[str] | None = None) -> str:
+    """One self-contained page: the verdict and its reasons, the champion's prediction and
+    performance drift, overlaid histograms of the most drifted features, and every feature's
+    test, score and PSI (most drifted first)."""
     import html
 
     verdict = "DRIFT" if report.drifted else "no drift"
@@ -223,7 +268,14 @@ def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFr
         f"<tr{' class=drift' if r.drifted else ''}><td>{html.escape(r.feature)}</td><td>{r.kind}</td><td>{r.test}</td>"
         f"<td>{r.score:.4g}</td><td>{r.threshold:g}</td><td>{'yes' if r.drifted else 'no'}</td><td>{r.psi:.4f}</td></tr>"
         for r in report.features.itertuples())
-    reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in report.reasons)
+    lines = list(report.reasons)
+    if prediction is not None:
+        lines.append(f"champion's predictions: {prediction['test']} {prediction['score']:.4g} (threshold "
+                     f"{prediction['threshold']:g}, PSI {prediction['psi']:.3f}): {'drifted' if prediction['drifted'] else 'stable'}")
+    if performance is not None:
+        lines.append(("performance decayed: " if performance["decayed"] else "performance held: ") + performance["reason"])
+    lines += notes or []
+    reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in lines)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>d2d drift report</title><style>
 body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}
 tr.drift{{background:#fde7e9}} .verdict{{color:{colour};font-size:1.6em}} img{{margin:4px}}</style></head><body>

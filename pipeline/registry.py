@@ -65,16 +65,13 @@ def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str,
     its own raw-row predictions (its own preprocessing) on the current test split."""
     import mlflow
 
+    return prediction_metrics(predict_raw(mlflow.pyfunc.load_model(model_uri), test, schema), test, schema)
+
+
+def prediction_metrics(out: pd.DataFrame, test: pd.DataFrame, schema: Schema) -> dict[str, float]:
+    """test_* metrics of a pyfunc's raw-row predictions `out` against the labels in `test`."""
     from pipeline.evaluate import classification_metrics, regression_metrics
 
-    model = mlflow.pyfunc.load_model(model_uri)
-    # Each version is fed the types its own signature declares (an older champion may have
-    # been logged with other column types than the current schema gives).
-    declared = model.metadata.get_input_schema()
-    types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in test} if declared is not None
-             else {f.name: f.numpy_dtype for f in schema.features})
-    raw = test[schema.feature_names].astype(types)
-    out = model.predict(raw)
     if schema.regression:
         return {f"test_{k}": v for k, v in regression_metrics(test[schema.target].to_numpy("float64"),
                                                                out["prediction"].to_numpy("float64")).items()}
@@ -83,6 +80,29 @@ def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str,
     index = {c: i for i, c in enumerate(classes)}
     y = test[schema.target].astype(str).map(index).to_numpy("int64")
     return {f"test_{k}": v for k, v in classification_metrics(y, proba).items()}
+
+
+def predict_raw(model: Any, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """A loaded pyfunc's predictions for raw rows. Each version is fed the types its own
+    signature declares (an older champion may have been logged with other column types than
+    the current schema gives)."""
+    declared = model.metadata.get_input_schema()
+    types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in frame} if declared is not None
+             else {f.name: f.numpy_dtype for f in schema.features})
+    return model.predict(frame[schema.feature_names].astype(types))
+
+
+def champion_card(name: str, metric: str) -> dict[str, Any] | None:
+    """The champion now, pinned to its version: URI, the data it was trained on and its test
+    `metric` as recorded at registration; None when there is no champion."""
+    from mlflow import MlflowClient
+
+    champ = current_champion(MlflowClient(), name)
+    if champ is None:
+        return None
+    recorded = champ.tags.get(f"d2d.{metric}")
+    return {"version": champ.version, "uri": f"models:/{name}/{champ.version}", "data_md5": champ.tags.get("d2d.data_md5"),
+            "metric": metric, "test_metric": float(recorded) if recorded is not None else None}
 
 
 def _rescore(model_uri: str, version: str, test: pd.DataFrame, schema: Schema) -> dict[str, Any]:

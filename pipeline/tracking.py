@@ -196,6 +196,23 @@ def log_pipeline_run(
         return run.info.run_id, info.model_uri
 
 
+def log_drift_run(experiment: str, root: Path, run_name: str, metrics: dict[str, float], run_params: dict[str, Any],
+                  tags: dict[str, str], artifacts: list[Path], current: pd.DataFrame | None = None) -> str:
+    """One run per inspected batch in the monitoring experiment: the drift figures as metrics,
+    the verdict as tags, the HTML and JSON reports as artifacts, the batch as a dataset input."""
+    import mlflow
+
+    with mlflow.start_run(experiment_id=_experiment(experiment, root), run_name=run_name, tags=tags) as run:
+        mlflow.log_params(run_params)
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(str(path), artifact_path="drift")
+        if current is not None:
+            dataset = mlflow.data.from_pandas(current, source=run_params.get("batch", "batch"), name=run_name)
+            mlflow.log_input(dataset, context="current")
+        return run.info.run_id
+
+
 CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 

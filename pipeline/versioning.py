@@ -30,6 +30,31 @@ def push_tracked(path: Path, root: Path) -> str:
     return "pushed to the DVC remote"
 
 
+def add_version(path: Path, root: Path) -> str:
+    """`dvc add` the file's new content (cache and .dvc record), then push it to the remote."""
+    target = str(path.relative_to(root))
+    out = _dvc(["add", "-q", target], root)
+    if out.returncode:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        raise RuntimeError(f"dvc add {target} failed: {lines[-1] if lines else out.returncode}")
+    return push_tracked(path, root).replace("pushed", "new version added and pushed")
+
+
+def commit_dvc_file(path: Path, root: Path, message: str) -> str:
+    """Commit only the .dvc record of the new version, when Git tracks it, so the data
+    version is in the project's history as a `dvc add` user would commit it."""
+    dvc_file = str(path.relative_to(root)) + ".dvc"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", dvc_file], cwd=root, capture_output=True)
+    if tracked.returncode:
+        return f"not committed: Git does not track {dvc_file}"
+    out = subprocess.run(["git", "commit", "-q", "-m", message, "--", dvc_file], cwd=root, capture_output=True, text=True)
+    if out.returncode:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        return f"not committed: git commit failed ({lines[-1] if lines else out.returncode})"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return f"committed {dvc_file} as {head.stdout.strip()}"
+
+
 # What each stage's function returns is also what it writes here, so a stage DVC reports
 # as up to date can hand back its summary without running.
 SUMMARIES = {"validate": "reports/validate.json", "clean": "reports/clean.json", "split": "reports/split.json",

@@ -50,6 +50,28 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def append_csv(rows: pd.DataFrame, path: Path) -> Path:
+    """A new version of a CSV: its old bytes unchanged, then `rows` in the file's own column
+    order. Written beside it and renamed into place, so a crash leaves the old version."""
+    import shutil
+
+    header = pd.read_csv(path, nrows=0).columns.tolist()
+    missing = [c for c in header if c not in rows.columns]
+    if missing:
+        raise DataError(f"cannot append to {path}: the new rows lack column(s) {', '.join(missing[:5])}")
+    tmp = _atomic(path)
+    shutil.copyfile(path, tmp)
+    with tmp.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    rows[header].to_csv(tmp, mode="a", header=False, index=False, lineterminator="\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(obj: Any, path: Path) -> Path:
     tmp = _atomic(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

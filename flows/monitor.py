@@ -1,0 +1,170 @@
+"""The drift monitor flow: for each new batch in the inbox, screen → measure drift → report →
+decide; a batch that drifted joins the dataset as a new DVC version and, when the decision
+allows, the training flow runs on it.
+
+The retrain runs one of two ways (monitor.retrain): `flow` calls the training flow here, as a
+subflow, which is what embedded mode (no Prefect server) can do; `event` only emits
+`d2d.drift.detected`, and the training deployment's trigger in prefect.yaml (an automation on
+the server) starts a training run on a worker. `auto` picks `event` when PREFECT_API_URL is set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+
+from flows.training import _retry_worthwhile, _with_retries, training_flow
+from pipeline import drift, monitor
+from pipeline.config import Params, load_params
+from pipeline.data import io
+from pipeline.data.schema import schema_from_params
+from pipeline.errors import DataError
+
+EVENT = "d2d.drift.detected"
+
+
+@task(name="load-reference", retry_condition_fn=_retry_worthwhile)
+def load_reference(params: Params, root: Path) -> monitor.Reference:
+    reference = monitor.load_reference(params, root)
+    get_run_logger().info("reference: champion version %s, %d training rows", reference.champion["version"],
+                          len(reference.frame))
+    return reference
+
+
+@task(name="inspect-batch", retry_condition_fn=_retry_worthwhile)
+def inspect_batch(path: Path, md5: str, params: Params, root: Path, reference: monitor.Reference,
+                  known_ids: set[str]) -> tuple[monitor.Screened, dict[str, Any] | None]:
+    """Validate the batch with the dataset's expectations, then measure its drift."""
+    logger = get_run_logger()
+    schema = schema_from_params(params.data)
+    try:
+        screened = monitor.screen_batch(io.read_table(path), schema, params, known_ids)
+    except DataError as e:  # an unreadable file is a rejected batch, not a failed monitor
+        screened = monitor.Screened(0, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), False, [str(e)])
+    if screened.rejected:
+        logger.warning("%s: rejected (%s); %d rows quarantined", path.name, "; ".join(screened.rejected),
+                       len(screened.quarantine))
+        return screened, None
+    inspected = monitor.inspect_batch(screened, reference, params)
+    logger.info("%s: %d rows (%d quarantined): %s", path.name, screened.rows, len(screened.quarantine),
+                "; ".join(inspected["report"].reasons))
+    return screened, inspected
+
+
+@task(name="publish-drift-report", retry_condition_fn=_retry_worthwhile)
+def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[str, Any], decision: dict[str, Any],
+            reference: monitor.Reference, params: Params, root: Path) -> Path:
+    """HTML + JSON on disk, a run in the `monitoring` MLflow experiment, a Prefect artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from pipeline import tracking
+
+    report: drift.DriftReport = inspected["report"]
+    html, summary = monitor.write_reports(key, inspected, reference, screened, root,
+                                          {"batch": path.name, "decision": decision})
+    metrics = {"drift_share": report.share, "drifted_features": float(report.features["drifted"].sum()),
+               "prediction_drift_score": inspected["prediction"]["score"], "prediction_psi": inspected["prediction"]["psi"],
+               "rows": float(screened.rows), "rows_quarantined": float(len(screened.quarantine))}
+    if report.multivariate:
+        metrics["domain_auc"] = report.multivariate["roc_auc"]
+    if inspected["performance"]:
+        metrics[f"batch_{inspected['performance']['metric']}"] = inspected["performance"]["batch"]
+    run_id = tracking.reachable(lambda: tracking.log_drift_run(
+        params.monitor.experiment, root, key, metrics,
+        {"batch": path.name, "champion_version": reference.champion["version"]},
+        {"d2d.drifted": str(report.drifted).lower(), "d2d.action": decision["action"],
+         "d2d.champion_version": str(reference.champion["version"])}, [html, summary], screened.valid))
+    top = report.features.head(8)
+    table = "\n".join(f"| {r.feature} | {r.test} | {r.score:.4g} | {r.threshold:g} | {'yes' if r.drifted else 'no'} | {r.psi:.3f} |"
+                      for r in top.itertuples())
+    create_markdown_artifact(
+        key="d2d-drift-report",
+        description=f"drift report for {path.name}",
+        markdown=f"# Drift report: {path.name}\n\n**{'DRIFT' if report.drifted else 'no drift'}**, "
+                 f"action: **{decision['action']}**\n\n" + "\n".join(f"- {r}" for r in decision["reasons"])
+                 + f"\n\n| feature | test | score | threshold | drifted | PSI |\n|---|---|---|---|---|---|\n{table}\n\n"
+                 f"Full report: `{html.relative_to(root)}`; MLflow run `{run_id}` in experiment "
+                 f"`{params.monitor.experiment}`.\n")
+    return html
+
+
+@task(name="append-batch", retry_condition_fn=_retry_worthwhile)
+def append_batch(screened: monitor.Screened, params: Params, root: Path) -> dict[str, str]:
+    appended = monitor.append_to_raw(screened.raw_valid, params, root)
+    get_run_logger().info("appended %d rows to %s: md5 %s → %s; %s; %s", len(screened.raw_valid), appended["path"],
+                          appended["md5_before"][:8], appended["md5_after"][:8], appended["dvc"], appended["git"])
+    return appended
+
+
+@task(name="emit-drift-event")
+def emit_drift(key: str, params: Params, decision: dict[str, Any], retrain_by: str) -> None:
+    """`d2d.drift.detected` on the model's resource. Its `d2d.retrain` label says who retrains:
+    `automation` is what the training deployment's trigger matches; `in-process` and `no` are
+    recorded for the event feed only."""
+    from prefect.events import emit_event
+
+    emit_event(event=EVENT,
+               resource={"prefect.resource.id": f"d2d.model.{params.register_.model_name}", "d2d.retrain": retrain_by},
+               payload={"batch": key, "reasons": decision["reasons"], "action": decision["action"]})
+
+
+@flow(name="d2d-drift-monitor")
+def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict[str, Any]:
+    """inbox → screen → drift → report → decide → (append, event, retrain)."""
+    logger = get_run_logger()
+    project = Path(root).resolve()
+    params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
+    params = load_params(params_file, overrides)
+    mode = monitor.retrain_mode(params)
+    outcomes = []
+    with monitor.exclusive(params, project):
+        ledger = monitor.read_ledger(params, project)
+        pending = monitor.pending_batches(params, project, ledger)
+        logger.info("%d new batch(es) in %s", len(pending), params.monitor.inbox)
+        if not pending:
+            return {"batches": [], "retrains": 0}
+        reference = _with_retries(load_reference, params)(params, project)
+        retrains = 0
+        for path, md5 in pending:
+            key = monitor.batch_key(path, md5)
+            screened, inspected = _with_retries(inspect_batch, params)(
+                path, md5, params, project, reference, monitor.known_ids(params, project))
+            quarantine = monitor.write_quarantine(key, screened.quarantine, params, project)
+            if inspected is None:
+                decision = {"action": "rejected", "retrain": False, "reasons": screened.rejected}
+                ledger["batches"][md5] = monitor.ledger_entry(path, screened, decision, None, None, quarantine, project)
+                monitor.write_ledger(ledger, params, project)
+                outcomes.append({"batch": path.name, **decision})
+                continue
+            act, retrain, reasons = drift.retrain_decision(
+                inspected["report"], inspected["prediction"], inspected["performance"], screened.labelled,
+                monitor.retrain_times(ledger), monitor.utc_now(), params.monitor)
+            retrain = retrain and mode != "off"
+            action = ("retrain" if retrain else "append") if act and screened.labelled else ("alert" if act else "none")
+            decision = {"action": action, "retrain": retrain, "reasons": reasons,
+                        "drift_share": inspected["report"].share,
+                        "domain_auc": (inspected["report"].multivariate or {}).get("roc_auc")}
+            report = _with_retries(publish, params)(key, path, screened, inspected, decision, reference, params, project)
+            appended = _with_retries(append_batch, params)(screened, params, project) if act and screened.labelled else None
+            if act:
+                emit_drift(key, params, decision, ("automation" if mode == "event" else "in-process") if retrain else "no")
+            if retrain:
+                ledger["retrains"].append({"at": monitor.utc_now().isoformat(timespec="seconds"), "batch": key, "by": mode})
+            # recorded before the retrain runs: a failed retrain must not make the batch count twice
+            ledger["batches"][md5] = monitor.ledger_entry(path, screened, decision, report, appended, quarantine, project)
+            monitor.write_ledger(ledger, params, project)
+            outcome = {"batch": path.name, **decision}
+            if retrain and mode == "flow":
+                logger.info("%s: retraining on the new data version", path.name)
+                trained = training_flow(params_path=str(params_file), overrides=overrides, root=str(project))
+                outcome["register"] = trained["register"]
+                retrains += 1
+                reference = _with_retries(load_reference, params)(params, project)  # the next batch meets the new champion
+            elif retrain:
+                logger.info("%s: %s emitted; the training deployment's trigger runs the retrain", path.name, EVENT)
+                retrains += 1
+            outcomes.append(outcome)
+    return {"batches": outcomes, "retrains": retrains, "mode": mode}

@@ -1,0 +1,270 @@
+"""The drift monitor's steps, between the inbox and the retrain decision.
+
+A batch is a CSV or Parquet file in the inbox. It is processed once: the ledger
+(`<monitor.state>/ledger.json`) records every batch by content md5, so re-running the
+monitor, or a file copied in twice, never counts a batch again. Each batch is validated with
+the pipeline's own expectations (bad rows go to a quarantine file with their reasons),
+compared with the reference (the train split the champion was trained on) and scored by the
+champion. A batch that drifted joins the raw dataset as a new DVC version: the raw file's
+old bytes stay as they were, the new rows are appended after them, and DVC caches both.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import drift, registry
+from pipeline.config import Params
+from pipeline.data import io
+from pipeline.data.schema import Schema, schema_from_params
+from pipeline.errors import D2DError, DataError
+from pipeline.stages import Paths, raw_path
+
+BATCH_SUFFIXES = (".csv", ".parquet")
+REASON = "reason"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def state_dir(params: Params, root: Path) -> Path:
+    return root / params.monitor.state
+
+
+def read_ledger(params: Params, root: Path) -> dict[str, Any]:
+    path = state_dir(params, root) / "ledger.json"
+    return io.read_json(path) if path.is_file() else {"batches": {}, "retrains": []}
+
+
+def write_ledger(ledger: dict[str, Any], params: Params, root: Path) -> None:
+    io.write_json(ledger, state_dir(params, root) / "ledger.json")
+
+
+def retrain_times(ledger: dict[str, Any]) -> list[datetime]:
+    return [datetime.fromisoformat(r["at"]) for r in ledger["retrains"]]
+
+
+@contextmanager
+def exclusive(params: Params, root: Path) -> Iterator[None]:
+    """One monitor run at a time per project: two at once could append the same batch twice."""
+    folder = state_dir(params, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "monitor.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise D2DError(f"another monitor run is in progress ({folder / 'monitor.lock'} is locked)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pending_batches(params: Params, root: Path, ledger: dict[str, Any]) -> list[tuple[Path, str]]:
+    """The inbox's batches the ledger has not seen (by content), oldest first."""
+    inbox = root / params.monitor.inbox
+    if not inbox.is_dir():
+        return []
+    files = sorted((p for p in inbox.iterdir() if p.is_file() and p.suffix in BATCH_SUFFIXES),
+                   key=lambda p: (p.stat().st_mtime, p.name))
+    seen = set(ledger["batches"])
+    pending = []
+    for path in files:
+        md5 = io.file_md5(path)
+        if md5 not in seen:
+            seen.add(md5)  # the same bytes under two names are one batch
+            pending.append((path, md5))
+    return pending
+
+
+def batch_key(path: Path, md5: str) -> str:
+    return f"{path.stem}-{md5[:8]}"
+
+
+@dataclass
+class Reference:
+    """What a batch is compared with: the champion and the data it learned from."""
+
+    champion: dict[str, Any]
+    model: Any
+    frame: pd.DataFrame
+    predictions: pd.DataFrame
+    notes: list[str]
+
+
+def load_reference(params: Params, root: Path) -> Reference:
+    """The champion (pinned to its version), the train split, and the champion's outputs on it."""
+    import mlflow
+
+    from pipeline import tracking
+
+    schema = schema_from_params(params.data)
+    tracking.configure(root)
+    tracking.reachable(tracking.ping)
+    metric = registry.compare_metric(params.data.task, params.register_)
+    champion = tracking.reachable(lambda: registry.champion_card(params.register_.model_name, metric))
+    if champion is None:
+        raise D2DError(f"no champion for {params.register_.model_name} yet: run `d2d run` first, then the monitor")
+    frame = io.read_table(Paths(root).split("train"))
+    notes = []
+    validated = root / "reports/validate.json"
+    split_md5 = io.read_json(validated).get("data_md5") if validated.is_file() else None
+    if champion["data_md5"] and split_md5 and split_md5 != champion["data_md5"]:
+        # the champion kept its alias through a retrain that was rejected: the train split is newer
+        notes.append(f"the reference is the current train split (raw md5 {split_md5[:8]}); the champion "
+                     f"(version {champion['version']}) was trained on raw md5 {champion['data_md5'][:8]}")
+    model = tracking.reachable(lambda: mlflow.pyfunc.load_model(champion["uri"]))
+    return Reference(champion, model, frame, registry.predict_raw(model, frame, schema), notes)
+
+
+@dataclass
+class Screened:
+    """A batch after validation: rows fit to compare and append, and the rest with reasons."""
+
+    rows: int
+    valid: pd.DataFrame  # coerced values, for the statistics
+    raw_valid: pd.DataFrame  # the same rows as they were read, for appending
+    quarantine: pd.DataFrame
+    labelled: bool
+    rejected: list[str]  # why the whole batch was turned away; empty when it was not
+
+
+def _labelled(batch: pd.DataFrame, schema: Schema) -> bool:
+    return schema.target in batch.columns and bool(batch[schema.target].notna().any())
+
+
+def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids: set[str]) -> Screened:
+    """The dataset's expectations on the batch, plus one the batch alone cannot show: its ids
+    must be new to the dataset (a batch delivered twice under another name is not new data)."""
+    from pipeline.data.validate import EXPECTATIONS, validate
+
+    batch = batch.reset_index(drop=True)
+    labelled = _labelled(batch, schema)
+    checked = batch
+    if not labelled:
+        # Unlabelled rows (production traffic) are checked on their features: a placeholder
+        # label satisfies the target's rules and is dropped again below.
+        placeholder = 0.0 if schema.regression else schema.classes[0]
+        checked = batch.assign(**{schema.target: placeholder})
+    try:
+        report = validate(checked, schema, params.validate_)
+    except DataError as e:
+        return Screened(len(batch), batch.iloc[:0], batch.iloc[:0], batch.assign(**{REASON: str(e)}), labelled, [str(e)])
+    ids = batch[schema.id_column].astype(str)
+    valid_ids = set(report.valid[schema.id_column].astype(str))
+    seen = ids.isin(known_ids) & ids.isin(valid_ids)
+    quarantine = report.quarantine
+    if seen.any():
+        quarantine = pd.concat([quarantine, batch[seen].assign(**{REASON: f"{schema.id_column} already in the dataset",
+                                                                     EXPECTATIONS: "new_id"})], ignore_index=True)
+    keep_ids = valid_ids - set(ids[seen])
+    valid = report.valid[report.valid[schema.id_column].astype(str).isin(keep_ids)].reset_index(drop=True)
+    raw_valid = batch[ids.isin(keep_ids)].reset_index(drop=True)
+    if not labelled:
+        valid = valid.drop(columns=[schema.target])
+        quarantine = quarantine.drop(columns=[schema.target], errors="ignore")
+    rejected = list(report.reasons)
+    if not rejected and len(valid) < params.validate_.min_rows:
+        rejected.append(f"{len(valid)} rows left after quarantine, under validate.min_rows={params.validate_.min_rows}")
+    if rejected:  # nothing of a rejected batch is used: every row is kept in quarantine
+        why = "batch rejected: " + "; ".join(rejected)
+        quarantine = pd.concat([quarantine, raw_valid.assign(**{REASON: why})], ignore_index=True)
+        valid, raw_valid = valid.iloc[:0], raw_valid.iloc[:0]
+    return Screened(len(batch), valid, raw_valid, quarantine, labelled, rejected)
+
+
+def inspect_batch(screened: Screened, reference: Reference, params: Params) -> dict[str, Any]:
+    """Data drift against the reference, the champion's prediction drift and, with labels,
+    its performance on the batch against its own test metric."""
+    schema = schema_from_params(params.data)
+    report = drift.drift_report(reference.frame, screened.valid, schema, params.drift)
+    out = registry.predict_raw(reference.model, screened.valid, schema)
+    column = "prediction" if schema.regression else "label"
+    prediction = drift.prediction_drift(reference.predictions[column].astype(str) if not schema.regression
+                                        else reference.predictions[column], out[column] if schema.regression
+                                        else out[column].astype(str), params.drift, numeric=schema.regression)
+    performance = None
+    champion = reference.champion
+    if screened.labelled and champion["test_metric"] is not None:
+        batch_metric = registry.prediction_metrics(out, screened.valid, schema)[champion["metric"]]
+        performance = drift.performance_drift(batch_metric, champion["test_metric"], params.monitor.performance_tolerance,
+                                              champion["metric"].removeprefix("test_"))
+    return {"report": report, "prediction": prediction, "performance": performance}
+
+
+def write_reports(key: str, inspected: dict[str, Any], reference: Reference, screened: Screened,
+                  root: Path, extra: dict[str, Any]) -> tuple[Path, Path]:
+    """reports/monitor/<batch>/drift.html and drift.json."""
+    report: drift.DriftReport = inspected["report"]
+    folder = root / "reports/monitor" / key
+    html = folder / "drift.html"
+    html.parent.mkdir(parents=True, exist_ok=True)
+    html.write_text(drift.report_html(report, reference.frame, screened.valid,
+                                      prediction=inspected["prediction"], performance=inspected["performance"],
+                                      notes=reference.notes))
+    summary = {**report.summary(), "prediction_drift": inspected["prediction"],
+               "performance": inspected["performance"], "features": report.features.to_dict("records"),
+               "reference_notes": reference.notes, **extra}
+    return html, io.write_json(summary, folder / "drift.json")
+
+
+def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: Path) -> Path | None:
+    if quarantine.empty:
+        return None
+    # raw values may mix numbers and text in one column; Parquet needs one type per column
+    return io.write_parquet(quarantine.astype(str), root / "data/quarantine/monitor" / f"{key}.parquet")
+
+
+def append_to_raw(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, str]:
+    """Append the batch's rows to the raw dataset and version the result with DVC.
+
+    The old version stays intact in two ways: it is cached (and pushed) by DVC before the
+    file changes, and a CSV keeps its old bytes as the new file's prefix, rows appended after.
+    """
+    from pipeline import versioning
+
+    raw = raw_path(params, root)
+    before = io.file_md5(raw)
+    tracked = io.dvc_recorded_md5(raw) is not None
+    if tracked and io.dvc_recorded_md5(raw) == before:
+        versioning.push_tracked(raw, root)  # the version being replaced is in the cache and the remote
+    if raw.suffix == ".parquet":
+        io.write_parquet(pd.concat([io.read_table(raw), rows], ignore_index=True), raw)
+    else:
+        io.append_csv(rows, raw)
+    after = io.file_md5(raw)
+    dvc = versioning.add_version(raw, root) if tracked else f"not tracked: run `dvc add {params.data.raw}` to version it"
+    return {"path": str(params.data.raw), "md5_before": before, "md5_after": after, "dvc": dvc,
+            "git": versioning.commit_dvc_file(raw, root, f"d2d monitor: {len(rows)} new rows in {params.data.raw}")
+            if tracked else "not committed"}
+
+
+def known_ids(params: Params, root: Path) -> set[str]:
+    schema = schema_from_params(params.data)
+    return set(io.read_table(raw_path(params, root))[schema.id_column].astype(str))
+
+
+def retrain_mode(params: Params) -> str:
+    if params.monitor.retrain != "auto":
+        return params.monitor.retrain
+    return "event" if os.environ.get("PREFECT_API_URL") else "flow"
+
+
+def ledger_entry(path: Path, screened: Screened, decision: dict[str, Any], report: Path | None,
+                 appended: dict[str, str] | None, quarantine: Path | None, root: Path) -> dict[str, Any]:
+    return {"file": path.name, "processed_at": utc_now().isoformat(timespec="seconds"), "rows": screened.rows,
+            "rows_valid": len(screened.valid), "rows_quarantined": len(screened.quarantine),
+            "labelled": screened.labelled, "rejected": screened.rejected, **decision,
+            "report": str(report.relative_to(root)) if report else None,
+            "quarantine": str(quarantine.relative_to(root)) if quarantine else None, "appended": appended}
+
