@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.training import _retry_worthwhile, _with_retries, training_flow
 from pipeline import drift, monitor
@@ -26,7 +27,7 @@ from pipeline.errors import DataError
 EVENT = "d2d.drift.detected"
 
 
-@task(name="load-reference", retry_condition_fn=_retry_worthwhile)
+@task(name="load-reference", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
 def load_reference(params: Params, root: Path) -> monitor.Reference:
     reference = monitor.load_reference(params, root)
     get_run_logger().info("reference: champion version %s, %d training rows", reference.champion["version"],
@@ -34,7 +35,7 @@ def load_reference(params: Params, root: Path) -> monitor.Reference:
     return reference
 
 
-@task(name="inspect-batch", retry_condition_fn=_retry_worthwhile)
+@task(name="inspect-batch", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
 def inspect_batch(path: Path, md5: str, params: Params, root: Path, reference: monitor.Reference,
                   known_ids: set[str]) -> tuple[monitor.Screened, dict[str, Any] | None]:
     """Validate the batch with the dataset's expectations, then measure its drift."""
@@ -54,7 +55,7 @@ def inspect_batch(path: Path, md5: str, params: Params, root: Path, reference: m
     return screened, inspected
 
 
-@task(name="publish-drift-report", retry_condition_fn=_retry_worthwhile)
+@task(name="publish-drift-report", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
 def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[str, Any], decision: dict[str, Any],
             reference: monitor.Reference, params: Params, root: Path) -> Path:
     """HTML + JSON on disk, a run in the `monitoring` MLflow experiment, a Prefect artifact."""
@@ -91,7 +92,7 @@ def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[st
     return html
 
 
-@task(name="append-batch", retry_condition_fn=_retry_worthwhile)
+@task(name="append-batch", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
 def append_batch(screened: monitor.Screened, params: Params, root: Path) -> dict[str, str]:
     appended = monitor.append_to_raw(screened.raw_valid, params, root)
     get_run_logger().info("appended %d rows to %s: md5 %s → %s; %s; %s", len(screened.raw_valid), appended["path"],
@@ -99,7 +100,7 @@ def append_batch(screened: monitor.Screened, params: Params, root: Path) -> dict
     return appended
 
 
-@task(name="emit-drift-event")
+@task(name="emit-drift-event", cache_policy=NO_CACHE)
 def emit_drift(key: str, params: Params, decision: dict[str, Any], retrain_by: str) -> None:
     """`d2d.drift.detected` on the model's resource. Its `d2d.retrain` label says who retrains:
     `automation` is what the training deployment's trigger matches; `in-process` and `no` are
@@ -118,7 +119,10 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
     project = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
     params = load_params(params_file, overrides)
-    mode = monitor.retrain_mode(params)
+    from prefect.settings import get_current_settings
+
+    mode = monitor.retrain_mode(params, get_current_settings().api.url)
+    logger.info("retrain mode: %s (monitor.retrain: %s)", mode, params.monitor.retrain)
     outcomes = []
     with monitor.exclusive(params, project):
         ledger = monitor.read_ledger(params, project)

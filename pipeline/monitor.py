@@ -12,7 +12,6 @@ old bytes stay as they were, the new rows are appended after them, and DVC cache
 from __future__ import annotations
 
 import fcntl
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,7 +172,8 @@ def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids:
     if not labelled:
         valid = valid.drop(columns=[schema.target])
         quarantine = quarantine.drop(columns=[schema.target], errors="ignore")
-    rejected = list(report.reasons)
+    # the placeholder label cannot make a batch learnable or not: that rule is for labelled data
+    rejected = [r for r in report.reasons if labelled or not r.startswith(f"target '{schema.target}'")]
     if not rejected and len(valid) < params.validate_.min_rows:
         rejected.append(f"{len(valid)} rows left after quarantine, under validate.min_rows={params.validate_.min_rows}")
     if rejected:  # nothing of a rejected batch is used: every row is kept in quarantine
@@ -254,10 +254,12 @@ def known_ids(params: Params, root: Path) -> set[str]:
     return set(io.read_table(raw_path(params, root))[schema.id_column].astype(str))
 
 
-def retrain_mode(params: Params) -> str:
+def retrain_mode(params: Params, api_url: str | None) -> str:
+    """`auto`: with a Prefect server (PREFECT_API_URL, from the environment or the profile) the
+    automation retrains on a worker; without one (embedded mode) the flow retrains in-process."""
     if params.monitor.retrain != "auto":
         return params.monitor.retrain
-    return "event" if os.environ.get("PREFECT_API_URL") else "flow"
+    return "event" if api_url else "flow"
 
 
 def ledger_entry(path: Path, screened: Screened, decision: dict[str, Any], report: Path | None,

@@ -1,0 +1,173 @@
+"""The drift monitor's pieces on tiny frames: the retrain decision (signals, labels, cooldown,
+rate limit), screening a batch (expectations, ids already in the dataset, rejection keeps every
+row), the ledger's exactly-once inbox, appending a new raw version without touching the old
+bytes, and the lock and trigger checks."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import monitor
+from pipeline.cli import _check_triggers
+from pipeline.config import MonitorParams, Params
+from pipeline.data import io
+from pipeline.drift import DriftReport, retrain_decision
+from pipeline.errors import D2DError, DataError
+from tests.conftest import REPO, make_frame
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+
+
+def report(drifted: bool) -> DriftReport:
+    return DriftReport(pd.DataFrame({"drifted": [drifted]}), float(drifted), None, drifted, ["1 of 1 features drifted"])
+
+
+DECAYED = {"decayed": True, "reason": "f1_macro on the batch 0.50 vs 0.95"}
+HELD = {"decayed": False, "reason": "f1_macro on the batch 0.95 vs 0.95"}
+MOVED = {"drifted": True, "test": "jensen_shannon", "score": 0.3, "threshold": 0.1}
+
+
+@pytest.mark.parametrize("drifted, prediction, performance, on_prediction, act, retrain", [
+    (False, None, None, False, False, False),
+    (False, None, HELD, False, False, False),
+    (True, None, None, False, True, True),
+    (False, None, DECAYED, False, True, True),  # decay alone is enough
+    (False, MOVED, HELD, False, False, False),  # prediction drift counts only when asked to
+    (False, MOVED, HELD, True, True, True),
+])
+def test_the_decision_follows_the_signals(drifted, prediction, performance, on_prediction, act, retrain):
+    params = MonitorParams(retrain_on_prediction_drift=on_prediction)
+    got = retrain_decision(report(drifted), prediction, performance, True, [], NOW, params)
+    assert got[:2] == (act, retrain)
+    assert got[2]
+
+
+def test_unlabelled_drift_alerts_but_cannot_retrain():
+    act, retrain, reasons = retrain_decision(report(True), None, None, False, [], NOW, MonitorParams())
+    assert (act, retrain) == (True, False) and "no labels" in reasons[-1]
+
+
+@pytest.mark.parametrize("hours_ago, retrain", [(1, False), (23.9, False), (24.1, True)])
+def test_the_cooldown_holds_a_retrain_back(hours_ago, retrain):
+    last = [NOW - timedelta(hours=hours_ago)]
+    act, got, reasons = retrain_decision(report(True), None, None, True, last, NOW, MonitorParams(cooldown_hours=24))
+    assert act and got == retrain
+    assert ("cooldown" in reasons[-1]) == (not retrain)
+
+
+def test_the_rate_limit_counts_retrains_in_the_window_only():
+    params = MonitorParams(cooldown_hours=0, max_retrains=2, window_hours=24)
+    two_recent = [NOW - timedelta(hours=2), NOW - timedelta(hours=1)]
+    assert retrain_decision(report(True), None, None, True, two_recent, NOW, params)[1] is False
+    one_old = [NOW - timedelta(hours=30), NOW - timedelta(hours=1)]
+    assert retrain_decision(report(True), None, None, True, one_old, NOW, params)[1] is True
+
+
+@pytest.fixture
+def project(tmp_path, tiny_data_params, tiny_schema) -> tuple[Params, Path]:
+    params = Params(data=tiny_data_params, validate={"min_rows": 5, "data_docs": False}, train={"model": "mlp"})
+    io.write_csv(make_frame(tiny_schema, 30), tmp_path / tiny_data_params.raw)
+    return params, tmp_path
+
+
+def test_screening_quarantines_bad_rows_and_ids_already_in_the_dataset(project, tiny_schema):
+    params, root = project
+    batch = make_frame(tiny_schema, 20).assign(id=range(100, 120))
+    batch.loc[3, "f0"] = 99  # out of the schema's range
+    batch.loc[[5, 6], "id"] = [1, 2]  # ids the raw file already has
+    screened = monitor.screen_batch(batch, tiny_schema, params, monitor.known_ids(params, root))
+    assert not screened.rejected and screened.labelled
+    assert sorted(screened.quarantine["id"].astype(int)) == [1, 2, 103]
+    assert "already in the dataset" in " ".join(screened.quarantine[monitor.REASON])
+    assert len(screened.valid) == len(screened.raw_valid) == 17
+
+
+def test_a_corrupted_batch_is_rejected_and_every_row_kept_in_quarantine(project, tiny_schema):
+    params, root = project
+    batch = make_frame(tiny_schema, 20).assign(id=range(100, 120))
+    batch.loc[:7, "f1"] = -5  # 40% of the rows: above validate.max_bad_row_fraction
+    screened = monitor.screen_batch(batch, tiny_schema, params, monitor.known_ids(params, root))
+    assert screened.rejected and "max_bad_row_fraction" in screened.rejected[0]
+    assert len(screened.quarantine) == 20 and screened.valid.empty and screened.raw_valid.empty
+
+
+def test_a_batch_without_the_target_is_checked_on_its_features(project, tiny_schema):
+    params, root = project
+    batch = make_frame(tiny_schema, 20).assign(id=range(100, 120)).drop(columns="label")
+    batch.loc[0, "f2"] = 50
+    screened = monitor.screen_batch(batch, tiny_schema, params, set())
+    assert not screened.labelled and not screened.rejected
+    assert len(screened.valid) == 19 and "label" not in screened.valid and "label" not in screened.quarantine
+
+
+def test_a_batch_missing_a_feature_is_rejected_with_the_column_named(project, tiny_schema):
+    params, _ = project
+    batch = make_frame(tiny_schema, 20).drop(columns="f3")
+    screened = monitor.screen_batch(batch, tiny_schema, params, set())
+    assert "f3" in screened.rejected[0] and len(screened.quarantine) == 20
+
+
+def test_the_inbox_gives_each_batch_once_by_content(project, tiny_schema):
+    params, root = project
+    inbox = root / params.monitor.inbox
+    a = io.write_csv(make_frame(tiny_schema, 10), inbox / "a.csv")
+    (inbox / "a-again.csv").write_bytes(a.read_bytes())  # the same batch under another name
+    io.write_csv(make_frame(tiny_schema, 10, seed=1), inbox / "b.csv")
+    (inbox / "notes.txt").write_text("not a batch")
+    ledger = monitor.read_ledger(params, root)
+    pending = monitor.pending_batches(params, root, ledger)
+    assert len(pending) == 2 and {p.name for p, _ in pending} <= {"a.csv", "a-again.csv", "b.csv"}
+    ledger["batches"][pending[0][1]] = {"file": pending[0][0].name}
+    monitor.write_ledger(ledger, params, root)
+    assert [m for _, m in monitor.pending_batches(params, root, monitor.read_ledger(params, root))] == [pending[1][1]]
+
+
+def test_appending_keeps_the_old_bytes_as_the_prefix(tmp_path, tiny_schema):
+    raw = tmp_path / "raw.csv"
+    raw.write_text("id,f0,f1,f2,f3,label\n1,abc,2,3,4,0")  # a corrupt value and no final newline
+    old = raw.read_bytes()
+    rows = make_frame(tiny_schema, 3).assign(id=[7, 8, 9])[["label", "f3", "f2", "f1", "f0", "id"]]
+    io.append_csv(rows, raw)
+    new = raw.read_bytes()
+    assert new.startswith(old) and new.count(b"\n") == 5
+    back = pd.read_csv(raw)
+    assert back["id"].tolist() == [1, 7, 8, 9] and back.loc[1:, "f0"].astype(int).tolist() == rows["f0"].tolist()
+
+
+def test_appending_rows_without_a_column_fails_and_leaves_the_file(tmp_path):
+    raw = tmp_path / "raw.csv"
+    raw.write_text("id,x,label\n1,2,0\n")
+    with pytest.raises(DataError, match="lack column"):
+        io.append_csv(pd.DataFrame({"id": [2], "label": [1]}), raw)
+    assert raw.read_text() == "id,x,label\n1,2,0\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_monitor_run_is_refused_while_one_holds_the_lock(project):
+    params, root = project
+    with monitor.exclusive(params, root):
+        with pytest.raises(D2DError, match="in progress"):
+            with monitor.exclusive(params, root):
+                pass
+    with monitor.exclusive(params, root):  # released
+        pass
+
+
+@pytest.mark.parametrize("retrain, api_url, mode", [("auto", None, "flow"), ("auto", "http://127.0.0.1:4200/api", "event"),
+                                                    ("flow", "http://127.0.0.1:4200/api", "flow"), ("off", None, "off")])
+def test_the_retrain_mode(project, retrain, api_url, mode):
+    params, _ = project
+    assert monitor.retrain_mode(params.model_copy(update={"monitor": MonitorParams(retrain=retrain)}), api_url) == mode
+
+
+def test_deploy_refuses_a_trigger_for_another_model(tmp_path):
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    _check_triggers(REPO / "prefect.yaml", REPO / "params.yaml")  # the shipped pair agrees
+    spec["deployments"][0]["triggers"][0]["match"]["prefect.resource.id"] = "d2d.model.other"
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(D2DError, match="d2d.model.other"):
+        _check_triggers(tmp_path / "prefect.yaml", REPO / "params.yaml")
