@@ -90,6 +90,43 @@ def test_the_training_deployment_runs_on_a_process_worker(tmp_path, prefect_serv
     assert (root / "reports/register.json").is_file() and (root / "dvc.lock").is_file()
     assert "up to date" in run(["dvc", "status"], root).stdout
 
+    # Drift-triggered retraining on a server: the drift-monitor deployment (daily cron) finds a
+    # shifted batch, emits d2d.drift.detected for the automation, and the training deployment's
+    # trigger from prefect.yaml starts a training run, which the worker then executes.
+    monitor = httpx.get(f"{api}/deployments/name/d2d-drift-monitor/drift-monitor", timeout=30).json()
+    assert [s["schedule"]["cron"] for s in monitor["schedules"]] == ["0 6 * * *"]
+    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    [trigger] = [a for a in automations if any(x.get("deployment_id") == deployment["id"] for x in a["actions"])]
+    assert trigger["trigger"]["expect"] == ["d2d.drift.detected"]
+    assert trigger["trigger"]["match"] == {"prefect.resource.id": "d2d.model.d2d-digits", "d2d.retrain": "automation"}
+    simulated = subprocess.run([str(BIN / "d2d"), "simulate-drift", "--kind", "thicken", "--strength", "0.8"],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert simulated.returncode == 0, simulated.stderr[-2000:]
+    monitor_run = httpx.post(f"{api}/deployments/{monitor['id']}/create_flow_run", json={}, timeout=30).json()
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
+    state = httpx.get(f"{api}/flow_runs/{monitor_run['id']}", timeout=30).json()["state"]
+    assert state["type"] == "COMPLETED", f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    [entry] = yaml.safe_load((root / "data/monitor/ledger.json").read_text())["batches"].values()
+    assert entry["action"] == "retrain" and entry["appended"]["md5_after"] == run(["md5sum", "data/raw/digits.csv"], root).stdout.split()[0]
+
+    def training_runs() -> list[dict]:
+        return httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+            "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"}).json()
+
+    deadline = time.monotonic() + 60
+    while len(training_runs()) < 2:  # the automation reacts to the event on the server's own time
+        assert time.monotonic() < deadline, "the drift event did not start a training run"
+        time.sleep(1)
+    retrain = training_runs()[0]
+    assert retrain["id"] != flow_run["id"]
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
+    state = httpx.get(f"{api}/flow_runs/{retrain['id']}", timeout=30).json()["state"]
+    assert state["type"] == "COMPLETED", f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    registered = yaml.safe_load((root / "reports/register.json").read_text())
+    assert registered["version"] == 2  # the retrain registered a challenger and the gate decided on it
+
 
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the run and everything it started (its Ray processes included): a lost machine."""
