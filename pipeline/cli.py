@@ -116,16 +116,16 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
         return
     table = Table(title=f"drift monitor: {len(result['batches'])} batch(es), {result['retrains']} retrain(s) "
                         f"({result['mode']})", title_justify="left")
-    for column in ("batch", "drift share", "domain AUC", "action", "why"):
+    for column in ("batch", "drift share", "domain AUC", "action", "new version"):
         table.add_column(column)
     for b in result["batches"]:
-        auc = b.get("domain_auc")
-        why = "; ".join(b["reasons"]) + (f"; new version {b['register']['version']}: "
-                                         f"{'champion' if b['register']['promoted'] else 'rejected by the gate'}"
-                                         if "register" in b else "")
+        auc, reg = b.get("domain_auc"), b.get("register")
         table.add_row(b["batch"], f"{b['drift_share']:.2f}" if "drift_share" in b else "-",
-                      f"{auc:.3f}" if auc is not None else "-", b["action"], why)
+                      f"{auc:.3f}" if auc is not None else "-", b["action"],
+                      f"{reg['version']} ({'champion' if reg['promoted'] else 'rejected by the gate'})" if reg else "-")
     console.print(table)
+    for b in result["batches"]:  # the reasons in full, below the table
+        console.print(f"[bold]{b['batch']}[/]: " + "; ".join(b["reasons"] + (b["register"]["reasons"] if "register" in b else [])))
 
 
 @app.command()
