@@ -36,27 +36,27 @@ def load_reference(params: Params, root: Path) -> monitor.Reference:
 
 
 @task(name="inspect-batch", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
-def inspect_batch(path: Path, md5: str, params: Params, root: Path, reference: monitor.Reference,
+def inspect_batch(batch: monitor.Batch, params: Params, root: Path, reference: monitor.Reference,
                   known_ids: set[str]) -> tuple[monitor.Screened, dict[str, Any] | None]:
     """Validate the batch with the dataset's expectations, then measure its drift."""
     logger = get_run_logger()
     schema = schema_from_params(params.data)
     try:
-        screened = monitor.screen_batch(io.read_table(path), schema, params, known_ids)
+        screened = monitor.screen_batch(monitor.read_batch(batch, schema), schema, params, known_ids)
     except DataError as e:  # an unreadable file is a rejected batch, not a failed monitor
         screened = monitor.Screened(0, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), False, [str(e)])
     if screened.rejected:
-        logger.warning("%s: rejected (%s); %d rows quarantined", path.name, "; ".join(screened.rejected),
+        logger.warning("%s: rejected (%s); %d rows quarantined", batch.name, "; ".join(screened.rejected),
                        len(screened.quarantine))
         return screened, None
     inspected = monitor.inspect_batch(screened, reference, params)
-    logger.info("%s: %d rows (%d quarantined): %s", path.name, screened.rows, len(screened.quarantine),
+    logger.info("%s: %d rows (%d quarantined): %s", batch.name, screened.rows, len(screened.quarantine),
                 "; ".join(inspected["report"].reasons))
     return screened, inspected
 
 
 @task(name="publish-drift-report", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
-def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[str, Any], decision: dict[str, Any],
+def publish(batch: monitor.Batch, screened: monitor.Screened, inspected: dict[str, Any], decision: dict[str, Any],
             reference: monitor.Reference, params: Params, root: Path) -> Path:
     """HTML + JSON on disk, a run in the `monitoring` MLflow experiment, a Prefect artifact."""
     from prefect.artifacts import create_markdown_artifact
@@ -64,8 +64,9 @@ def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[st
     from pipeline import tracking
 
     report: drift.DriftReport = inspected["report"]
+    key = batch.key
     html, summary = monitor.write_reports(key, inspected, reference, screened, root,
-                                          {"batch": path.name, "decision": decision})
+                                          {"batch": batch.name, "decision": decision})
     metrics = {"drift_share": report.share, "drifted_features": float(report.features["drifted"].sum()),
                "prediction_drift_score": inspected["prediction"]["score"], "prediction_psi": inspected["prediction"]["psi"],
                "rows": float(screened.rows), "rows_quarantined": float(len(screened.quarantine))}
@@ -75,7 +76,7 @@ def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[st
         metrics[f"batch_{inspected['performance']['metric']}"] = inspected["performance"]["batch"]
     run_id = tracking.reachable(lambda: tracking.log_drift_run(
         params.monitor.experiment, root, key, metrics,
-        {"batch": path.name, "champion_version": reference.champion["version"]},
+        {"batch": batch.name, "champion_version": reference.champion["version"]},
         {"d2d.drifted": str(report.drifted).lower(), "d2d.action": decision["action"],
          "d2d.champion_version": str(reference.champion["version"])}, [html, summary], screened.valid))
     top = report.features.head(8)
@@ -83,8 +84,8 @@ def publish(key: str, path: Path, screened: monitor.Screened, inspected: dict[st
                       for r in top.itertuples())
     create_markdown_artifact(
         key="d2d-drift-report",
-        description=f"drift report for {path.name}",
-        markdown=f"# Drift report: {path.name}\n\n**{'DRIFT' if report.drifted else 'no drift'}**, "
+        description=f"drift report for {batch.name}",
+        markdown=f"# Drift report: {batch.name}\n\n**{'DRIFT' if report.drifted else 'no drift'}**, "
                  f"action: **{decision['action']}**\n\n" + "\n".join(f"- {r}" for r in decision["reasons"])
                  + f"\n\n| feature | test | score | threshold | drifted | PSI |\n|---|---|---|---|---|---|\n{table}\n\n"
                  f"Full report: `{html.relative_to(root)}`; MLflow run `{run_id}` in experiment "
@@ -132,16 +133,17 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
             return {"batches": [], "retrains": 0}
         reference = _with_retries(load_reference, params)(params, project)
         retrains = 0
-        for path, md5 in pending:
-            key = monitor.batch_key(path, md5)
+        for batch in pending:
+            key = batch.key
             screened, inspected = _with_retries(inspect_batch, params)(
-                path, md5, params, project, reference, monitor.known_ids(params, project))
+                batch, params, project, reference, monitor.known_ids(params, project))
+            ledger.setdefault("log_parts", []).extend(batch.log_parts)
             quarantine = monitor.write_quarantine(key, screened.quarantine, params, project)
             if inspected is None:
                 decision = {"action": "rejected", "retrain": False, "reasons": screened.rejected}
-                ledger["batches"][md5] = monitor.ledger_entry(path, screened, decision, None, None, quarantine, project)
+                ledger["batches"][batch.md5] = monitor.ledger_entry(batch, screened, decision, None, None, quarantine, project)
                 monitor.write_ledger(ledger, params, project)
-                outcomes.append({"batch": path.name, **decision})
+                outcomes.append({"batch": batch.name, **decision})
                 continue
             act, retrain, reasons = drift.retrain_decision(
                 inspected["report"], inspected["prediction"], inspected["performance"], screened.labelled,
@@ -151,24 +153,24 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
             decision = {"action": action, "retrain": retrain, "reasons": reasons,
                         "drift_share": inspected["report"].share,
                         "domain_auc": (inspected["report"].multivariate or {}).get("roc_auc")}
-            report = _with_retries(publish, params)(key, path, screened, inspected, decision, reference, params, project)
+            report = _with_retries(publish, params)(batch, screened, inspected, decision, reference, params, project)
             appended = _with_retries(append_batch, params)(screened, params, project) if act and screened.labelled else None
             if act:
                 emit_drift(key, params, decision, ("automation" if mode == "event" else "in-process") if retrain else "no")
             if retrain:
                 ledger["retrains"].append({"at": monitor.utc_now().isoformat(timespec="seconds"), "batch": key, "by": mode})
             # recorded before the retrain runs: a failed retrain must not make the batch count twice
-            ledger["batches"][md5] = monitor.ledger_entry(path, screened, decision, report, appended, quarantine, project)
+            ledger["batches"][batch.md5] = monitor.ledger_entry(batch, screened, decision, report, appended, quarantine, project)
             monitor.write_ledger(ledger, params, project)
-            outcome = {"batch": path.name, **decision}
+            outcome = {"batch": batch.name, **decision}
             if retrain and mode == "flow":
-                logger.info("%s: retraining on the new data version", path.name)
+                logger.info("%s: retraining on the new data version", batch.name)
                 trained = training_flow(params_path=str(params_file), overrides=overrides, root=str(project))
                 outcome["register"] = trained["register"]
                 retrains += 1
                 reference = _with_retries(load_reference, params)(params, project)  # the next batch meets the new champion
             elif retrain:
-                logger.info("%s: %s emitted; the training deployment's trigger runs the retrain", path.name, EVENT)
+                logger.info("%s: %s emitted; the training deployment's trigger runs the retrain", batch.name, EVENT)
                 retrains += 1
             outcomes.append(outcome)
     return {"batches": outcomes, "retrains": retrains, "mode": mode}

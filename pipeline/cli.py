@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,76 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     console.print(table)
     for b in result["batches"]:  # the reasons in full, below the table
         console.print(f"[bold]{b['batch']}[/]: " + "; ".join(b["reasons"] + (b["register"]["reasons"] if "register" in b else [])))
+
+
+def _port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise D2DError(f"cannot serve on {host}:{port}: {e.strerror} (set serve.port)") from None
+
+
+@app.command()
+def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Serve the registry's champion over HTTP with Ray Serve (POST /predict, GET /health,
+    GET /metadata); follows the alias when it moves. Ctrl-C stops."""
+    from pipeline import registry, tracking
+    from pipeline.config import load_params
+    from pipeline.serve import build_app, settings
+    from pipeline.train.trainer import ray_session
+
+    cfg = load_params(params, set_ or [])
+    root = Path.cwd()
+    uri = tracking.configure(root)
+    tracking.reachable(tracking.ping)
+    name, alias = cfg.register_.model_name, cfg.serve.alias
+    if tracking.reachable(lambda: registry.resolve_alias(name, alias)) is None:
+        raise D2DError(f"models:/{name}@{alias} does not exist" + (": run `d2d run` first" if alias == "champion" else ""))
+    _port_free(cfg.serve.host, cfg.serve.port)
+    from ray import serve as ray_serve
+
+    replicas = cfg.serve.autoscaling.max_replicas if cfg.serve.autoscaling else cfg.serve.num_replicas
+    with ray_session(cfg.train, cpus_needed=int(replicas * cfg.serve.cpus_per_replica) + 1):
+        ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        ray_serve.run(build_app(settings(cfg, uri, root)), name="d2d", route_prefix="/")
+        console.print(f"serving {name}@{alias} on http://{cfg.serve.host}:{cfg.serve.port} "
+                      f"(POST /predict, GET /health, GET /metadata); Ctrl-C stops")
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt  # SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping: draining replicas and writing the inference log")
+            ray_serve.shutdown()
+
+
+@app.command()
+def predict(
+    input_: Annotated[Path, typer.Option("--input", "-i", help="A CSV/Parquet file, or a folder of them.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the predictions go (.csv or .parquet).")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Score files with the champion (Ray Data map_batches), as the d2d-batch-predict flow."""
+    from pipeline.config import load_params
+
+    overrides = set_ or []
+    load_params(params, overrides)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.predict import predict_flow
+
+    _quiet_user_errors()
+    result = predict_flow(input=str(input_.resolve()), output=str(output.resolve()), params_path=str(params.resolve()),
+                          overrides=overrides, root=str(Path.cwd()))
+    console.print(f"scored {result['rows']} rows from {result['files']} file(s) with {result['model']} → "
+                  f"{result['output']}" + (f" ({result['errors']} rows could not be scored; see the error column)"
+                                          if result["errors"] else ""))
 
 
 @app.command()

@@ -302,6 +302,7 @@ class MonitorParams(_Section):
     """The drift monitor: where new batches arrive, and when a drifted batch retrains."""
 
     inbox: str = "data/inbox"  # new labelled batches (CSV or Parquet), each processed once
+    read_inference_log: bool = True  # also inspect what `d2d serve` logged (serve.log_dir; unlabelled)
     state: str = "data/monitor"  # the ledger of processed batches and retrains
     # The champion's metric (register.compare_metric) on a labelled batch may fall this far
     # below its test metric before it counts as performance decay.
@@ -315,6 +316,33 @@ class MonitorParams(_Section):
     # PREFECT_API_URL names a server, else flow; off: decide and report only.
     retrain: Literal["auto", "flow", "event", "off"] = "auto"
     experiment: str = "monitoring"  # the MLflow experiment of drift reports
+
+
+class AutoscalingParams(_Section):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0.0)
+
+
+class ServeParams(_Section):
+    """`d2d serve`: the champion behind Ray Serve on host:port, and `d2d predict`."""
+
+    host: str = "127.0.0.1"  # loopback unless you mean to expose it
+    port: int = Field(default=8000, ge=1, le=65535)
+    alias: str = "champion"  # serves models:/<register.model_name>@<alias>
+    poll_s: float = Field(default=10.0, gt=0.0)  # how often a replica checks where the alias points
+    num_replicas: int = Field(default=1, ge=1)  # ignored when autoscaling is set
+    autoscaling: AutoscalingParams | None = None
+    cpus_per_replica: float = Field(default=1.0, gt=0.0)
+    use_gpu: bool = False  # one GPU per replica
+    max_batch_size: int = Field(default=64, ge=1)  # @serve.batch: requests scored together
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0.0)
+    max_body_bytes: int = Field(default=5_000_000, ge=1)  # larger bodies get 413
+    max_rows: int = Field(default=2048, ge=1)  # more rows in one request get 413
+    log_dir: str = "data/inference_log"  # Parquet, partitioned by date=YYYY-MM-DD; empty: no log
+    log_flush_s: float = Field(default=5.0, gt=0.0)
+    predict_batch_size: int = Field(default=1024, ge=1)  # `d2d predict`: rows per Ray Data batch
+    predict_concurrency: int = Field(default=1, ge=1)  # `d2d predict`: model actors scoring in parallel
 
 
 class FlowParams(_Section):
@@ -338,6 +366,7 @@ class Params(_Section):
     flow: FlowParams = FlowParams()
     drift: DriftParams = DriftParams()
     monitor: MonitorParams = MonitorParams()
+    serve: ServeParams = ServeParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

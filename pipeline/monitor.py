@@ -69,25 +69,64 @@ def exclusive(params: Params, root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def pending_batches(params: Params, root: Path, ledger: dict[str, Any]) -> list[tuple[Path, str]]:
-    """The inbox's batches the ledger has not seen (by content), oldest first."""
+@dataclass(frozen=True)
+class Batch:
+    """New data to inspect: an inbox file, or the inference log's unseen part files."""
+
+    name: str
+    md5: str  # the ledger's key: the file's content, or the list of log parts
+    paths: tuple[Path, ...]
+    log_parts: tuple[str, ...] = ()  # inference-log parts it consumes, relative to the project
+
+    @property
+    def key(self) -> str:
+        return f"{Path(self.name).stem}-{self.md5[:8]}"
+
+
+def pending_batches(params: Params, root: Path, ledger: dict[str, Any]) -> list[Batch]:
+    """The inbox's batches the ledger has not seen (by content), oldest first, then the
+    inference log's unseen rows as one unlabelled batch."""
     inbox = root / params.monitor.inbox
-    if not inbox.is_dir():
-        return []
     files = sorted((p for p in inbox.iterdir() if p.is_file() and p.suffix in BATCH_SUFFIXES),
-                   key=lambda p: (p.stat().st_mtime, p.name))
+                   key=lambda p: (p.stat().st_mtime, p.name)) if inbox.is_dir() else []
     seen = set(ledger["batches"])
     pending = []
     for path in files:
         md5 = io.file_md5(path)
         if md5 not in seen:
             seen.add(md5)  # the same bytes under two names are one batch
-            pending.append((path, md5))
-    return pending
+            pending.append(Batch(path.name, md5, (path,)))
+    logged = inference_log_batch(params, root, ledger)
+    return pending + ([logged] if logged else [])
 
 
-def batch_key(path: Path, md5: str) -> str:
-    return f"{path.stem}-{md5[:8]}"
+def inference_log_batch(params: Params, root: Path, ledger: dict[str, Any]) -> Batch | None:
+    """The serving log's part files not read before, once they hold validate.min_rows rows.
+    Each part is written once and renamed into place, so a part is read exactly once."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    folder = root / params.serve.log_dir
+    if not (params.monitor.read_inference_log and params.serve.log_dir and folder.is_dir()):
+        return None
+    seen = set(ledger.get("log_parts", []))
+    parts = sorted(p for p in folder.glob("date=*/part-*.parquet") if str(p.relative_to(root)) not in seen)
+    if sum(pq.ParquetFile(p).metadata.num_rows for p in parts) < max(params.validate_.min_rows, 1):
+        return None  # too few rows to test yet; they wait for the next run
+    names = tuple(str(p.relative_to(root)) for p in parts)
+    return Batch("inference-log", hashlib.md5("\n".join(names).encode()).hexdigest(), tuple(parts), names)
+
+
+def read_batch(batch: Batch, schema: Schema) -> pd.DataFrame:
+    """The batch's rows; for the inference log, the request's columns only (not the outputs)."""
+    frame = pd.concat([io.read_table(p) for p in batch.paths], ignore_index=True)
+    if batch.log_parts:
+        frame = frame[[c for c in schema.feature_names + [schema.target] if c in frame.columns]]
+        # Requests may repeat a row or carry no id; these rows are only measured, never
+        # appended, so a running number stands in for the id the expectations require.
+        frame.insert(0, schema.id_column, range(len(frame)))
+    return frame
 
 
 @dataclass
@@ -161,7 +200,8 @@ def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids:
         return Screened(len(batch), batch.iloc[:0], batch.iloc[:0], batch.assign(**{REASON: str(e)}), labelled, [str(e)])
     ids = batch[schema.id_column].astype(str)
     valid_ids = set(report.valid[schema.id_column].astype(str))
-    seen = ids.isin(known_ids) & ids.isin(valid_ids)
+    # only labelled rows can join the dataset, so only they must bring new ids
+    seen = ids.isin(known_ids) & ids.isin(valid_ids) & labelled
     quarantine = report.quarantine
     if seen.any():
         quarantine = pd.concat([quarantine, batch[seen].assign(**{REASON: f"{schema.id_column} already in the dataset",
@@ -262,9 +302,9 @@ def retrain_mode(params: Params, api_url: str | None) -> str:
     return "event" if api_url else "flow"
 
 
-def ledger_entry(path: Path, screened: Screened, decision: dict[str, Any], report: Path | None,
+def ledger_entry(batch: Batch, screened: Screened, decision: dict[str, Any], report: Path | None,
                  appended: dict[str, str] | None, quarantine: Path | None, root: Path) -> dict[str, Any]:
-    return {"file": path.name, "processed_at": utc_now().isoformat(timespec="seconds"), "rows": screened.rows,
+    return {"file": batch.name, "log_parts": len(batch.log_parts), "processed_at": utc_now().isoformat(timespec="seconds"), "rows": screened.rows,
             "rows_valid": len(screened.valid), "rows_quarantined": len(screened.quarantine),
             "labelled": screened.labelled, "rejected": screened.rejected, **decision,
             "report": str(report.relative_to(root)) if report else None,

@@ -130,6 +130,20 @@ def current_champion(client: Any, name: str) -> Any | None:
         raise
 
 
+def resolve_alias(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """(version, tags) the alias points at now; None when the model or alias does not exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return str(found.version), dict(found.tags)
+
+
 def version_for_run(client: Any, name: str, run_id: str) -> str | None:
     """The version already registered from this run, so a retried registration reuses it."""
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")

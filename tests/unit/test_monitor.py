@@ -121,10 +121,31 @@ def test_the_inbox_gives_each_batch_once_by_content(project, tiny_schema):
     (inbox / "notes.txt").write_text("not a batch")
     ledger = monitor.read_ledger(params, root)
     pending = monitor.pending_batches(params, root, ledger)
-    assert len(pending) == 2 and {p.name for p, _ in pending} <= {"a.csv", "a-again.csv", "b.csv"}
-    ledger["batches"][pending[0][1]] = {"file": pending[0][0].name}
+    assert len(pending) == 2 and {b.name for b in pending} <= {"a.csv", "a-again.csv", "b.csv"}
+    ledger["batches"][pending[0].md5] = {"file": pending[0].name}
     monitor.write_ledger(ledger, params, root)
-    assert [m for _, m in monitor.pending_batches(params, root, monitor.read_ledger(params, root))] == [pending[1][1]]
+    assert [b.md5 for b in monitor.pending_batches(params, root, monitor.read_ledger(params, root))] == [pending[1].md5]
+
+
+def test_the_inference_log_is_read_part_by_part_once_enough_rows_arrived(project, tiny_schema):
+    params, root = project  # validate.min_rows is 5
+    log = root / params.serve.log_dir / "date=2026-11-23"
+    log.mkdir(parents=True)
+    served = make_frame(tiny_schema, 3).drop(columns="label").assign(model_version="1", out_label=0, out_probability=0.9)
+    served.to_parquet(log / "part-1.parquet")
+    ledger = monitor.read_ledger(params, root)
+    assert monitor.pending_batches(params, root, ledger) == []  # 3 rows: too few to test, left for later
+    served.to_parquet(log / "part-2.parquet")
+    [batch] = monitor.pending_batches(params, root, ledger)
+    assert batch.name == "inference-log" and len(batch.log_parts) == 2
+    frame = monitor.read_batch(batch, tiny_schema)
+    assert list(frame.columns) == ["id", *tiny_schema.feature_names] and frame["id"].is_unique  # requests repeat rows
+    screened = monitor.screen_batch(frame, tiny_schema, params, set(frame["id"].astype(str)))
+    assert not screened.labelled and not screened.rejected and len(screened.valid) == 6  # unlabelled: ids not checked
+    ledger["log_parts"] = list(batch.log_parts)
+    assert monitor.pending_batches(params, root, ledger) == []
+    off = params.model_copy(update={"monitor": MonitorParams(read_inference_log=False)})
+    assert monitor.pending_batches(off, root, {"batches": {}, "log_parts": []}) == []
 
 
 def test_appending_keeps_the_old_bytes_as_the_prefix(tmp_path, tiny_schema):
