@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -316,6 +316,11 @@ class MonitorParams(_Section):
     # PREFECT_API_URL names a server, else flow; off: decide and report only.
     retrain: Literal["auto", "flow", "event", "off"] = "auto"
     experiment: str = "monitoring"  # the MLflow experiment of drift reports
+
+    @field_validator("retrain", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
 
 class AutoscalingParams(_Section):

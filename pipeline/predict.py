@@ -46,7 +46,9 @@ class Scorer:
         self.version, self.id_column = version, id_column
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        numbers = {n: pd.to_numeric(batch[n], errors="coerce") for n, t in self.types.items() if t.kind in "iuf"}
+        # through object and float64: on Arrow-backed text, to_numeric's NaN is not a null that isna() sees
+        numbers = {n: pd.to_numeric(batch[n].astype(object), errors="coerce").astype("float64")
+                   for n, t in self.types.items() if t.kind in "iuf"}
         unreadable = pd.DataFrame({n: v.isna() for n, v in numbers.items()})  # text or missing
         bad = unreadable.any(axis=1) if len(unreadable.columns) else pd.Series(False, index=batch.index)
         out = pd.DataFrame(index=batch.index)
