@@ -41,10 +41,9 @@ class RawRowClassifier(mlflow.pyfunc.PythonModel):
         if self.state.get("target"):
             return pd.DataFrame({"prediction": unscale_target(out[:, 0].numpy(), self.state)})
         probs = torch.softmax(out, dim=1).numpy()
-        out = pd.DataFrame({"label": self.classes[probs.argmax(1)], "probability": probs.max(1)})
-        for i, c in enumerate(self.classes):
-            out[f"prob_{c}"] = probs[:, i]
-        return out
+        # one frame from one dict: adding the class columns one by one was half of a 1-row prediction
+        return pd.DataFrame({"label": self.classes[probs.argmax(1)], "probability": probs.max(1),
+                             **{f"prob_{c}": probs[:, i] for i, c in enumerate(self.classes)}})
 
 
 mlflow.models.set_model(RawRowClassifier())
