@@ -49,7 +49,8 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     raise RuntimeError("d2d serve did not come up in 240 s")
 
 
-async def closed_loop(url: str, body: list[dict], clients: int, requests: int, seconds: float) -> dict[str, float]:
+async def closed_loop(url: str, body: list[dict] | None, clients: int, requests: int, seconds: float) -> dict[str, float]:
+    """`body` None: GET (the health route, Ray Serve's own floor with no model and no JSON)."""
     latencies: list[float] = []
     failures = 0
     stop_at = time.perf_counter() + seconds
@@ -60,20 +61,20 @@ async def closed_loop(url: str, body: list[dict], clients: int, requests: int, s
         while sent < requests and time.perf_counter() < stop_at:
             sent += 1
             t0 = time.perf_counter()
-            reply = await http.post(url, json=body)
+            reply = await (http.get(url) if body is None else http.post(url, json=body))
             latencies.append(time.perf_counter() - t0)
             failures += reply.status_code != 200
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         for _ in range(min(20, requests)):  # warm-up, not counted
-            await http.post(url, json=body)
+            await (http.get(url) if body is None else http.post(url, json=body))
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - started
     ms = np.array(latencies) * 1000
     return {"requests": len(ms), "failures": failures, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "rps": len(ms) / wall, "rows_per_s": len(ms) * len(body) / wall}
+            "p99_ms": float(np.percentile(ms, 99)), "rps": len(ms) / wall, "rows_per_s": len(ms) * len(body or []) / wall}
 
 
 def bare_model_ms(rows: pd.DataFrame, repeats: int = 200) -> float:
@@ -118,6 +119,9 @@ def main() -> None:
             bare = bare_model_ms(rows)
             print(f"{n:>12} {got['requests']:>8} {got['failures']:>4} {got['p50_ms']:>7.1f} {got['p99_ms']:>7.1f} "
                   f"{got['rps']:>7.1f} {got['rows_per_s']:>8.0f} {bare:>13.2f} {got['p50_ms'] / bare:>8.1f}")
+        got = asyncio.run(closed_loop(f"http://127.0.0.1:{port}/health", None, args.clients, args.requests, args.seconds))
+        print(f"{'GET /health':>12} {got['requests']:>8} {got['failures']:>4} {got['p50_ms']:>7.1f} {got['p99_ms']:>7.1f} "
+              f"{got['rps']:>7.1f}   (Ray Serve's proxy and replica hop alone, no model)")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

@@ -161,7 +161,9 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     replicas = cfg.serve.autoscaling.max_replicas if cfg.serve.autoscaling else cfg.serve.num_replicas
     with ray_session(cfg.train, cpus_needed=int(replicas * cfg.serve.cpus_per_replica) + 1):
         ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        ray_serve.run(build_app(settings(cfg, uri, root)), name="d2d", route_prefix="/")
+        # no access log line per request on the console: the inference log keeps every request
+        ray_serve.run(build_app(settings(cfg, uri, root)), name="d2d", route_prefix="/",
+                      logging_config={"enable_access_log": False})
         console.print(f"serving {name}@{alias} on http://{cfg.serve.host}:{cfg.serve.port} "
                       f"(POST /predict, GET /health, GET /metadata); Ctrl-C stops")
         def stop(signum: int, frame: Any) -> None:
