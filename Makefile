@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test unit integration install system-deps data repro ui clean-outputs
+.PHONY: run test unit integration install system-deps data repro ui serve monitor clean-outputs
 
 # PostgreSQL from Debian's packages: the tests run `mlflow server` on it, as a team would.
 # Installed only when missing; the tests start and stop their own server as the postgres user.
@@ -51,6 +51,13 @@ integration: $(STAMP) system-deps
 
 repro: $(STAMP) $(RAW)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# the champion over HTTP on 127.0.0.1:8000, and one pass of the drift monitor over data/inbox/
+serve: $(STAMP)
+	$(BIN)/d2d serve
+
+monitor: $(STAMP)
+	$(BIN)/d2d monitor
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

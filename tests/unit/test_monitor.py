@@ -192,3 +192,10 @@ def test_deploy_refuses_a_trigger_for_another_model(tmp_path):
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(D2DError, match="d2d.model.other"):
         _check_triggers(tmp_path / "prefect.yaml", REPO / "params.yaml")
+
+
+def test_a_bare_off_in_yaml_turns_retraining_off(repo_params):
+    from pipeline.config import apply_overrides, params_from_dict
+
+    raw = apply_overrides(repo_params.as_dict(), ["monitor.retrain=off"])
+    assert params_from_dict(raw).monitor.retrain == "off"
