@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test unit integration install system-deps data repro ui serve monitor clean-outputs
+.PHONY: run test unit integration team-test install system-deps data repro ui serve monitor clean-outputs
 
 # PostgreSQL from Debian's packages: the tests run `mlflow server` on it, as a team would.
 # Installed only when missing; the tests start and stop their own server as the postgres user.
@@ -48,6 +48,10 @@ unit: $(STAMP)
 
 integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
+
+# team mode on real loopback servers (infra/README.md); `make test` runs it too
+team-test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m team
 
 repro: $(STAMP) $(RAW)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

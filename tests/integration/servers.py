@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -66,8 +67,8 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 
 @contextmanager
-def postgres(workdir: Path) -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with a database `mlflow`; yields its URI."""
+def postgres(workdir: Path, databases: tuple[str, ...] = ("mlflow",)) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with these databases; yields the first one's URI."""
     bin_dir = _pg_bin()
     data, sockets = workdir / "pgdata", workdir / "pgsock"
     for d in (workdir, sockets):
@@ -93,23 +94,36 @@ def postgres(workdir: Path) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"PostgreSQL did not start: {(workdir / 'postgres.log').read_text()[-2000:]}")
             time.sleep(0.3)
-        subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"]),
-                       check=True, capture_output=True, timeout=60)
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        for name in databases:
+            subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name]),
+                           check=True, capture_output=True, timeout=60)
+        yield f"postgresql://postgres@127.0.0.1:{port}/{databases[0]}"
     finally:
         # SIGTERM is PostgreSQL's "smart" shutdown; runuser passes it on to the server
         stop(proc)
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]:
-    """`mlflow server` with the given backend store, serving artifacts from a local folder; yields its URL."""
+def mlflow_server(backend_uri: str, artifacts: Path, log: Path, auth: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` with the given backend store, serving artifacts from a local folder; yields its URL.
+
+    `auth` ({"database_uri", "username", "password"}): behind MLflow's basic-auth app, with
+    that admin and its user store in that database."""
     port = free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
+    env, app = dict(os.environ), []
+    if auth:
+        ini = log.with_name("basic_auth.ini")
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth['database_uri']}\n"
+                       f"admin_username = {auth['username']}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+        app = ["--app-name", "basic-auth"]
     proc = subprocess.Popen(
         [mlflow, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *app],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -117,3 +131,64 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
         yield url
     finally:
         stop(proc)
+
+
+@contextmanager
+def prefect_server(workdir: Path, env: dict[str, str], database_url: str | None = None) -> Iterator[str]:
+    """`prefect server start` on loopback (on PostgreSQL when `database_url` is given); yields its API URL."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**env, "PREFECT_HOME": str(workdir / "prefect_home")}
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    with open(workdir / "prefect_server.log", "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{api}/health", 180, proc)
+            yield api
+        finally:
+            stop(proc)
+
+
+@contextmanager
+def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 4) -> Iterator[dict[str, str]]:
+    """`ray start --head --block` with token auth and the dashboard (job API) on loopback;
+    stopped by its PID (and the processes it started), never with `ray stop`, which would
+    stop other Ray instances too. Ray swaps a loopback node IP for the host's own address
+    (`resolve_ip_for_localhost`), so its internal ports are token-protected, not loopback-only.
+    Yields the env with RAY_AUTH_MODE/RAY_AUTH_TOKEN, the dashboard URL and the GCS address."""
+    import tempfile
+
+    import psutil
+
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**env, "PATH": f"{venv_bin}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard = free_port(), free_port()
+    log = open(workdir / "ray_start.log", "w")
+    head = subprocess.Popen(
+        [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        started = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.send_signal(signal.SIGTERM)  # --block stops the node's processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        for p in alive:
+            p.kill()
+        log.close()
+        # `ray start` records its address for later `ray.init()` calls; `ray stop` would remove it
+        current = Path(tempfile.gettempdir()) / "ray/ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()

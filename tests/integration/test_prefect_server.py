@@ -21,7 +21,7 @@ import yaml
 from pipeline.config import load_params
 from pipeline.stages import make_demo
 from tests.conftest import REPO
-from tests.integration.servers import free_port, stop, wait_http
+from tests.integration import servers
 from tests.integration.test_end_to_end import run, small_project
 
 pytestmark = pytest.mark.integration
@@ -52,23 +52,27 @@ def environment(home: Path, api_url: str | None) -> dict[str, str]:
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = environment(tmp_path / "prefect_home", api)
-    with open(tmp_path / "prefect_server.log", "w") as log:
-        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_http(f"{api}/health", 180, proc)
-            yield {"api": api, "env": env}
-        finally:
-            stop(proc)
+    env = environment(tmp_path / "prefect_home", None)
+    with servers.prefect_server(tmp_path, env) as api:
+        yield {"api": api, "env": {**env, "PREFECT_API_URL": api}}
 
 
-def test_the_training_deployment_runs_on_a_process_worker(tmp_path, prefect_server):
-    root = dvc_project(tmp_path / "project")
-    env, api = prefect_server["env"], prefect_server["api"]
+def run_on_worker(api: str, deployment_id: str, env: dict[str, str], cwd: Path) -> dict:
+    """A flow run of the deployment, executed by `prefect worker start --run-once`; its state must be COMPLETED."""
+    flow_run = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, timeout=30).json()
+    return run_scheduled_on_worker(api, flow_run["id"], env, cwd)
 
+
+def run_scheduled_on_worker(api: str, flow_run_id: str, env: dict[str, str], cwd: Path) -> dict:
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=800)
+    flow_run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()
+    assert flow_run["state"]["type"] == "COMPLETED", f"{flow_run['state']}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    return flow_run
+
+
+def deploy_and_train(root: Path, api: str, env: dict[str, str], cwd: Path) -> tuple[dict, dict]:
+    """`d2d deploy`, then one run of the training deployment on a worker: (deployment, flow run)."""
     deployed = subprocess.run([str(BIN / "d2d"), "deploy"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     pool = httpx.get(f"{api}/work_pools/d2d-process", timeout=30).json()
@@ -76,54 +80,51 @@ def test_the_training_deployment_runs_on_a_process_worker(tmp_path, prefect_serv
     deployment = httpx.get(f"{api}/deployments/name/d2d-training/training", timeout=30).json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
     assert deployment["parameters"] == {"params_path": "params.yaml", "root": "."}
-
-    flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=30).json()
-    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
-    state = httpx.get(f"{api}/flow_runs/{flow_run['id']}", timeout=30).json()["state"]
-    assert state["type"] == "COMPLETED", f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
-
+    flow_run = run_on_worker(api, deployment["id"], env, cwd)
     found = httpx.post(f"{api}/artifacts/filter", timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"})
-    keys = {a["key"] for a in found.json()}
-    assert {"d2d-run-summary", "d2d-per-class-metrics"} <= keys
+    assert {"d2d-run-summary", "d2d-per-class-metrics"} <= {a["key"] for a in found.json()}
     assert (root / "reports/register.json").is_file() and (root / "dvc.lock").is_file()
     assert "up to date" in run(["dvc", "status"], root).stdout
+    return deployment, flow_run
 
-    # Drift-triggered retraining on a server: the drift-monitor deployment (daily cron) finds a
-    # shifted batch, emits d2d.drift.detected for the automation, and the training deployment's
-    # trigger from prefect.yaml starts a training run, which the worker then executes.
+
+def drift_retrains_through_the_automation(root: Path, api: str, env: dict[str, str], cwd: Path, training: dict) -> dict:
+    """The drift-monitor deployment (daily cron) finds a shifted batch and emits
+    d2d.drift.detected; the training deployment's trigger from prefect.yaml (an automation)
+    starts a training run, which the worker executes. Returns that run."""
     monitor = httpx.get(f"{api}/deployments/name/d2d-drift-monitor/drift-monitor", timeout=30).json()
     assert [s["schedule"]["cron"] for s in monitor["schedules"]] == ["0 6 * * *"]
     automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
-    [trigger] = [a for a in automations if any(x.get("deployment_id") == deployment["id"] for x in a["actions"])]
+    [trigger] = [a for a in automations if any(x.get("deployment_id") == training["id"] for x in a["actions"])]
     assert trigger["trigger"]["expect"] == ["d2d.drift.detected"]
     assert trigger["trigger"]["match"] == {"prefect.resource.id": "d2d.model.d2d-digits", "d2d.retrain": "automation"}
-    simulated = subprocess.run([str(BIN / "d2d"), "simulate-drift", "--kind", "thicken", "--strength", "0.8"],
-                               cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert simulated.returncode == 0, simulated.stderr[-2000:]
-    monitor_run = httpx.post(f"{api}/deployments/{monitor['id']}/create_flow_run", json={}, timeout=30).json()
-    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
-    state = httpx.get(f"{api}/flow_runs/{monitor_run['id']}", timeout=30).json()["state"]
-    assert state["type"] == "COMPLETED", f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
-    [entry] = yaml.safe_load((root / "data/monitor/ledger.json").read_text())["batches"].values()
-    assert entry["action"] == "retrain" and entry["appended"]["md5_after"] == run(["md5sum", "data/raw/digits.csv"], root).stdout.split()[0]
 
     def training_runs() -> list[dict]:
         return httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
-            "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"}).json()
+            "flow_runs": {"deployment_id": {"any_": [training["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"}).json()
+
+    before = {r["id"] for r in training_runs()}
+    simulated = subprocess.run([str(BIN / "d2d"), "simulate-drift", "--kind", "thicken", "--strength", "0.8"],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert simulated.returncode == 0, simulated.stderr[-2000:]
+    run_on_worker(api, monitor["id"], env, cwd)
+    [entry] = yaml.safe_load((root / "data/monitor/ledger.json").read_text())["batches"].values()
+    assert entry["action"] == "retrain" and entry["appended"]["md5_after"] == run(["md5sum", "data/raw/digits.csv"], root).stdout.split()[0]
 
     deadline = time.monotonic() + 60
-    while len(training_runs()) < 2:  # the automation reacts to the event on the server's own time
+    while not [r for r in training_runs() if r["id"] not in before]:  # the automation reacts on the server's own time
         assert time.monotonic() < deadline, "the drift event did not start a training run"
         time.sleep(1)
-    retrain = training_runs()[0]
-    assert retrain["id"] != flow_run["id"]
-    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
-    state = httpx.get(f"{api}/flow_runs/{retrain['id']}", timeout=30).json()["state"]
-    assert state["type"] == "COMPLETED", f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    [retrain] = [r for r in training_runs() if r["id"] not in before]
+    return run_scheduled_on_worker(api, retrain["id"], env, cwd)
+
+
+def test_the_training_deployment_runs_on_a_process_worker(tmp_path, prefect_server):
+    root = dvc_project(tmp_path / "project")
+    env, api = prefect_server["env"], prefect_server["api"]
+    training, _ = deploy_and_train(root, api, env, tmp_path)
+    drift_retrains_through_the_automation(root, api, env, tmp_path, training)
     registered = yaml.safe_load((root / "reports/register.json").read_text())
     assert registered["version"] == 2  # the retrain registered a challenger and the gate decided on it
 

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
 from pipeline.config import load_params
 from pipeline.data import io
 from pipeline.stages import make_demo, run_clean, run_evaluate, run_register, run_split, run_train, run_validate
-from tests.integration.servers import free_port, wait_http
+from tests.integration.servers import free_port, ray_head
 from tests.integration.test_end_to_end import small_project
 
 pytestmark = pytest.mark.integration
@@ -97,40 +93,8 @@ def test_warm_start_from_the_champion(project):
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """`ray start --head --block` with token auth and the dashboard (job API) on loopback;
-    stopped by its PID (and the processes it started), never with `ray stop`, which would
-    stop other Ray instances too. Ray swaps a loopback node IP for the host's own address
-    (`resolve_ip_for_localhost`), so its internal ports are token-protected, not loopback-only."""
-    venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = free_port(), free_port()
-    log = open(tmp_path / "ray_start.log", "w")
-    head = subprocess.Popen(
-        [f"{venv_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
-    finally:
-        started = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        head.send_signal(signal.SIGTERM)  # --block stops the node's processes on SIGTERM
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for p in alive:
-            p.kill()
-        log.close()
-        # `ray start` records its address for later `ray.init()` calls; `ray stop` would remove it
-        current = Path(tempfile.gettempdir()) / "ray/ray_current_cluster"
-        if current.is_file() and current.read_text().strip().endswith(f":{gcs}"):
-            current.unlink()
+    with ray_head(tmp_path, dict(os.environ)) as cluster:
+        yield cluster
 
 
 def test_training_stage_as_a_ray_job_on_a_cluster(project, ray_cluster):
