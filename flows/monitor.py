@@ -20,7 +20,6 @@ from prefect.cache_policies import NO_CACHE
 from flows.training import _retry_worthwhile, _with_retries, training_flow
 from pipeline import drift, monitor
 from pipeline.config import Params, load_params
-from pipeline.data import io
 from pipeline.data.schema import schema_from_params
 from pipeline.errors import DataError
 
