@@ -60,6 +60,11 @@ def server(project):
                                 cwd=project, env=environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_http(f"{url}/health", 240, proc)
+            deadline = time.monotonic() + 240
+            # Ray Serve's proxy answers 404 until the application is deployed: wait for the app itself
+            while httpx.get(f"{url}/health", timeout=30).status_code != 200:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.5)
             yield {"url": url, "proc": proc, "log": log_path}
         finally:
             stop(proc, timeout=60)
