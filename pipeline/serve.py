@@ -187,7 +187,11 @@ class Loaded:
         a 1-row prediction)."""
         if self.inner is None:
             return self.model.predict(raw.astype(self.types))
-        return self.inner.predict(None, raw)  # parse_rows built the signature's numpy types
+        # parse_rows built this signature's numpy types; a request checked against the version
+        # before a swap may carry the old one's, so cast only then (a full cast costs ~1 ms)
+        if any(raw.dtypes[name] != dtype for name, dtype in self.types.items()):
+            raw = raw.astype(self.types)
+        return self.inner.predict(None, raw)
 
 
 def load_version(name: str, alias: str) -> Loaded:
