@@ -275,8 +275,9 @@ def append_to_raw(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, s
 
     raw = raw_path(params, root)
     before = io.file_md5(raw)
-    tracked = io.dvc_recorded_md5(raw) is not None
-    if tracked and io.dvc_recorded_md5(raw) == before:
+    recorded = io.dvc_recorded_md5(raw)
+    tracked = recorded is not None
+    if tracked and recorded == before:
         versioning.push_tracked(raw, root)  # the version being replaced is in the cache and the remote
     if raw.suffix == ".parquet":
         io.write_parquet(pd.concat([io.read_table(raw), rows], ignore_index=True), raw)
