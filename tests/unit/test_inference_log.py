@@ -228,3 +228,16 @@ def test_settings_read_the_token_from_the_variable_params_name(monkeypatch, tmp_
     with pytest.raises(ValueError, match="auth_token_env"):
         ServeParams(auth_token_env="not a name")
     assert os.environ.get("MY_TOKEN") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.binary(max_size=80).filter(lambda b: b"\r" not in b and b"\n" not in b and b"\0" not in b),
+       path=st.sampled_from(["/predict", "/invocations", "/metadata", "/health/", "//health", "/%2e/predict"]))
+def test_any_authorization_header_but_the_right_one_gets_401_never_a_crash(value, path):
+    client = app("s3cret")
+    answer = client.request("POST" if "predict" in path or "invocations" in path else "GET", path,
+                            headers={"Authorization": value})
+    right = value.strip() in (b"Bearer s3cret", b"bearer s3cret") or (
+        value.split(b" ", 1)[0].lower() == b"bearer" and value.split(b" ", 1)[-1].strip() == b"s3cret")
+    assert answer.status_code == (200 if right and path in ("/predict", "/invocations", "/metadata") else
+                                  404 if right else 401)
