@@ -346,6 +346,11 @@ class ServeParams(_Section):
     max_rows: int = Field(default=2048, ge=1)  # more rows in one request get 413
     log_dir: str = "data/inference_log"  # Parquet, partitioned by date=YYYY-MM-DD; empty: no log
     log_flush_s: float = Field(default=5.0, gt=0.0)
+    log_max_queued_rows: int = Field(default=100_000, ge=1)  # rows waiting for the writer; more are dropped and counted
+    log_retention_days: int | None = Field(default=None, ge=1)  # date= partitions older than this are removed; None: kept
+    # the environment variable holding a bearer token every route but /health requires;
+    # None, or the variable unset: open (the log says so at start)
+    auth_token_env: str | None = Field(default="D2D_SERVE_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     predict_batch_size: int = Field(default=1024, ge=1)  # `d2d predict`: rows per Ray Data batch
     predict_concurrency: int = Field(default=1, ge=1)  # `d2d predict`: model actors scoring in parallel
 

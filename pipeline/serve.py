@@ -11,14 +11,12 @@ signature before they reach it: a bad one gets a 4xx JSON error naming the probl
 # No `from __future__ import annotations`: Ray ships the deployment class to the replicas by
 # value, and FastAPI must see the handlers' annotations (Request) as objects, not strings.
 import asyncio
+import hmac
 import json
 import logging
 import os
-import queue
 import threading
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,8 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from pipeline.inference_log import InferenceLog
 
 logger = logging.getLogger("ray.serve")
 
@@ -119,59 +119,6 @@ def responses(out: pd.DataFrame, frame: pd.DataFrame, version: str, id_column: s
     return rows
 
 
-class InferenceLog:
-    """Appends scored rows to Parquet files under <dir>/date=YYYY-MM-DD/, off the request path:
-    requests put records on a queue; a daemon thread writes a part file every `flush_s`."""
-
-    def __init__(self, folder: Path, flush_s: float) -> None:
-        self.folder, self.flush_s = folder, flush_s
-        self.pending: queue.Queue[tuple[datetime, str, pd.DataFrame, pd.DataFrame]] = queue.Queue()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
-        self.thread.start()
-
-    def add(self, frame: pd.DataFrame, out: pd.DataFrame, version: str) -> None:
-        self.pending.put((datetime.now(timezone.utc), version, frame, out))  # the request pays for a put only
-
-    @staticmethod
-    def _table(entries: list[tuple[datetime, str, pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
-        """All queued requests as one table, built once per flush (not once per request: that
-        cost the replica a tenth of its time)."""
-        sizes = [len(frame) for _, _, frame, _ in entries]
-        inputs = pd.concat([frame for _, _, frame, _ in entries], ignore_index=True)
-        outputs = pd.concat([out for _, _, _, out in entries], ignore_index=True).add_prefix("out_")
-        table = pd.concat([inputs, outputs], axis=1)
-        table.insert(0, "model_version", np.repeat([version for _, version, _, _ in entries], sizes))
-        table.insert(0, "timestamp", pd.to_datetime(np.repeat([stamp for stamp, _, _, _ in entries], sizes), utc=True))
-        return table
-
-    def _run(self) -> None:
-        while not self.stopping.wait(self.flush_s):
-            self.flush()
-        self.flush()
-
-    def flush(self) -> None:
-        entries = []
-        while True:
-            try:
-                entries.append(self.pending.get_nowait())
-            except queue.Empty:
-                break
-        if not entries:
-            return
-        table = self._table(entries)
-        for day, rows in table.groupby(table["timestamp"].dt.strftime("%Y-%m-%d")):
-            path = self.folder / f"date={day}" / f"part-{time.time_ns()}-{os.getpid()}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name("." + path.name)
-            rows.to_parquet(tmp, index=False)
-            os.replace(tmp, path)  # a reader never sees half a file
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=30)
-
-
 @dataclass(frozen=True)
 class Loaded:
     version: str
@@ -228,7 +175,40 @@ def settings(params: Any, tracking_uri: str, root: Path) -> dict[str, Any]:
             "batch_wait_timeout_s": serve.batch_wait_timeout_s, "max_body_bytes": serve.max_body_bytes,
             "max_rows": serve.max_rows, "id_column": params.data.id_column,
             "log_dir": str((root / serve.log_dir).resolve()) if serve.log_dir else "",
-            "log_flush_s": serve.log_flush_s, "deployment": deployment}
+            "log_flush_s": serve.log_flush_s, "log_max_queued_rows": serve.log_max_queued_rows,
+            "log_retention_days": serve.log_retention_days, "deployment": deployment,
+            # read here, where `d2d serve` runs, and shipped with the app: the replicas may run
+            # on cluster nodes that do not have the variable
+            "auth_token_env": serve.auth_token_env,
+            "auth_token": os.environ.get(serve.auth_token_env, "") if serve.auth_token_env else ""}
+
+
+# A load balancer or Kubernetes probes this without credentials (as Prefect's server leaves
+# /api/health open); it tells no more than that the server is up, which version it serves
+# and the inference log's counters.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def bearer_auth(api: FastAPI, token: str) -> None:
+    """Every route of `api` (those added later too) answers 401 unless the request carries
+    `Authorization: Bearer <token>`; GET /health stays open. An empty token: nothing to check."""
+    if not token:
+        return
+    expected = token.encode()
+
+    @api.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        # the app's own path (not the URL, which a Host header can bend)
+        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+        if request.method in ("GET", "HEAD") and path in OPEN_PATHS:
+            return await call_next(request)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guess was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            return JSONResponse({"error": "unauthorized: send the header `Authorization: Bearer <token>` with the "
+                                          "token from the variable named by serve.auth_token_env"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
 
 def build_app(settings: dict[str, Any]) -> Any:
@@ -238,6 +218,7 @@ def build_app(settings: dict[str, Any]) -> Any:
     from pipeline.registry import resolve_alias
 
     api = FastAPI(title="d2d", description="the registry's champion, served by Ray Serve")
+    bearer_auth(api, settings["auth_token"])
 
     @serve.deployment(name="d2d-model", **settings["deployment"])
     @serve.ingress(api)
@@ -250,7 +231,12 @@ def build_app(settings: dict[str, Any]) -> Any:
             self.loaded = load_version(self.name, self.alias)
             self._score.set_max_batch_size(settings["max_batch_size"])
             self._score.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
-            self.log = InferenceLog(Path(settings["log_dir"]), settings["log_flush_s"]) if settings["log_dir"] else None
+            self.log = InferenceLog(Path(settings["log_dir"]), settings["log_flush_s"], settings["log_max_queued_rows"],
+                                    settings["log_retention_days"]) if settings["log_dir"] else None
+            if not settings["auth_token"]:
+                # open is the laptop default; say so where an operator looks
+                unset = f"{settings['auth_token_env']} is not set" if settings["auth_token_env"] else "serve.auth_token_env is null"
+                logger.warning("no bearer token (%s): every route is open to whoever reaches this server", unset)
             self.stopping = threading.Event()
             threading.Thread(target=self._follow_alias, name="follow-alias", daemon=True).start()
             logger.info("serving %s version %s", self.name, self.loaded.version)
@@ -300,7 +286,9 @@ def build_app(settings: dict[str, Any]) -> Any:
 
         @api.get("/health")
         async def health(self) -> dict[str, Any]:
-            return {"status": "ok", "model_version": self.loaded.version}
+            # the log's counters: rows dropped on a full queue and parts set aside are visible here
+            return {"status": "ok", "model_version": self.loaded.version,
+                    "inference_log": self.log.stats() if self.log is not None else None}
 
         @api.get("/metadata")
         async def metadata(self) -> dict[str, Any]:

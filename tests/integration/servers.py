@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,9 +67,17 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def pg_url(user: str, password: str | None, host: str, database: str, driver: str = "postgresql") -> str:
+    """A PostgreSQL URL with the user and password percent-encoded: a password with @ : / # ? %
+    would otherwise change where the URL points."""
+    credentials = urllib.parse.quote(user, safe="") + (f":{urllib.parse.quote(password, safe='')}" if password else "")
+    return f"{driver}://{credentials}@{host}/{database}"
+
+
 @contextmanager
-def postgres(workdir: Path, databases: tuple[str, ...] = ("mlflow",)) -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with these databases; yields the first one's URI."""
+def postgres(workdir: Path, databases: tuple[str, ...] = ("mlflow",), password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with these databases; yields the first one's URI.
+    With `password`, TCP clients must give it (SCRAM), as on a team's server."""
     bin_dir = _pg_bin()
     data, sockets = workdir / "pgdata", workdir / "pgsock"
     for d in (workdir, sockets):
@@ -81,7 +90,15 @@ def postgres(workdir: Path, databases: tuple[str, ...] = ("mlflow",)) -> Iterato
             if parent == Path("/"):
                 break
             os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+    auth = ["--auth=trust"]
+    if password:
+        pwfile = workdir / "pwfile"
+        pwfile.write_text(password + "\n")
+        pwfile.chmod(0o600)
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8"]),
                    check=True, capture_output=True, timeout=120)
     port = free_port()
     proc = subprocess.Popen(
@@ -96,8 +113,8 @@ def postgres(workdir: Path, databases: tuple[str, ...] = ("mlflow",)) -> Iterato
             time.sleep(0.3)
         for name in databases:
             subprocess.run(_as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name]),
-                           check=True, capture_output=True, timeout=60)
-        yield f"postgresql://postgres@127.0.0.1:{port}/{databases[0]}"
+                           check=True, capture_output=True, timeout=60, env={**os.environ, "PGPASSWORD": password or ""})
+        yield pg_url("postgres", password, f"127.0.0.1:{port}", databases[0])
     finally:
         # SIGTERM is PostgreSQL's "smart" shutdown; runuser passes it on to the server
         stop(proc)
@@ -114,7 +131,9 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path, auth: dict[str, 
     env, app = dict(os.environ), []
     if auth:
         ini = log.with_name("basic_auth.ini")
-        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth['database_uri']}\n"
+        # configparser reads "%" as interpolation: an encoded password's "%" is doubled
+        database_uri = auth["database_uri"].replace("%", "%%")
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\n"
                        f"admin_username = {auth['username']}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env |= {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": auth["password"],
@@ -134,11 +153,16 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path, auth: dict[str, 
 
 
 @contextmanager
-def prefect_server(workdir: Path, env: dict[str, str], database_url: str | None = None) -> Iterator[str]:
-    """`prefect server start` on loopback (on PostgreSQL when `database_url` is given); yields its API URL."""
+def prefect_server(workdir: Path, env: dict[str, str], database_url: str | None = None,
+                   auth_string: str | None = None) -> Iterator[str]:
+    """`prefect server start` on loopback (on PostgreSQL when `database_url` is given); yields its
+    API URL. With `auth_string` ("user:password"), Prefect's basic auth: every call but
+    /api/health needs it (clients set PREFECT_API_AUTH_STRING)."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**env, "PREFECT_HOME": str(workdir / "prefect_home")}
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     with open(workdir / "prefect_server.log", "w") as log:

@@ -6,6 +6,7 @@ prefect.yaml's deployments), a flow run of the training deployment executed by
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,23 +51,31 @@ def environment(home: Path, api_url: str | None) -> dict[str, str]:
     return env
 
 
+def basic_auth(env: dict[str, str]) -> tuple[str, str] | None:
+    """The REST calls' credentials: the same PREFECT_API_AUTH_STRING the Prefect clients use."""
+    user, _, password = env.get("PREFECT_API_AUTH_STRING", "").partition(":")
+    return (user, password) if user else None
+
+
 @pytest.fixture
 def prefect_server(tmp_path):
+    """A Prefect server behind its basic auth, as team mode runs it."""
     env = environment(tmp_path / "prefect_home", None)
-    with servers.prefect_server(tmp_path, env) as api:
-        yield {"api": api, "env": {**env, "PREFECT_API_URL": api}}
+    auth_string = f"d2d:{secrets.token_hex(12)}"
+    with servers.prefect_server(tmp_path, env, auth_string=auth_string) as api:
+        yield {"api": api, "env": {**env, "PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": auth_string}}
 
 
 def run_on_worker(api: str, deployment_id: str, env: dict[str, str], cwd: Path) -> dict:
     """A flow run of the deployment, executed by `prefect worker start --run-once`; its state must be COMPLETED."""
-    flow_run = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, timeout=30).json()
+    flow_run = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, auth=basic_auth(env), timeout=30).json()
     return run_scheduled_on_worker(api, flow_run["id"], env, cwd)
 
 
 def run_scheduled_on_worker(api: str, flow_run_id: str, env: dict[str, str], cwd: Path) -> dict:
     worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "d2d-process", "--run-once"],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=800)
-    flow_run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=30).json()
+    flow_run = httpx.get(f"{api}/flow_runs/{flow_run_id}", auth=basic_auth(env), timeout=30).json()
     assert flow_run["state"]["type"] == "COMPLETED", f"{flow_run['state']}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
     return flow_run
 
@@ -75,13 +84,13 @@ def deploy_and_train(root: Path, api: str, env: dict[str, str], cwd: Path) -> tu
     """`d2d deploy`, then one run of the training deployment on a worker: (deployment, flow run)."""
     deployed = subprocess.run([str(BIN / "d2d"), "deploy"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-    pool = httpx.get(f"{api}/work_pools/d2d-process", timeout=30).json()
+    pool = httpx.get(f"{api}/work_pools/d2d-process", auth=basic_auth(env), timeout=30).json()
     assert pool["type"] == "process"
-    deployment = httpx.get(f"{api}/deployments/name/d2d-training/training", timeout=30).json()
+    deployment = httpx.get(f"{api}/deployments/name/d2d-training/training", auth=basic_auth(env), timeout=30).json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
     assert deployment["parameters"] == {"params_path": "params.yaml", "root": "."}
     flow_run = run_on_worker(api, deployment["id"], env, cwd)
-    found = httpx.post(f"{api}/artifacts/filter", timeout=30, json={
+    found = httpx.post(f"{api}/artifacts/filter", auth=basic_auth(env), timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"})
     assert {"d2d-run-summary", "d2d-per-class-metrics"} <= {a["key"] for a in found.json()}
     assert (root / "reports/register.json").is_file() and (root / "dvc.lock").is_file()
@@ -93,15 +102,15 @@ def drift_retrains_through_the_automation(root: Path, api: str, env: dict[str, s
     """The drift-monitor deployment (daily cron) finds a shifted batch and emits
     d2d.drift.detected; the training deployment's trigger from prefect.yaml (an automation)
     starts a training run, which the worker executes. Returns that run."""
-    monitor = httpx.get(f"{api}/deployments/name/d2d-drift-monitor/drift-monitor", timeout=30).json()
+    monitor = httpx.get(f"{api}/deployments/name/d2d-drift-monitor/drift-monitor", auth=basic_auth(env), timeout=30).json()
     assert [s["schedule"]["cron"] for s in monitor["schedules"]] == ["0 6 * * *"]
-    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    automations = httpx.post(f"{api}/automations/filter", json={}, auth=basic_auth(env), timeout=30).json()
     [trigger] = [a for a in automations if any(x.get("deployment_id") == training["id"] for x in a["actions"])]
     assert trigger["trigger"]["expect"] == ["d2d.drift.detected"]
     assert trigger["trigger"]["match"] == {"prefect.resource.id": "d2d.model.d2d-digits", "d2d.retrain": "automation"}
 
     def training_runs() -> list[dict]:
-        return httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+        return httpx.post(f"{api}/flow_runs/filter", auth=basic_auth(env), timeout=30, json={
             "flow_runs": {"deployment_id": {"any_": [training["id"]]}}, "sort": "EXPECTED_START_TIME_DESC"}).json()
 
     before = {r["id"] for r in training_runs()}

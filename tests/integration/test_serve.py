@@ -225,3 +225,14 @@ def test_batch_prediction_on_a_small_file(project, tmp_path):
                               str(tmp_path / "scored.txt")], cwd=project, env=environment(),
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "expected a .csv or .parquet" in missing.stderr
+
+
+def test_health_reports_the_inference_log_counters_and_the_open_server_says_so(project, server):
+    assert httpx.post(f"{server['url']}/predict", json=test_rows(project, 2), timeout=30).status_code == 200
+    log = httpx.get(f"{server['url']}/health", timeout=30).json()["inference_log"]
+    assert log["writer_alive"] is True
+    assert log["dropped_rows"] == log["dead_letter_parts"] == log["lost_rows"] == log["write_errors"] == 0
+    deadline = time.monotonic() + 30
+    while "no bearer token" not in (project / "serve.log").read_text():  # serve.auth_token_env's variable is unset
+        assert time.monotonic() < deadline, "the open server did not say so"
+        time.sleep(0.2)

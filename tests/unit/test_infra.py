@@ -6,7 +6,11 @@ committed secrets, a GPU worker group with autoscaling bounds)."""
 from __future__ import annotations
 
 import copy
+import configparser
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -39,10 +43,10 @@ def test_compose_publishes_on_loopback_and_commits_no_secret():
             assert port.startswith("127.0.0.1:"), port
     example = dict(line.split("=", 1) for line in (INFRA / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
-    used = set(re.findall(r"\$\{([A-Z_]+)", text))
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", text))
     assert used <= set(example), f"variables missing from .env.example: {used - set(example)}"
     for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN",
-                "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+                "MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_API_AUTH_STRING", "D2D_SERVE_TOKEN"):
         assert example[key] == "", f"{key} has a value in .env.example"
     assert ".env" in (REPO / ".gitignore").read_text()
 
@@ -75,7 +79,7 @@ def test_kubernetes_secrets_come_from_secret_refs():
     for path in (INFRA / "k8s").glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             text = yaml.safe_dump(doc)
-            for key in ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+            for key in ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING", "D2D_SERVE_TOKEN"):
                 for match in re.finditer(rf"name: {key}\n(\s+)(\S+):", text):
                     assert match.group(2) == "valueFrom", f"{path.name}: {key} is not from a secret"
     worker = yaml.safe_load((INFRA / "k8s/prefect-worker.yaml").read_text())
@@ -93,3 +97,118 @@ def test_the_ray_cluster_config_passes_rays_own_validation():
     broken["available_node_types"]["gpu_worker"]["max_workers"] = "four"
     with pytest.raises(Exception, match="four"):
         validate_config(prepare_config(broken))
+
+
+def k8s_docs() -> list[tuple[str, dict]]:
+    return [(p.name, doc) for p in sorted((INFRA / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text())]
+
+
+def pod_specs(node, found=None) -> list[dict]:
+    """Every pod spec in a manifest: a dict with `containers`."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        if "containers" in node:
+            found.append(node)
+        for value in node.values():
+            pod_specs(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            pod_specs(value, found)
+    return found
+
+
+def dockerfile_stages() -> list[str]:
+    return re.findall(r"^FROM\s+(\S+)", (INFRA / "docker/d2d.Dockerfile").read_text(), flags=re.M)
+
+
+def pinned(image: str) -> bool:
+    """An exact version (or a digest): no `latest`, no bare name, no floating major or minor."""
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag or tag == "latest":
+        return False
+    if name.endswith("python"):  # Python's tags float on 3.11; 3.11.7 is one release
+        return re.match(r"\d+\.\d+\.\d+", tag) is not None
+    return re.match(r"(RELEASE\.\d{4}-\d\d-\d\dT|\d+\.\d+)", tag) is not None
+
+
+@pytest.mark.parametrize("image, ok", [("postgres:17", False), ("minio/minio:latest", False), ("python:3.11-slim", False),
+                                       ("postgres", False), ("ghcr.io/x/d2d", False), ("localhost:5000/d2d", False),
+                                       ("postgres:17.6-bookworm", True), ("minio/mc:RELEASE.2025-04-16T18-13-26Z", True),
+                                       ("python:3.11.7-slim-bookworm", True), ("d2d@sha256:" + "0" * 64, True)])
+def test_the_pin_rule(image, ok):
+    assert pinned(image) is ok
+
+
+def test_every_image_is_pinned():
+    images = [s["image"] for s in compose()["services"].values() if "image" in s]
+    images += [c["image"] for _, doc in k8s_docs() for spec in pod_specs(doc) for c in spec["containers"]]
+    images += dockerfile_stages()
+    assert len(images) >= 10 and all(images)
+    assert [i for i in images if not pinned(i)] == []
+    for name, service in compose()["services"].items():
+        assert "image" in service, f"{name}: a built service is tagged, so every container names its version"
+
+
+def test_no_container_runs_as_root():
+    for name, service in compose()["services"].items():
+        user = str(service.get("user", ""))
+        assert user and not re.match(r"(0|root)(:|$)", user), f"compose service {name} runs as root"
+    users = re.findall(r"^USER\s+(\S+)", (INFRA / "docker/d2d.Dockerfile").read_text(), flags=re.M)
+    assert users and not re.match(r"(0|root)(:|$)", users[-1]), "the d2d image runs as root"
+    specs = [(path, spec) for path, doc in k8s_docs() for spec in pod_specs(doc)]
+    assert len(specs) == 4
+    for path, spec in specs:
+        context = spec.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True and context.get("runAsUser", 0) > 0, f"{path}: a pod may run as root"
+
+
+def test_prefect_server_and_every_client_use_basic_auth():
+    services = compose()["services"]
+    server = services["prefect-server"]["environment"]
+    assert server["PREFECT_SERVER_API_AUTH_STRING"] == "${PREFECT_API_AUTH_STRING:?set in .env}"
+    assert compose()["x-d2d-env"]["PREFECT_API_AUTH_STRING"] == "${PREFECT_API_AUTH_STRING:?set in .env}"
+    assert services["prefect-worker"]["environment"]["PREFECT_API_AUTH_STRING"]  # through the anchor
+    [worker] = pod_specs(yaml.safe_load((INFRA / "k8s/prefect-worker.yaml").read_text()))
+    env = {e["name"]: e for e in worker["containers"][0]["env"]}
+    assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["name"] == "d2d-secrets"
+
+
+def test_team_mode_sets_the_serving_token_params_name():
+    variable = yaml.safe_load((REPO / "params.yaml").read_text())["serve"]["auth_token_env"]
+    assert variable and compose()["x-d2d-env"][variable] == f"${{{variable}:?set in .env}}"
+    for path, doc in k8s_docs():
+        if path in ("prefect-worker.yaml", "raycluster.yaml"):
+            [head, *_] = pod_specs(doc)
+            env = {e["name"]: e for e in head["containers"][0]["env"]}
+            assert "secretKeyRef" in env[variable]["valueFrom"], path
+
+
+def test_no_password_is_pasted_into_a_url():
+    for path in ("compose.yaml", "mlflow/start.sh"):
+        text = (INFRA / path).read_text()
+        assert not re.search(r"://[^\s\"']*\$\{?[A-Z_]*PASSWORD", text), f"{path} puts a raw password in a URL"
+
+
+def test_mlflow_start_escapes_the_database_password(tmp_path):
+    """infra/mlflow/start.sh, run with a stand-in `mlflow` that records what it was given: the
+    URLs and the auth .ini carry the password intact, whatever characters it holds."""
+    import sqlalchemy
+
+    fake = tmp_path / "bin/mlflow"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/args\ncp "$MLFLOW_AUTH_CONFIG_PATH" {tmp_path}/ini\n')
+    fake.chmod(0o755)
+    password, user = "p@ss:w/rd%41#?& x", "d2d@team"
+    env = {"PATH": f"{fake.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}/usr/bin:/bin",
+           "POSTGRES_USER": user, "POSTGRES_PASSWORD": password, "MLFLOW_AUTH_ADMIN_USERNAME": "admin"}
+    done = subprocess.run(["sh", str(INFRA / "mlflow/start.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    backend = sqlalchemy.make_url(args[args.index("--backend-store-uri") + 1])
+    ini = configparser.ConfigParser()  # read as MLflow reads it
+    ini.read(tmp_path / "ini")
+    auth = sqlalchemy.make_url(ini["mlflow"]["database_uri"])
+    for url, database in ((backend, "mlflow"), (auth, "mlflow_auth")):
+        assert (url.username, url.password, url.host, url.database) == (user, password, "postgres", database)
