@@ -22,12 +22,22 @@ RANGE_MARGIN = 0.10  # inferred ranges are widened by this share of the observed
 NUMERIC_SHARE = 0.95  # text columns that parse as numbers this often are numeric columns
 
 
+def _shown(name: Any) -> str:
+    """A name in a one-line message: quoted, with newlines and control characters escaped."""
+    return "'" + json.dumps(str(name), ensure_ascii=False)[1:-1] + "'"
+
+
+def _listed(columns: Any) -> str:
+    shown = ", ".join(json.dumps(str(c), ensure_ascii=False)[1:-1] for c in list(columns)[:8])
+    return shown + (f" and {len(columns) - 8} more" if len(columns) > 8 else "")
+
+
 def _find_id(df: pd.DataFrame, target: str, id_column: str | None) -> str | None:
     """The id column named, or one found by name; None when the data has none (most files):
     then d2d derives a stable row key itself (pipeline.data.keys)."""
     if id_column is not None:
         if id_column not in df.columns:
-            raise DataError(f"id column '{id_column}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
+            raise DataError(f"id column {_shown(id_column)} is not in the file (columns: {_listed(df.columns)})")
         return id_column
     for col in df.columns:
         if col != target and _id_like(col) and df[col].notna().all() and df[col].is_unique:
@@ -97,7 +107,7 @@ def infer_task(y: pd.Series) -> tuple[str, list[Any] | None]:
     """Classification for text or up to 20 distinct integers; regression for other numbers."""
     values = y.dropna()
     if values.nunique() < 2:
-        raise DataError(f"target '{y.name}' has a single class ({values.iloc[0] if len(values) else 'all null'}): nothing to learn")
+        raise DataError(f"target {_shown(y.name)} has a single class ({_shown(values.iloc[0]) if len(values) else 'all null'}): nothing to learn")
     numeric = values.dtype.kind in "iuf"
     integral = numeric and bool((values == np.floor(values)).all())
     if numeric and not (integral and values.nunique() <= 20):
@@ -111,7 +121,7 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
     if df.empty:
         raise DataError("the file has no rows")
     if target not in df.columns:
-        raise DataError(f"target column '{target}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
+        raise DataError(f"target column {_shown(target)} is not in the file (columns: {_listed(df.columns)})")
     id_col = _find_id(df, target, id_column)
     task, classes = infer_task(df[target])
     features, notes = [], []
@@ -119,14 +129,14 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
         if name in (target, id_col):
             continue
         if str(name) == ROW_KEY:
-            notes.append(f"{name}: left out (the name is reserved for the row key d2d derives)")
+            notes.append(f"{_shown(name)[1:-1]}: left out (the name is reserved for the row key d2d derives)")
             continue
         if id_col is None and _id_like(name):
-            notes.append(f"{name}: left out (named like an id, but its values are not unique and present in every row)")
+            notes.append(f"{_shown(name)[1:-1]}: left out (named like an id, but its values are not unique and present in every row)")
             continue
         spec, why = infer_column(str(name), df[name])
         if spec is None:
-            notes.append(f"{name}: left out ({why})")
+            notes.append(f"{_shown(name)[1:-1]}: left out ({why})")
         else:
             features.append(spec)
     if not features:

@@ -22,6 +22,12 @@ _EXACT, _INF = 1000, 2000  # exponent tags: an exact integer; ±infinity
 _TEXT_KEY = "d2d-row-key-text"  # text cells hash under their own key, apart from numbers
 
 
+# Text that pandas' CSV reader reads as a missing value: pyarrow and polars keep some of it
+# as text in string columns, so a key treats it as the null it means in a CSV.
+NULL_TEXT = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
 def _numbers(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Each cell as float64 (NaN where it is null or not a number) and a mask of null cells."""
     null = col.isna().to_numpy()
@@ -29,6 +35,7 @@ def _numbers(col: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         return col.astype("float64").to_numpy(na_value=np.nan), null
     if isinstance(col.dtype, pd.CategoricalDtype):
         col = col.astype(object)
+    null = null | col.isin(NULL_TEXT).to_numpy()
     values = pd.to_numeric(col.astype(object).where(~null, None), errors="coerce")
     return values.astype("float64").to_numpy(na_value=np.nan), null
 
