@@ -168,15 +168,16 @@ def run_split(params: Params, root: Path) -> dict[str, Any]:
     """Split, check for leakage, and fit the preprocessing on the train split only."""
     from pipeline import preprocess
     from pipeline.data.clean import preprocess_spec
-    from pipeline.data.split import leaked_rows, split
+    from pipeline.data.split import leaked_ids, leaked_rows, split
 
     paths = Paths(root)
     schema = schema_from_params(params.data)
     splits = split(io.read_table(paths.clean), schema.target, schema.id_column, params.split, schema.regression)
     leaked = leaked_rows(splits, schema.feature_names)
     if leaked:
+        shown = ", ".join(leaked_ids(splits, schema.feature_names, schema.id_column)[:3])
         raise DataError(
-            f"{leaked} rows share their exact features with a row in another split; "
+            f"{leaked} rows share their exact features with a row in another split ({schema.id_label} {shown}, ...); "
             "set clean.drop_duplicates: true so identical examples are removed before splitting"
         )
     for name in SPLITS:

@@ -207,3 +207,16 @@ def test_the_row_key_name_is_reserved(tiny_data_params):
         type(tiny_data_params).model_validate({**tiny_data_params.model_dump(), "target": ROW_KEY})
     with pytest.raises(ConfigError, match="reserved"):
         params_from_dict({"data": {**tiny_data_params.model_dump(mode="json"), "id_column": ROW_KEY}})
+
+
+def test_leakage_check_names_rows_by_derived_key(tmp_path):
+    """Without cleaning, a duplicate can land in two splits: the check counts both copies and
+    names them by their row keys."""
+    from pipeline.data.split import Splits, leaked_ids
+
+    df, target = sklearn_frame("wine")
+    schema = schema_from_params(params_for(df, target, tmp_path).data)
+    keyed = with_row_key(df, schema)
+    splits = Splits(keyed.iloc[:100], keyed.iloc[100:150], keyed.iloc[150:])  # row 5 in train, its copy in test
+    assert leaked_rows(splits, schema.feature_names) == 2
+    assert leaked_ids(splits, schema.feature_names, schema.id_column) == [keyed[ROW_KEY].iloc[5], keyed[ROW_KEY].iloc[-1]]
