@@ -60,23 +60,28 @@ def _decimal(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mant, expo
 
 
+def _pair_hash(mant: np.ndarray, expo: np.ndarray) -> np.ndarray:
+    """(mantissa, exponent) → uint64: an odd multiplier is a bijection mod 2**64, and the
+    exponent is mixed in before one vectorised hash pass."""
+    with np.errstate(over="ignore"):
+        mixed = mant.astype("uint64") * _NULL ^ expo.astype("uint64")
+    return pd.util.hash_array(mixed)
+
+
 def _cell_hashes(col: pd.Series) -> np.ndarray:
     """One uint64 per cell, equal for cells that mean the same value."""
     nums, null = _numbers(col)
     out = np.full(len(col), _NULL, dtype="uint64")
     finite = np.isfinite(nums)
     if finite.any():
-        mant, expo = _decimal(nums[finite])
-        pair = pd.DataFrame({"m": mant, "e": expo})
-        out[finite] = pd.util.hash_pandas_object(pair, index=False).to_numpy()
+        out[finite] = _pair_hash(*_decimal(nums[finite]))
     inf = np.isinf(nums)
     if inf.any():
-        pair = pd.DataFrame({"m": np.sign(nums[inf]).astype("int64"), "e": np.full(int(inf.sum()), _INF, dtype="int64")})
-        out[inf] = pd.util.hash_pandas_object(pair, index=False).to_numpy()
+        out[inf] = _pair_hash(np.sign(nums[inf]).astype("int64"), np.full(int(inf.sum()), _INF, dtype="int64"))
     text = ~null & np.isnan(nums)
     if text.any():
         words = col[text].astype(str).astype(object)
-        out[text] = pd.util.hash_pandas_object(words, index=False, hash_key=_TEXT_KEY[:16]).to_numpy()
+        out[text] = pd.util.hash_pandas_object(words, index=False, hash_key=_TEXT_KEY).to_numpy()
     return out
 
 

@@ -153,3 +153,30 @@ def test_out_is_a_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     one_line_error(d2d("init-params", "--data", "t.csv", "--target", "y", "--out", "sub", "--force", cwd=tmp_path),
                    "is a folder")
+
+
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=6),
+    st.sampled_from(["yes", "NaN", "inf", "-", "1e400", "0x1F", " 3 "]),
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    columns=st.lists(st.lists(values, min_size=6, max_size=6), min_size=1, max_size=4),
+    labels=st.lists(st.one_of(st.integers(0, 3), st.floats(), st.text(max_size=3), st.none()), min_size=6, max_size=6),
+)
+def test_any_content_gives_params_that_load_or_a_data_error(columns, labels):
+    """Hypothesis: whatever a file holds, inference ends in params that load as written, or in
+    a DataError (one line, exit 2 at the CLI), never another exception."""
+    from pipeline.errors import DataError
+
+    df = pd.DataFrame({f"c{i}": pd.Series(col, dtype=object) for i, col in enumerate(columns)})
+    df["target"] = pd.Series(labels, dtype=object)
+    df = pd.read_csv(__import__("io").StringIO(df.to_csv(index=False)))  # as a reader types it
+    try:
+        data, notes = infer_schema(df, "target")
+    except DataError:
+        return
+    params = params_from_dict(yaml.safe_load(render_params(data, Path("t.csv"), notes)))
+    assert params.data.target == "target"

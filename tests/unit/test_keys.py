@@ -78,6 +78,10 @@ def test_inference_and_keys_on_sklearn_data(name, with_id, tmp_path):
     schema = schema_from_params(params.data)
     assert params.data.id_column == ("record_id" if with_id else None)
     assert schema.derived_key is not with_id and "band" in schema.feature_names
+    assert params.data.task == ("regression" if name == "diabetes" else "classification")
+    by_name = {f.name: f for f in schema.features}
+    assert by_name["band"].kind == "categorical" and by_name["band"].nullable
+    assert by_name[sklearn_frame(name)[0].columns[1]].nullable and by_name[sklearn_frame(name)[0].columns[1]].kind == "numeric"
     keyed = with_row_key(df, schema)
     ids = row_ids(keyed, schema)
     assert ids.is_unique and len(ids) == len(df)
