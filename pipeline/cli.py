@@ -462,8 +462,9 @@ def schema_infer(
     from pipeline.data.infer import comment_safe, render_data_section
 
     schema, notes = _infer(data, target, id_column, image_shape)
-    print(render_data_section(schema, _raw_in_project(data, Path.cwd())[0]), end="")
-    for note in notes:
+    raw, outside = _raw_in_project(data, Path.cwd())
+    print(render_data_section(schema, raw), end="")
+    for note in [*notes, *([outside] if outside else [])]:
         print(f"# {comment_safe(note)}")
 
 

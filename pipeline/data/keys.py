@@ -12,8 +12,13 @@ reader typed it (5, 5.0 and "5" are one value; a null is a null whether NaN, Non
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # schema.py imports ROW_KEY from here
+    from pipeline.data.schema import Schema
 
 ROW_KEY = "_d2d_row_key"  # the derived key's column, reserved: no feature or target may use it
 SIGNIFICANT = 12  # digits kept of a non-integral number: a 1-ulp difference between readers vanishes
@@ -98,20 +103,20 @@ def row_keys(df: pd.DataFrame, columns: list[str]) -> pd.Series:
     return h.map("{:016x}".format) + "-" + occurrence.astype(str)
 
 
-def key_columns(schema: "Schema", df: pd.DataFrame) -> list[str]:  # noqa: F821 (import cycle)
+def key_columns(schema: Schema, df: pd.DataFrame) -> list[str]:
     """The columns a derived key covers: features and target, those the frame has (an
     unlabelled batch has no target)."""
     return [c for c in [*schema.feature_names, schema.target] if c in df.columns]
 
 
-def with_row_key(df: pd.DataFrame, schema: "Schema") -> pd.DataFrame:  # noqa: F821
+def with_row_key(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     """`df` with the derived key column when the schema has no id column; else `df` itself."""
     if not schema.derived_key:
         return df
     return df.assign(**{ROW_KEY: row_keys(df, key_columns(schema, df)).to_numpy()})
 
 
-def row_ids(df: pd.DataFrame, schema: "Schema") -> pd.Series:  # noqa: F821
+def row_ids(df: pd.DataFrame, schema: Schema) -> pd.Series:
     """Each row's identity as text: its id, or its derived key (computed when absent)."""
     if schema.derived_key and ROW_KEY not in df.columns:
         return row_keys(df, key_columns(schema, df))
