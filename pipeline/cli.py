@@ -392,6 +392,19 @@ def _infer(data: Path, target: str, id_column: str | None, image_shape: str | No
     return infer_schema(io.read_table(data), target, id_column, shape)
 
 
+def _raw_in_project(data: Path, root: Path) -> tuple[Path, str | None]:
+    """data.raw as init-params writes it: relative to the project folder. A file outside the
+    project is never written into params (pipeline.stages.raw_path refuses it); its place in
+    the project is written instead, with what to do."""
+    lexical = Path(os.path.normpath(os.path.abspath(data)))
+    home = Path(os.path.abspath(root))
+    if lexical.is_relative_to(home) and lexical.resolve().is_relative_to(home.resolve()):
+        return lexical.relative_to(home), None
+    inside = Path("data/raw") / data.name
+    return inside, (f"{data} is outside the project folder, so the params name data.raw: {inside}. Copy it there "
+                    f"(cp '{lexical}' {inside}, then dvc add {inside}), or run with --set data.raw={lexical}")
+
+
 @app.command("init-params")
 def init_params(
     data: Annotated[Path, typer.Option("--data", "-d", help="A CSV or Parquet file.")],
@@ -409,19 +422,32 @@ def init_params(
 
     if out.exists() and not force:
         raise D2DError(f"{out} exists; pass --force to overwrite it or --out to write elsewhere")
+    if out.is_dir():
+        raise D2DError(f"--out {out} is a folder; give a file name such as {out / 'params.yaml'}")
     schema, notes = _infer(data, target, id_column, image_shape)
-    text = render_params(schema, data, notes)
-    params_from_dict(yaml.safe_load(text))  # what is written must load as it is
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    raw, outside = _raw_in_project(data, Path.cwd())
+    text = render_params(schema, raw, notes)
+    written = yaml.safe_load(text)  # what is written must load, as it is, to exactly what was inferred
+    params_from_dict(written)
+    if {k: written["data"].get(k) for k in ("raw", "id_column", "target")} != {
+            "raw": raw.as_posix(), "id_column": schema["id_column"], "target": schema["target"]}:
+        raise D2DError("the generated params do not read back as written (please report this file's column names)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except (OSError, UnicodeEncodeError) as e:
+        raise D2DError(f"cannot write {out}: {e}") from None
     kinds = [f["kind"] for f in schema["features"]]
     console.print(
         f"wrote {out}: {kinds.count('numeric')} numeric and {kinds.count('categorical')} categorical features, "
         + (f"{len(schema['classes'])} classes" if schema["task"] == "classification" else "a regression target")
-        + f", id column '{schema['id_column']}'"
+        + (f", id column '{schema['id_column']}'" if schema["id_column"] is not None
+           else ", no id column (d2d derives a stable key per row)")
     )
     for note in notes:
         console.print(f"  [yellow]{note}[/]")
+    if outside:
+        console.print(f"[yellow]{outside}[/]")
     console.print(f"next: d2d run --params {out}")
 
 
@@ -433,12 +459,13 @@ def schema_infer(
     image_shape: ShapeOpt = None,
 ) -> None:
     """Print the inferred schema (the data section of params.yaml)."""
-    from pipeline.data.infer import render_data_section
+    from pipeline.data.infer import comment_safe, render_data_section
 
     schema, notes = _infer(data, target, id_column, image_shape)
-    print(render_data_section(schema, data), end="")
-    for note in notes:
-        print(f"# {note}")
+    raw, outside = _raw_in_project(data, Path.cwd())
+    print(render_data_section(schema, raw), end="")
+    for note in [*notes, *([outside] if outside else [])]:
+        print(f"# {comment_safe(note)}")
 
 
 def main() -> None:

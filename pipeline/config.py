@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -61,7 +61,9 @@ class DemoParams(_Section):
 
 class DataParams(_Section):
     raw: Path = Path("data/raw/digits.csv")
-    id_column: str = "id"
+    # null: the data has no id column, and d2d derives a stable key per row from its content
+    # and its occurrence number among identical rows (pipeline.data.keys).
+    id_column: str | None = "id"
     target: str = "label"
     task: Literal["classification", "regression"] = "classification"
     classes: list[int | str] | None = None  # classification only: the known labels
@@ -77,6 +79,10 @@ class DataParams(_Section):
             raise ValueError("feature names must be unique")
         if {self.id_column, self.target} & set(names):
             raise ValueError("the id column and the target cannot also be features")
+        from pipeline.data.keys import ROW_KEY  # here: config must not import pandas
+
+        if ROW_KEY in {*names, self.target, self.id_column}:
+            raise ValueError(f"'{ROW_KEY}' is reserved for the row key d2d derives; rename that column")
         if self.image_shape is not None:
             size = 1
             for d in self.image_shape:
@@ -96,8 +102,9 @@ class DataParams(_Section):
 
 
 class ValidateParams(_Section):
-    # Above this share of row-level failures the dataset as a whole is rejected.
-    max_bad_row_fraction: float = Field(default=0.10, ge=0.0, le=1.0)
+    # d2d's premise: up to 30% of a raw dataset may be wrong. Those rows are quarantined with
+    # their reasons and the rest trains; above this share the dataset as a whole is rejected.
+    max_bad_row_fraction: float = Field(default=0.30, ge=0.0, le=1.0)
     min_rows: int = Field(default=50, ge=1)
     max_rows: int | None = Field(default=None, ge=1)
     # A numeric column with more text than this is the wrong column, not a few bad rows.
@@ -379,6 +386,13 @@ class Params(_Section):
     serve: ServeParams = ServeParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # True when data.raw was named on the command line (--set data.raw=...): only then may it
+    # point outside the project (pipeline.stages.raw_path). Never read from a file.
+    _raw_named: bool = PrivateAttr(default=False)
+
+    @property
+    def raw_named_explicitly(self) -> bool:
+        return self._raw_named
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Params:
@@ -461,4 +475,6 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return params_from_dict(apply_overrides(raw, overrides or []))
+    params = params_from_dict(apply_overrides(raw, overrides or []))
+    params._raw_named = any(parse_override(o)[0] == ["data", "raw"] for o in overrides or [])
+    return params

@@ -184,9 +184,12 @@ def _labelled(batch: pd.DataFrame, schema: Schema) -> bool:
 def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids: set[str]) -> Screened:
     """The dataset's expectations on the batch, plus one the batch alone cannot show: its ids
     must be new to the dataset (a batch delivered twice under another name is not new data)."""
+    from pipeline.data.keys import row_ids, with_row_key
     from pipeline.data.validate import EXPECTATIONS, validate
 
-    batch = batch.reset_index(drop=True)
+    # with no id column, the derived key (content and occurrence) is the identity known_ids holds
+    raw_batch = batch.reset_index(drop=True)
+    batch = with_row_key(raw_batch, schema)
     labelled = _labelled(batch, schema)
     checked = batch
     if not labelled:
@@ -198,17 +201,18 @@ def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids:
         report = validate(checked, schema, params.validate_)
     except DataError as e:
         return Screened(len(batch), batch.iloc[:0], batch.iloc[:0], batch.assign(**{REASON: str(e)}), labelled, [str(e)])
-    ids = batch[schema.id_column].astype(str)
-    valid_ids = set(report.valid[schema.id_column].astype(str))
+    ids = row_ids(batch, schema)
+    valid_ids = set(row_ids(report.valid, schema))
     # only labelled rows can join the dataset, so only they must bring new ids
     seen = ids.isin(known_ids) & ids.isin(valid_ids) & labelled
     quarantine = report.quarantine
     if seen.any():
-        quarantine = pd.concat([quarantine, batch[seen].assign(**{REASON: f"{schema.id_column} already in the dataset",
+        what = "the same row is" if schema.derived_key else f"{schema.id_column}"
+        quarantine = pd.concat([quarantine, batch[seen].assign(**{REASON: f"{what} already in the dataset",
                                                                      EXPECTATIONS: "new_id"})], ignore_index=True)
     keep_ids = valid_ids - set(ids[seen])
-    valid = report.valid[report.valid[schema.id_column].astype(str).isin(keep_ids)].reset_index(drop=True)
-    raw_valid = batch[ids.isin(keep_ids)].reset_index(drop=True)
+    valid = report.valid[row_ids(report.valid, schema).isin(keep_ids)].reset_index(drop=True)
+    raw_valid = raw_batch[ids.isin(keep_ids)].reset_index(drop=True)  # as read: the key is not a raw column
     if not labelled:
         valid = valid.drop(columns=[schema.target])
         quarantine = quarantine.drop(columns=[schema.target], errors="ignore")
@@ -291,8 +295,11 @@ def append_to_raw(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, s
 
 
 def known_ids(params: Params, root: Path) -> set[str]:
+    """The identity of every row in the raw dataset: its id, or its derived row key."""
+    from pipeline.data.keys import row_ids
+
     schema = schema_from_params(params.data)
-    return set(io.read_table(raw_path(params, root))[schema.id_column].astype(str))
+    return set(row_ids(io.read_table(raw_path(params, root)), schema))
 
 
 def retrain_mode(params: Params, api_url: str | None) -> str:

@@ -4,6 +4,7 @@ so the two ways of running the pipeline produce the same files."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,10 @@ import numpy as np
 
 from pipeline.config import Params
 from pipeline.data import io
+from pipeline.data.keys import with_row_key
 from pipeline.data.schema import schema_from_params
 from pipeline.data.split import SPLITS
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,23 @@ class Paths:
 
 
 def raw_path(params: Params, root: Path) -> Path:
-    return root / params.data.raw
+    """The raw file, relative to the project root. A data.raw that leaves the project (an
+    absolute path, `..`, or a symlink out) is refused unless named on the command line
+    (`--set data.raw=PATH`): a params file, which may be generated or shared, cannot point
+    d2d at a file elsewhere on the machine."""
+    path = root / params.data.raw
+    if params.raw_named_explicitly:
+        return path
+    # the lexical form, and where the links lead: neither may leave the project
+    lexical = Path(os.path.normpath(os.path.abspath(path)))
+    home = Path(os.path.abspath(root))
+    if not (lexical.is_relative_to(home) and path.resolve().is_relative_to(root.resolve())):
+        raise ConfigError(
+            f"data.raw '{params.data.raw}' is outside the project folder {home}: copy the file into the project "
+            f"(e.g. data/raw/{path.name}) and set data.raw to that relative path, or name it explicitly on the "
+            f"command line with --set data.raw={lexical}"
+        )
+    return path
 
 
 def data_version(params: Params, root: Path) -> dict[str, Any]:
@@ -113,7 +131,9 @@ def run_validate(params: Params, root: Path) -> dict[str, Any]:
 
     paths = Paths(root)
     version = data_version(params, root)
-    raw = io.read_table(raw_path(params, root))
+    schema = schema_from_params(params.data)
+    # with no id column, each row gets its derived key here, once, from the raw values
+    raw = with_row_key(io.read_table(raw_path(params, root)), schema)
     docs = paths.data_docs if params.validate_.data_docs else None
     # A fresh folder each run: GX adds pages to an existing site, and DVC records this one as
     # an output, so it must hold this run's docs only (or a note that they are off).
@@ -121,7 +141,7 @@ def run_validate(params: Params, root: Path) -> dict[str, Any]:
     paths.data_docs.mkdir(parents=True)
     if docs is None:
         (paths.data_docs / "index.html").write_text("<p>Data Docs are off (validate.data_docs: false).</p>\n")
-    report = validate(raw, schema_from_params(params.data), params.validate_, docs)
+    report = validate(raw, schema, params.validate_, docs)
     io.write_parquet(report.quarantine, paths.quarantine)
     summary = {**report.summary, "data_md5": version["md5"], "data_path": version["path"]}
     if docs:
@@ -148,15 +168,16 @@ def run_split(params: Params, root: Path) -> dict[str, Any]:
     """Split, check for leakage, and fit the preprocessing on the train split only."""
     from pipeline import preprocess
     from pipeline.data.clean import preprocess_spec
-    from pipeline.data.split import leaked_rows, split
+    from pipeline.data.split import leaked_ids, leaked_rows, split
 
     paths = Paths(root)
     schema = schema_from_params(params.data)
     splits = split(io.read_table(paths.clean), schema.target, schema.id_column, params.split, schema.regression)
     leaked = leaked_rows(splits, schema.feature_names)
     if leaked:
+        shown = ", ".join(leaked_ids(splits, schema.feature_names, schema.id_column)[:3])
         raise DataError(
-            f"{leaked} rows share their exact features with a row in another split; "
+            f"{leaked} rows share their exact features with a row in another split ({schema.id_label} {shown}, ...); "
             "set clean.drop_duplicates: true so identical examples are removed before splitting"
         )
     for name in SPLITS:

@@ -56,7 +56,7 @@ def drop_duplicates(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.
     """
     dup, first = repeats(df, [*schema.feature_names, schema.target])
     ids = df[schema.id_column].to_numpy()[first[dup]]
-    return _split_off(df, dup, pd.Series(ids, index=df.index[dup]).map("duplicate of id {}".format))
+    return _split_off(df, dup, pd.Series(ids, index=df.index[dup]).map(f"duplicate of {schema.id_label} {{}}".format))
 
 
 def drop_conflicting_labels(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -64,7 +64,7 @@ def drop_conflicting_labels(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFr
     splits with two answers is leakage and noise, so only the first is kept."""
     conflict, first = repeats(df, schema.feature_names)
     ids = df[schema.id_column].to_numpy()[first[conflict]]
-    reason = pd.Series(ids, index=df.index[conflict]).map("same features as id {} with another label".format)
+    reason = pd.Series(ids, index=df.index[conflict]).map(f"same features as {schema.id_label} {{}} with another label".format)
     return _split_off(df, conflict, reason)
 
 

@@ -19,7 +19,8 @@ def digits_frame(schema: Schema) -> pd.DataFrame:
     if len(schema.features) != bunch.data.shape[1]:
         raise ValueError(f"the digits have {bunch.data.shape[1]} pixels; the schema lists {len(schema.features)}")
     df = pd.DataFrame(bunch.data.astype("int64"), columns=schema.feature_names)
-    df.insert(0, schema.id_column, np.arange(len(df), dtype="int64"))
+    if not schema.derived_key:  # with data.id_column null, d2d derives the rows' keys itself
+        df.insert(0, schema.id_column, np.arange(len(df), dtype="int64"))
     df[schema.target] = bunch.target.astype("int64")
     return df
 
@@ -53,5 +54,7 @@ def corrupt(df: pd.DataFrame, schema: Schema, fraction: float, seed: int) -> tup
                     out.iat[r, col[name]] = out.iat[src, col[name]]
             else:  # unknown_label: a class the schema does not know
                 out.iat[r, col[schema.target]] = 10
-        manifest[kind] = sorted(int(i) for i in out[schema.id_column].iloc[chunk])
+        # the ids, or the row numbers when there is no id column
+        ids = out[schema.id_column].iloc[chunk] if not schema.derived_key else chunk
+        manifest[kind] = sorted(int(i) for i in ids)
     return out, manifest

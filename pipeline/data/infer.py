@@ -3,6 +3,8 @@ nullability, the task and the modality, rendered as a complete, commented params
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import re
 from pathlib import Path
@@ -10,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from pipeline.data.keys import ROW_KEY
 from pipeline.errors import DataError
 
 ID_NAMES = {"id", "row_id", "record_id", "uuid", "key", "index"}
@@ -20,16 +22,32 @@ RANGE_MARGIN = 0.10  # inferred ranges are widened by this share of the observed
 NUMERIC_SHARE = 0.95  # text columns that parse as numbers this often are numeric columns
 
 
-def _find_id(df: pd.DataFrame, target: str, id_column: str | None) -> str:
+def _shown(name: Any) -> str:
+    """A name in a one-line message: quoted, with newlines and control characters escaped."""
+    return "'" + json.dumps(str(name), ensure_ascii=False)[1:-1] + "'"
+
+
+def _listed(columns: Any) -> str:
+    shown = ", ".join(json.dumps(str(c), ensure_ascii=False)[1:-1] for c in list(columns)[:8])
+    return shown + (f" and {len(columns) - 8} more" if len(columns) > 8 else "")
+
+
+def _find_id(df: pd.DataFrame, target: str, id_column: str | None) -> str | None:
+    """The id column named, or one found by name; None when the data has none (most files):
+    then d2d derives a stable row key itself (pipeline.data.keys)."""
     if id_column is not None:
         if id_column not in df.columns:
-            raise DataError(f"id column '{id_column}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
+            raise DataError(f"id column {_shown(id_column)} is not in the file (columns: {_listed(df.columns)})")
         return id_column
     for col in df.columns:
-        name = str(col).lower()
-        if col != target and (name in ID_NAMES or name.endswith("_id")) and df[col].notna().all() and df[col].is_unique:
+        if col != target and _id_like(col) and df[col].notna().all() and df[col].is_unique:
             return col
-    raise DataError("no id column found (a unique column named id or *_id); pass --id COLUMN")
+    return None
+
+
+def _id_like(col: Any) -> bool:
+    name = str(col).lower()
+    return name in ID_NAMES or name.endswith("_id")
 
 
 def _numeric_range(x: pd.Series, integral: bool) -> tuple[float, float]:
@@ -65,6 +83,9 @@ def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]
     numbers = pd.to_numeric(values, errors="coerce") if col.dtype.kind not in "biuf" else values
     if col.dtype.kind in "iuf" or numbers.notna().mean() >= NUMERIC_SHARE:
         numbers = numbers.dropna().astype("float64")
+        numbers = numbers[np.isfinite(numbers)]  # an infinity is a bad value, not the range
+        if numbers.empty:
+            return None, "no finite numbers"
         # "int" only where pandas reads integers (or would, but for the nulls): the served
         # model's signature must match what a CSV reader produces, and MLflow will not cast
         # float64 "59.0" to int64.
@@ -86,7 +107,7 @@ def infer_task(y: pd.Series) -> tuple[str, list[Any] | None]:
     """Classification for text or up to 20 distinct integers; regression for other numbers."""
     values = y.dropna()
     if values.nunique() < 2:
-        raise DataError(f"target '{y.name}' has a single class ({values.iloc[0] if len(values) else 'all null'}): nothing to learn")
+        raise DataError(f"target {_shown(y.name)} has a single class ({_shown(values.iloc[0]) if len(values) else 'all null'}): nothing to learn")
     numeric = values.dtype.kind in "iuf"
     integral = numeric and bool((values == np.floor(values)).all())
     if numeric and not (integral and values.nunique() <= 20):
@@ -100,21 +121,27 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
     if df.empty:
         raise DataError("the file has no rows")
     if target not in df.columns:
-        raise DataError(f"target column '{target}' is not in the file (columns: {', '.join(map(str, df.columns[:8]))})")
+        raise DataError(f"target column {_shown(target)} is not in the file (columns: {_listed(df.columns)})")
     id_col = _find_id(df, target, id_column)
     task, classes = infer_task(df[target])
     features, notes = [], []
     for name in df.columns:
         if name in (target, id_col):
             continue
+        if str(name) == ROW_KEY:
+            notes.append(f"{_shown(name)[1:-1]}: left out (the name is reserved for the row key d2d derives)")
+            continue
+        if id_col is None and _id_like(name):
+            notes.append(f"{_shown(name)[1:-1]}: left out (named like an id, but its values are not unique and present in every row)")
+            continue
         spec, why = infer_column(str(name), df[name])
         if spec is None:
-            notes.append(f"{name}: left out ({why})")
+            notes.append(f"{_shown(name)[1:-1]}: left out ({why})")
         else:
             features.append(spec)
     if not features:
         raise DataError("no usable feature columns")
-    data: dict[str, Any] = {"id_column": str(id_col), "target": target, "task": task, "classes": classes, "features": features}
+    data: dict[str, Any] = {"id_column": None if id_col is None else str(id_col), "target": target, "task": task, "classes": classes, "features": features}
     if image_shape:
         if any(f["kind"] != "numeric" for f in features) or int(np.prod(image_shape)) != len(features):
             raise DataError(f"--image-shape {image_shape} needs {int(np.prod(image_shape))} numeric features; found {len(features)}")
@@ -122,40 +149,12 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
     return data, notes
 
 
-def _flow(d: dict[str, Any]) -> str:
-    return yaml.safe_dump(d, default_flow_style=True, sort_keys=False, width=10_000).strip()
-
-
-def render_data_section(data: dict[str, Any], raw: Path | None = None) -> str:
-    lines = ["data:"]
-    if raw is not None:
-        lines.append(f"  raw: {raw}")
-    lines += [
-        f"  id_column: {data['id_column']}",
-        f"  target: {data['target']}",
-        f"  task: {data['task']}",
-        *([f"  classes: {_flow(data['classes'])}"] if data["classes"] else []),
-        "  features:                          # inferred; ranges carry a 10% margin",
-        *(f"    - {_flow(f)}" for f in data["features"]),
-    ]
-    if "image_shape" in data:
-        lines.append(f"  image_shape: {_flow(data['image_shape'])}             # C, H, W")
-    return "\n".join(lines) + "\n"
-
-
-def render_params(data: dict[str, Any], raw: Path, notes: list[str]) -> str:
-    """A complete params.yaml: the inferred data section and every stage's defaults, commented."""
-    image = "image_shape" in data
-    has_range = all("min" in f for f in data["features"] if f["kind"] == "numeric")
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", raw.stem).strip("-") or "data"
-    left_out = "".join(f"#   {n}\n" for n in notes)
-    return f"""# d2d params for {raw.name}, written by `d2d init-params`. Edit freely: unknown keys
-# and bad values are errors that name the key. Override a value on the command line with
-# `d2d run --params THIS_FILE --set train.epochs=10`.
-{"# Columns left out:" + chr(10) + left_out if notes else ""}
-{render_data_section(data, raw)}
+# Every stage's defaults with their comments. Static text: nothing from the user's file is
+# joined into it; the data section and the few values that depend on the data are set on the
+# loaded document, and ruamel.yaml writes them (quoting any name, so every name round-trips).
+_TEMPLATE = """\
 validate:
-  max_bad_row_fraction: 0.10         # above this share of bad rows, the dataset is rejected
+  max_bad_row_fraction: 0.30         # up to 30% of a raw dataset may be wrong (d2d's premise): those rows are quarantined with their reasons; above this share the dataset is rejected
   min_rows: 50
   max_rows: null
   max_non_numeric_fraction: 0.5      # a numeric column with more text than this fails the dataset
@@ -167,25 +166,25 @@ clean:
     numeric: median
     categorical: most_frequent
     fill_value: 0
-    columns: {{}}                      # per column, e.g. {{age: drop}}
+    columns: {}                      # per column, e.g. {age: drop}
   outliers:
     method: none                     # none | range (schema min/max) | iqr
     action: clip                     # clip | drop
     iqr_k: 1.5
 
 split:
-  strategy: stratified               # stratified | random | hash (by id: stable when data is appended)
+  strategy: stratified               # stratified | random | hash (by id or row key: stable when data is appended)
   train: 0.70
   val: 0.15
   test: 0.15
   seed: 42
 
 preprocess:                          # fitted on the train split only, saved with the model
-  scale: {"range" if image and has_range else "standard"}                   # standard | minmax | range (schema min/max) | none
+  scale: standard                    # standard | minmax | range (schema min/max) | none
   max_categories: 50
 
 train:
-  model: {"cnn" if image else "mlp"}                         # cnn | mlp | lstm | transformer
+  model: mlp                         # cnn | mlp | lstm | transformer
   channels: [32, 64]                 # cnn only
   hidden: [128, 64]                  # the dense head
   dropout: 0.2
@@ -211,10 +210,135 @@ train:
   fail_at_epoch: null                # fault drill: rank 0 exits hard once at this epoch
 
 evaluate:
-  experiment: d2d-{stem}
+  experiment: d2d-data
 
 register:
-  model_name: d2d-{stem}
+  model_name: d2d-data
   min_test_accuracy: 0.80            # classification: the first version at or above this becomes champion
   min_test_r2: 0.50                  # regression: likewise, on the test R²
 """
+COMMENT_COLUMN = 37
+NO_ID = ("no id column: d2d derives a stable row key from each row's content (features and target) "
+         "and its occurrence number among identical rows")
+
+
+def _yaml() -> Any:
+    """A ruamel.yaml emitter whose output PyYAML (YAML 1.1, what load_params reads) reads back
+    exactly: null spelled out, floats always with a dot or as .inf/.nan, no line wrapping."""
+    from ruamel.yaml import YAML
+
+    y = YAML()
+    y.width = 1 << 20
+    y.indent(mapping=2, sequence=4, offset=2)
+    y.allow_unicode = True
+
+    def null(rep: Any, _: None) -> Any:
+        return rep.represent_scalar("tag:yaml.org,2002:null", "null")
+
+    def number(rep: Any, v: float) -> Any:
+        if math.isnan(v):
+            text = ".nan"
+        elif math.isinf(v):
+            text = ".inf" if v > 0 else "-.inf"
+        else:
+            text = repr(v)
+            if "." not in text and "e" in text:
+                text = text.replace("e", ".0e", 1)  # 1e-07 is text to YAML 1.1; 1.0e-07 a float
+        return rep.represent_scalar("tag:yaml.org,2002:float", text)
+
+    y.representer.add_representer(type(None), null)
+    y.representer.add_representer(float, number)
+    return y
+
+
+def _text(v: Any) -> Any:
+    """User text (names, labels, paths) always double-quoted: no name can read as a bool, a
+    null, a number, a comment or a new key, in YAML 1.1 or 1.2."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    return DoubleQuotedScalarString(v) if isinstance(v, str) else v
+
+
+def _flow_seq(items: list[Any]) -> Any:
+    from ruamel.yaml.comments import CommentedSeq
+
+    seq = CommentedSeq(_text(v) for v in items)
+    seq.fa.set_flow_style()
+    return seq
+
+
+def _flow_map(d: dict[str, Any]) -> Any:
+    from ruamel.yaml.comments import CommentedMap
+
+    out = CommentedMap()
+    for k, v in d.items():
+        out[k] = _flow_seq(v) if isinstance(v, list) else _text(v) if k in ("name", "prefix") else v
+    out.fa.set_flow_style()
+    return out
+
+
+def comment_safe(text: str) -> str:
+    """User text inside a YAML comment: one line, printable ASCII (a newline would end the comment)."""
+    return json.dumps(text, ensure_ascii=True)[1:-1]
+
+
+def data_section(data: dict[str, Any], raw: Path | None = None) -> Any:
+    """The `data` section as a commented ruamel mapping."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    section = CommentedMap()
+    if raw is not None:
+        section["raw"] = _text(raw.as_posix())
+        section.yaml_add_eol_comment("relative to the project folder; version it with `dvc add`", "raw", COMMENT_COLUMN)
+    section["id_column"] = _text(data["id_column"])
+    if data["id_column"] is None:
+        section.yaml_add_eol_comment(NO_ID, "id_column", COMMENT_COLUMN)
+    section["target"] = _text(data["target"])
+    section["task"] = data["task"]
+    if data["classes"]:
+        section["classes"] = _flow_seq(data["classes"])
+    section["features"] = CommentedSeq(_flow_map(f) for f in data["features"])
+    section.yaml_add_eol_comment("inferred; ranges carry a 10% margin", "features", COMMENT_COLUMN)
+    if "image_shape" in data:
+        section["image_shape"] = _flow_seq(data["image_shape"])
+        section.yaml_add_eol_comment("C, H, W", "image_shape", COMMENT_COLUMN)
+    return section
+
+
+def _dump(doc: Any) -> str:
+    out = io.StringIO()
+    _yaml().dump(doc, out)
+    return out.getvalue()
+
+
+def render_data_section(data: dict[str, Any], raw: Path | None = None) -> str:
+    """`data:` and its inferred contents, as YAML (what `d2d schema infer` prints)."""
+    from ruamel.yaml.comments import CommentedMap
+
+    return _dump(CommentedMap(data=data_section(data, raw)))
+
+
+def render_params(data: dict[str, Any], raw: Path, notes: list[str]) -> str:
+    """A complete params.yaml: the inferred data section and every stage's defaults, commented."""
+    from ruamel.yaml.comments import CommentedMap
+
+    image = "image_shape" in data
+    has_range = all("min" in f for f in data["features"] if f["kind"] == "numeric")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", raw.stem).strip("-") or "data"
+    doc = CommentedMap(data=data_section(data, raw))
+    defaults = _yaml().load(_TEMPLATE)
+    for key in defaults:
+        doc[key] = defaults[key]
+    doc["preprocess"]["scale"] = "range" if image and has_range else "standard"
+    doc["train"]["model"] = "cnn" if image else "mlp"
+    doc["evaluate"]["experiment"] = f"d2d-{stem}"
+    doc["register"]["model_name"] = f"d2d-{stem}"
+    header = [
+        f"d2d params for {comment_safe(raw.name)}, written by `d2d init-params`. Edit freely: unknown keys",
+        "and bad values are errors that name the key. Override a value on the command line with",
+        "`d2d run --params THIS_FILE --set train.epochs=10`.",
+        *(["Columns left out:", *(f"  {comment_safe(n)}" for n in notes)] if notes else []),
+    ]
+    doc.yaml_set_start_comment("\n".join(header) + "\n\n")  # a blank line before data:
+    doc.yaml_set_comment_before_after_key("validate", before="\n")  # the template spaces the rest
+    return _dump(doc)

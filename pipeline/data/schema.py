@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import DataParams
+from pipeline.data.keys import ROW_KEY
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,15 @@ class Column:
 
 @dataclass(frozen=True)
 class Schema:
+    # The id column, or ROW_KEY when the data has none and d2d derives each row's key
+    # (pipeline.data.keys): every step identifies rows by this column either way.
     id_column: str
     target: str
     classes: tuple[int | str, ...]  # empty for regression
     features: tuple[Column, ...]
     image_shape: tuple[int, int, int] | None
     task: str = "classification"
+    derived_key: bool = False
 
     @property
     def regression(self) -> bool:
@@ -57,8 +61,13 @@ class Schema:
 
     @property
     def columns(self) -> list[str]:
-        """Every column a raw file must have."""
-        return [self.id_column, *self.feature_names, self.target]
+        """Every column a raw file must have (a derived key is added by d2d, not read)."""
+        return [*([] if self.derived_key else [self.id_column]), *self.feature_names, self.target]
+
+    @property
+    def id_label(self) -> str:
+        """How a row's identity is named in reasons: its id, or its derived row key."""
+        return "row key" if self.derived_key else "id"
 
 
 def schema_from_params(data: DataParams) -> Schema:
@@ -76,4 +85,6 @@ def schema_from_params(data: DataParams) -> Schema:
         for name in f.names()
     )
     shape = tuple(data.image_shape) if data.image_shape else None
-    return Schema(data.id_column, data.target, tuple(data.classes or ()), features, shape, data.task)  # type: ignore[arg-type]
+    derived = data.id_column is None
+    return Schema(ROW_KEY if derived else data.id_column, data.target, tuple(data.classes or ()), features, shape,  # type: ignore[arg-type]
+                  data.task, derived)

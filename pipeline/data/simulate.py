@@ -58,6 +58,7 @@ def simulate_batch(
     x = picked[schema.feature_names].to_numpy(dtype="float64")
     changed = np.clip(np.rint(change(x, kind, strength, list(schema.image_shape), rng)), 0, PIXEL_MAX).astype("int64")
     out = pd.DataFrame(changed, columns=schema.feature_names)
-    out.insert(0, schema.id_column, np.arange(first_id, first_id + rows, dtype="int64"))
+    if not schema.derived_key:  # without an id column, d2d derives each row's key itself
+        out.insert(0, schema.id_column, np.arange(first_id, first_id + rows, dtype="int64"))
     out[schema.target] = picked[schema.target].to_numpy()
     return out

@@ -1,5 +1,6 @@
 """Train/validation/test split: stratified (seeded, per-class ratios), random (seeded) or
-hash (by id: a row's split never changes when data is appended). Vectorised throughout."""
+hash (by id, or the derived row key when there is no id column: a row's split never changes
+when data is appended). Vectorised throughout."""
 
 from __future__ import annotations
 
@@ -53,16 +54,26 @@ def hash_assignment(ids: pd.Series, params: SplitParams) -> np.ndarray:
     return np.where(u < params.train, 0, np.where(u < params.train + params.val, 1, 2))
 
 
-def leaked_rows(splits: Splits, features: list[str]) -> int:
-    """Rows whose exact feature values also appear in another split (compared by a 64-bit
-    hash of the row, vectorised)."""
+def _leak_mask(splits: Splits, features: list[str]) -> np.ndarray:
+    """Over the splits in order, rows whose exact feature values also appear in another split
+    (compared by a 64-bit hash of the row, vectorised)."""
     hashes = pd.concat(
         [pd.DataFrame({"h": pd.util.hash_pandas_object(getattr(splits, s)[features], index=False).to_numpy(), "part": i})
          for i, s in enumerate(SPLITS)],
         ignore_index=True,
     )
-    parts_per_row = hashes.groupby("h")["part"].transform("nunique")
-    return int((parts_per_row > 1).sum())
+    return (hashes.groupby("h")["part"].transform("nunique") > 1).to_numpy()
+
+
+def leaked_rows(splits: Splits, features: list[str]) -> int:
+    """How many rows share their exact features with a row in another split."""
+    return int(_leak_mask(splits, features).sum())
+
+
+def leaked_ids(splits: Splits, features: list[str], id_column: str) -> list[str]:
+    """The ids (or derived row keys) of those rows, to name them in the error."""
+    ids = pd.concat([getattr(splits, s)[id_column].astype(str) for s in SPLITS], ignore_index=True)
+    return ids[_leak_mask(splits, features)].tolist()
 
 
 def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams, regression: bool = False) -> Splits:

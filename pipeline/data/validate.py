@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ValidateParams
+from pipeline.data.keys import ROW_KEY, with_row_key
 from pipeline.data.schema import Schema
 from pipeline.errors import DataError
 
@@ -39,8 +40,9 @@ def build_suite(schema: Schema, params: ValidateParams) -> Any:
     suite = gx.ExpectationSuite(name="d2d_raw")
     suite.add_expectation(gxe.ExpectTableColumnsToMatchSet(column_set=schema.columns, exact_match=False))
     suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows, max_value=params.max_rows))
-    suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.id_column))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=schema.id_column))
+    if not schema.derived_key:  # a derived key is unique and present by construction
+        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.id_column))
+        suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=schema.id_column))
     suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=schema.target))
     if not schema.regression:
         suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=schema.target, value_set=list(schema.classes)))
@@ -134,6 +136,8 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
         raise DataError(f"the dataset lacks required column(s): {shown}")
     if df.empty:
         raise DataError("the dataset has no rows")
+    if ROW_KEY not in df.columns:
+        df = with_row_key(df, schema)  # every row, valid or quarantined, carries its identity
 
     # Positional index: GX reports failing rows by index, which stays unambiguous even
     # when the id column itself is null or duplicated.

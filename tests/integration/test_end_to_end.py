@@ -297,3 +297,97 @@ def test_regression_end_to_end(tmp_path, prefect_harness):
     raw = pd.read_csv(tmp_path / "diabetes.csv").set_index("patient_id").loc[test["patient_id"]].reset_index()
     pred = model.predict(raw.drop(columns="progression"))["prediction"].to_numpy()
     assert regression_metrics(raw["progression"].to_numpy(dtype=float), pred)["r2"] == pytest.approx(result["metrics"]["test_r2"], abs=1e-4)
+
+
+def iris_without_id(path: Path) -> pd.DataFrame:
+    """scikit-learn's iris as most real files come: no id column, a text label, a categorical
+    text column, missing values, one exact duplicate and two rows with text in a numeric column."""
+    import numpy as np
+    from sklearn.datasets import load_iris
+
+    df = load_iris(as_frame=True).frame
+    df["species"] = df.pop("target").map({0: "setosa", 1: "versicolor", 2: "virginica"})
+    df["petal_size"] = pd.qcut(df["petal length (cm)"].rank(method="first"), 3, labels=["small", "mid", "large"]).astype(object)
+    rng = np.random.default_rng(0)
+    df.loc[rng.choice(len(df), 6, replace=False), "sepal width (cm)"] = None
+    df.loc[rng.choice(len(df), 6, replace=False), "petal_size"] = None
+    df = df.astype({"sepal length (cm)": object})
+    df.loc[[10, 80], "sepal length (cm)"] = "n/a?"  # bad rows: quarantined, identified by their row key
+    df = pd.concat([df, df.iloc[[40]]], ignore_index=True)  # an exact duplicate: removed by cleaning
+    df.to_csv(path, index=False)
+    return df
+
+
+def test_data_without_an_id_column_end_to_end(tmp_path, prefect_harness):
+    """init-params on a file with no id column, then the whole flow with the hash split: the
+    derived row key identifies quarantined and duplicate rows and keeps each row's split."""
+    import mlflow
+
+    from flows.training import training_flow
+    from pipeline.data.keys import ROW_KEY, row_keys
+
+    raw = iris_without_id(tmp_path / "iris.csv")
+    made = run(["d2d", "init-params", "--data", "iris.csv", "--target", "species"], tmp_path)
+    assert "no id column" in made.stdout and "id_column: null" in (tmp_path / "params.yaml").read_text()
+    state = training_flow(
+        params_path="params.yaml", root=str(tmp_path), return_state=True,
+        overrides=["train.epochs=30", "train.lr=0.01", "train.batch_size=16", "split.strategy=hash",
+                   "validate.data_docs=false", "register.min_test_accuracy=0.6"],
+    )
+    assert state.is_completed(), state.message
+    result = state.result()
+    keys = row_keys(pd.read_csv(tmp_path / "iris.csv"), ["sepal length (cm)", "sepal width (cm)", "petal length (cm)",
+                                                        "petal width (cm)", "petal_size", "species"])
+    quarantine = pd.read_parquet(tmp_path / "data/quarantine/validate.parquet")
+    assert sorted(quarantine[ROW_KEY]) == sorted(keys.iloc[[10, 80]])
+    assert quarantine["reason"].str.contains("sepal length (cm) is not a number", regex=False).all()
+    removed = pd.read_parquet(tmp_path / "data/quarantine/clean.parquet")
+    dup = removed[removed["rule"] == "drop_duplicates"]
+    # the copy added, and iris's own duplicate (rows 101 and 142)
+    assert dict(zip(dup[ROW_KEY], dup["reason"])) == {keys.iloc[-1]: f"duplicate of row key {keys.iloc[40]}",
+                                                      keys.iloc[142]: f"duplicate of row key {keys.iloc[101]}"}
+    splits = {s: pd.read_parquet(tmp_path / f"data/split/{s}.parquet") for s in ("train", "val", "test")}
+    assert sum(len(f) for f in splits.values()) == len(raw) - 4 and all(f[ROW_KEY].is_unique for f in splits.values())
+    assert result["split"]["leaked_rows"] == 0 and result["register"]["promoted"]
+
+    # the champion scores raw rows, which carry no id
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/d2d-iris@champion")
+    rows = pd.read_csv(tmp_path / "iris.csv").drop(index=[10, 80]).drop(columns="species").head(20)
+    rows["sepal length (cm)"] = rows["sepal length (cm)"].astype(float)
+    assert len(model.predict(rows)) == 20
+
+
+def test_thirty_percent_bad_rows_is_the_normal_case(tmp_path, prefect_harness):
+    """d2d's premise: up to 30% of a raw dataset may be wrong. `d2d data demo` with 30% of the
+    digits corrupted, then the flow with the default validate.max_bad_row_fraction: the bad
+    rows go to quarantine with their reasons, the duplicates to cleaning, and the model trained
+    on the rest still reaches 0.95 test accuracy."""
+    from flows.training import training_flow
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    run(["d2d", "data", "demo", "--set", "data.demo.corrupt_fraction=0.3"], tmp_path)
+    # the same generator, in process, for the manifest of which rows were corrupted how
+    demo = make_demo(load_params(tmp_path / "params.yaml", ["data.demo.corrupt_fraction=0.3"]), tmp_path / "manifest")
+    assert demo["md5"] == file_md5(tmp_path / "data/raw/digits.csv")
+    corrupted = demo["corrupted"]
+    assert sum(map(len, corrupted.values())) == round(0.3 * 1797)
+
+    state = training_flow(params_path="params.yaml", root=str(tmp_path), return_state=True,
+                          overrides=["train.epochs=15", "validate.data_docs=false"])
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["validate"]["passed"] and result["validate"]["bad_row_fraction"] > 0.2
+    quarantine = pd.read_parquet(tmp_path / "data/quarantine/validate.parquet")
+    by_id = quarantine.set_index("id")["reason"]
+    assert set(by_id.index) == set(corrupted["missing_pixel"] + corrupted["out_of_range"] + corrupted["unknown_label"])
+    assert by_id.loc[corrupted["missing_pixel"]].str.contains("is null").all()
+    assert by_id.loc[corrupted["out_of_range"]].str.contains(r"outside \[0, 16\]").all()
+    assert by_id.loc[corrupted["unknown_label"]].str.contains("label not in the allowed values").all()
+    removed = pd.read_parquet(tmp_path / "data/quarantine/clean.parquet")
+    dup = removed[removed["rule"] == "drop_duplicates"]
+    # a copied row comes before or after its source; the later of the two is removed, naming the first
+    pairs = zip(dup["id"], dup["reason"].str.removeprefix("duplicate of id ").astype(int))
+    assert len(dup) == len(corrupted["duplicate"]) and all({a, b} & set(corrupted["duplicate"]) for a, b in pairs)
+    assert result["metrics"]["test_accuracy"] >= 0.95, result["metrics"]
+    assert result["register"]["promoted"]

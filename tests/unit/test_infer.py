@@ -66,9 +66,20 @@ def test_continuous_target_is_regression(tmp_path):
     assert params.data.task == "regression" and params.data.classes is None
 
 
-def test_no_id_column_is_an_error():
-    with pytest.raises(DataError, match="no id column found"):
-        infer_schema(frame().drop(columns="customer_id"), "churn")
+def test_no_id_column_means_a_derived_row_key(tmp_path):
+    """Most files have no id: the params say so, and the schema identifies rows by a key d2d derives."""
+    data, _ = infer_schema(frame().drop(columns="customer_id"), "churn")
+    assert data["id_column"] is None
+    text = render_params(data, tmp_path / "churn.csv", [])
+    assert "id_column: null" in text and "d2d derives a stable row key" in text
+    params = params_from_dict(yaml.safe_load(text))
+    assert params.data.id_column is None
+
+
+def test_an_id_named_column_that_is_not_unique_is_left_out():
+    data, notes = infer_schema(frame().assign(customer_id=["c1"] * 10), "churn")
+    assert data["id_column"] is None and "customer_id" not in {f["name"] for f in data["features"]}
+    assert notes == ["customer_id: left out (named like an id, but its values are not unique and present in every row)"]
 
 
 def test_rendered_params_load_and_pick_the_model(tmp_path):
