@@ -96,7 +96,11 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     overrides = set_ or []
     load_params(params, overrides)  # fail in a second on bad params, before any server starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.training import training_flow
+    from flows.training import RUN_LOCK, training_flow
+    from pipeline import lock
+
+    with lock.exclusive(Path.cwd() / RUN_LOCK, "a training run"):
+        pass  # another run holds it: say so now, before a Prefect server starts; the flow takes it for real
 
     _quiet_user_errors()
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # a team server, else SQLite here
