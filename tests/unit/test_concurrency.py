@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import lock, monitor, versioning
+from pipeline import monitor, versioning
 from pipeline.data import io
 from pipeline.errors import D2DError
 from tests.conftest import REPO
@@ -91,6 +91,8 @@ def test_a_second_run_in_the_same_project_is_refused_with_one_line(tmp_path):
 
 
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
+    from pipeline import lock
+
     path = tmp_path / "run.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
