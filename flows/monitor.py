@@ -135,7 +135,7 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
         monitor.discard_stale_stages(ledger, params, project)
         retrains = 0
         for md5, entry in monitor.unfinished(ledger):  # what a killed run left half-done, first
-            logger.warning("%s: finishing the append a previous run recorded but did not complete", entry["file"])
+            logger.warning("%s: finishing what a previous run recorded but did not complete (append, event, retrain)", entry["file"])
             done = _complete(md5, entry, ledger, params, project, mode)
             if done is None:  # nothing was appended: the batch is read again below, as new
                 continue

@@ -266,7 +266,7 @@ def test_a_monitor_killed_right_after_the_append_finishes_the_batch_exactly_once
 
     finished = d2d_monitor(project, *sets)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "finishing the append a previous run recorded" in finished.stdout + finished.stderr
+    assert "finishing what a previous run recorded" in finished.stdout + finished.stderr
     raw = pd.read_csv(project / RAW)
     assert raw["id"].isin(ids).sum() == len(ids) == 300  # the batch's rows, once
     assert (project / RAW).read_bytes().startswith(old_raw)
