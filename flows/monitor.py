@@ -6,6 +6,10 @@ The retrain runs one of two ways (monitor.retrain): `flow` calls the training fl
 subflow, which is what embedded mode (no Prefect server) can do; `event` only emits
 `d2d.drift.detected`, and the training deployment's trigger in prefect.yaml (an automation on
 the server) starts a training run on a worker. `auto` picks `event` when PREFECT_API_URL is set.
+
+Appending a batch is a write-ahead transaction in the ledger (see pipeline.monitor): a run
+killed between the append and its record leaves a `pending` entry, and the next run finishes
+it first: the append is not repeated; the versioning, the event and the retrain happen once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.training import _retry_worthwhile, _with_retries, training_flow
 from pipeline import drift, monitor
 from pipeline.config import Params, load_params
+from pipeline.data import io
 from pipeline.data.schema import schema_from_params
 from pipeline.errors import DataError
 
@@ -93,9 +98,10 @@ def publish(batch: monitor.Batch, screened: monitor.Screened, inspected: dict[st
 
 
 @task(name="append-batch", retry_condition_fn=_retry_worthwhile, cache_policy=NO_CACHE)
-def append_batch(screened: monitor.Screened, params: Params, root: Path) -> dict[str, str]:
-    appended = monitor.append_to_raw(screened.raw_valid, params, root)
-    get_run_logger().info("appended %d rows to %s: md5 %s → %s; %s; %s", len(screened.raw_valid), appended["path"],
+def append_batch(intent: dict[str, Any], params: Params, root: Path) -> dict[str, str]:
+    """Swap in the raw file's next version (the intent the ledger holds) and version it."""
+    appended = monitor.install_append(intent, params, root)
+    get_run_logger().info("appended %d rows to %s: md5 %s → %s; %s; %s", intent["rows"], appended["path"],
                           appended["md5_before"][:8], appended["md5_after"][:8], appended["dvc"], appended["git"])
     return appended
 
@@ -126,14 +132,32 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
     outcomes = []
     with monitor.exclusive(params, project):
         ledger = monitor.read_ledger(params, project)
+        monitor.discard_stale_stages(ledger, params, project)
+        retrains = 0
+        for md5, entry in monitor.unfinished(ledger):  # what a killed run left half-done, first
+            logger.warning("%s: finishing what a previous run recorded but did not complete (append, event, retrain)", entry["file"])
+            done = _complete(md5, entry, ledger, params, project, mode)
+            if done is None:  # nothing was appended: the batch is read again below, as new
+                continue
+            retrains += _retrain(done, params, params_file, overrides, project, mode)
+            outcomes.append(done)
         pending = monitor.pending_batches(params, project, ledger)
         logger.info("%d new batch(es) in %s", len(pending), params.monitor.inbox)
         if not pending:
-            return {"batches": [], "retrains": 0}
-        reference = _with_retries(load_reference, params)(params, project)
-        retrains = 0
+            return {"batches": outcomes, "retrains": retrains, "mode": mode}
+        reference = None
         for batch in pending:
             key = batch.key
+            if batch.refused:
+                logger.warning("%s: refused (%s); left untouched", batch.name, batch.refused)
+                decision = {"action": "refused", "retrain": False, "reasons": [batch.refused]}
+                screened = monitor.Screened(0, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), False, [batch.refused])
+                ledger["batches"][batch.md5] = monitor.ledger_entry(batch, screened, decision, None, None, None, project)
+                monitor.write_ledger(ledger, params, project)
+                outcomes.append({"batch": batch.name, **decision})
+                continue
+            if reference is None:
+                reference = _with_retries(load_reference, params)(params, project)
             screened, inspected = _with_retries(inspect_batch, params)(
                 batch, params, project, reference, monitor.known_ids(params, project))
             ledger.setdefault("log_parts", []).extend(batch.log_parts)
@@ -153,23 +177,65 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
                         "drift_share": inspected["report"].share,
                         "domain_auc": (inspected["report"].multivariate or {}).get("roc_auc")}
             report = _with_retries(publish, params)(batch, screened, inspected, decision, reference, params, project)
-            appended = _with_retries(append_batch, params)(screened, params, project) if act and screened.labelled else None
-            if act:
-                emit_drift(key, params, decision, ("automation" if mode == "event" else "in-process") if retrain else "no")
-            if retrain:
-                ledger["retrains"].append({"at": monitor.utc_now().isoformat(timespec="seconds"), "batch": key, "by": mode})
-            # recorded before the retrain runs: a failed retrain must not make the batch count twice
-            ledger["batches"][batch.md5] = monitor.ledger_entry(batch, screened, decision, report, appended, quarantine, project)
+            entry = monitor.ledger_entry(batch, screened, decision, report, None, quarantine, project)
+            # write-ahead: what must follow (event, retrain, and for labelled rows the raw file's
+            # next version, built but not yet swapped in) is recorded before any of it happens
+            entry |= {"key": key, "act": act, "state": monitor.PENDING if act else monitor.COMPLETE}
+            if act and screened.labelled:
+                entry["append"] = monitor.stage_append(screened.raw_valid, params, project)
+            ledger["batches"][batch.md5] = entry
             monitor.write_ledger(ledger, params, project)
-            outcome = {"batch": batch.name, **decision}
-            if retrain and mode == "flow":
-                logger.info("%s: retraining on the new data version", batch.name)
-                trained = training_flow(params_path=str(params_file), overrides=overrides, root=str(project))
-                outcome["register"] = trained["register"]
-                retrains += 1
+            done = _complete(batch.md5, entry, ledger, params, project, mode)
+            retrains += _retrain(done, params, params_file, overrides, project, mode)
+            if done["retrain"] and mode == "flow":
                 reference = _with_retries(load_reference, params)(params, project)  # the next batch meets the new champion
-            elif retrain:
-                logger.info("%s: %s emitted; the training deployment's trigger runs the retrain", batch.name, EVENT)
-                retrains += 1
-            outcomes.append(outcome)
+            outcomes.append(done)
     return {"batches": outcomes, "retrains": retrains, "mode": mode}
+
+
+def _complete(md5: str, entry: dict[str, Any], ledger: dict[str, Any], params: Params, project: Path,
+              mode: str) -> dict[str, Any] | None:
+    """The rest of a batch's transaction, after its entry is in the ledger: the append (when
+    the entry holds one), the event, the retrain's place in the rate limit, and the entry's
+    completion. Called again by the next run on an entry a killed run left pending. None when
+    the append never happened and its next version is gone: the entry is dropped so that the
+    batch is read again as new (nothing of it is in the dataset)."""
+    logger = get_run_logger()
+    intent = entry.get("append")
+    if entry["state"] == monitor.PENDING and intent:
+        staged = monitor.raw_path(params, project).with_name(intent["staged"])
+        if io.file_md5(monitor.raw_path(params, project)) == intent["md5_before"] and not staged.is_file():
+            del ledger["batches"][md5]
+            monitor.write_ledger(ledger, params, project)
+            return None
+        entry["appended"] = _with_retries(append_batch, params)(intent, params, project)
+    decision = {"action": entry["action"], "retrain": entry["retrain"], "reasons": entry["reasons"],
+                "drift_share": entry.get("drift_share"), "domain_auc": entry.get("domain_auc")}
+    key = entry.get("key") or entry["file"]
+    if entry.get("act"):
+        emit_drift(key, params, decision, ("automation" if mode == "event" else "in-process") if entry["retrain"] else "no")
+    if entry["retrain"]:
+        ledger["retrains"].append({"at": monitor.utc_now().isoformat(timespec="seconds"), "batch": key, "by": mode})
+    warnings = monitor.push_warnings(entry.get("appended"), intent)
+    for warning in warnings:
+        logger.warning("%s: %s", entry["file"], warning)
+    entry |= {"state": monitor.COMPLETE, "warnings": warnings}
+    # recorded before the retrain runs: a failed retrain must not make the batch count twice
+    monitor.write_ledger(ledger, params, project)
+    return {"batch": entry["file"], **decision, "warnings": warnings}
+
+
+def _retrain(done: dict[str, Any], params: Params, params_file: Path, overrides: list[str] | None, project: Path,
+             mode: str) -> int:
+    """Run the retrain a completed batch decided on (in this process in `flow` mode; the
+    deployment's trigger runs it in `event` mode). Returns how many retrains it counts."""
+    if not done["retrain"]:
+        return 0
+    logger = get_run_logger()
+    if mode == "flow":
+        logger.info("%s: retraining on the new data version", done["batch"])
+        trained = training_flow(params_path=str(params_file), overrides=overrides, root=str(project))
+        done["register"] = trained["register"]
+    else:
+        logger.info("%s: %s emitted; the training deployment's trigger runs the retrain", done["batch"], EVENT)
+    return 1

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from pipeline import stages, versioning
+from pipeline import lock, stages, versioning
 from pipeline.config import Params, load_params
 from pipeline.data import io
 from pipeline.errors import D2DError, ServiceError
@@ -141,18 +141,29 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     project = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
     params = load_params(params_file, overrides)
-    lock = versioning.lock_mode(project, params_file, overrides or [])
+    # Two runs in one project would write the same splits, checkpoints and dvc.lock at once.
+    # On a Prefect server the deployments' concurrency_limit queues them; this lock covers
+    # every other way in (`d2d run` twice, a run beside a deployment's or the monitor's retrain).
+    with lock.exclusive(project / RUN_LOCK, "a training run"):
+        return _train(params, params_file, project, overrides)
+
+
+RUN_LOCK = ".d2d/run.lock"
+
+
+def _train(params: Params, params_file: Path, project: Path, overrides: list[str] | None) -> dict[str, Any]:
+    why_unrecorded = versioning.lock_mode(project, params_file, overrides or [])
     params_md5 = io.file_md5(params_file)  # what this run read
     (project / "reports/timings.json").unlink(missing_ok=True)
-    if lock:
-        get_run_logger().info("every stage runs and dvc.lock is not updated: %s", lock)
+    if why_unrecorded:
+        get_run_logger().info("every stage runs and dvc.lock is not updated: %s", why_unrecorded)
     data = _with_retries(version_data, params)(params, project)
-    validated = validate(params, project, lock, params_md5)
-    cleaned = clean(params, project, lock, params_md5)
-    splits = split(params, project, lock, params_md5)
-    trained = _with_retries(train, params)(params, project, lock, params_md5)
-    metrics = _with_retries(evaluate, params)(params, project, lock, params_md5)
-    registered = _with_retries(register, params)(params, project, lock, params_md5)
+    validated = validate(params, project, why_unrecorded, params_md5)
+    cleaned = clean(params, project, why_unrecorded, params_md5)
+    splits = split(params, project, why_unrecorded, params_md5)
+    trained = _with_retries(train, params)(params, project, why_unrecorded, params_md5)
+    metrics = _with_retries(evaluate, params)(params, project, why_unrecorded, params_md5)
+    registered = _with_retries(register, params)(params, project, why_unrecorded, params_md5)
     result = {
         "data": data,
         "validate": validated,

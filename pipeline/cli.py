@@ -23,8 +23,11 @@ data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 schema_app = typer.Typer(help="Dataset schemas.", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+# Markup off: every printed string may hold a path, a column or a value the user chose, and a
+# `[` in it must print as itself, never be parsed as a style (or fail as a bad one). Styles
+# are passed as `style=`.
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 DEBUG = False
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params file.")]
@@ -78,6 +81,11 @@ def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -
     table.add_row("MLflow run", metrics["mlflow_run_id"])
     table.add_row("MLflow UI", f"open {tracking_uri}" if tracking_uri else "mlflow ui --backend-store-uri sqlite:///mlflow.db  →  http://127.0.0.1:5000")
     console.print(table)
+    from pipeline.versioning import push_failed
+
+    if push_failed(data["dvc"]):  # the run is complete; only the remote is behind, and the user must know
+        console.print(f"warning: {data['dvc']}: the data version is in the local DVC cache only; run `dvc push` "
+                      "once the remote is reachable", style="yellow")
 
 
 @app.command()
@@ -88,7 +96,11 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     overrides = set_ or []
     load_params(params, overrides)  # fail in a second on bad params, before any server starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.training import training_flow
+    from flows.training import RUN_LOCK, training_flow
+    from pipeline import lock
+
+    with lock.exclusive(Path.cwd() / RUN_LOCK, "a training run"):
+        pass  # another run holds it: say so now, before a Prefect server starts; the flow takes it for real
 
     _quiet_user_errors()
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # a team server, else SQLite here
@@ -126,7 +138,10 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
                       f"{reg['version']} ({'champion' if reg['promoted'] else 'rejected by the gate'})" if reg else "-")
     console.print(table)
     for b in result["batches"]:  # the reasons in full, below the table
-        console.print(f"[bold]{b['batch']}[/]: " + "; ".join(b["reasons"] + (b["register"]["reasons"] if "register" in b else [])))
+        console.print(f"{b['batch']}: " + "; ".join(b["reasons"] + (b["register"]["reasons"] if "register" in b else [])))
+    warnings = [(b["batch"], w) for b in result["batches"] for w in b.get("warnings", [])]
+    for batch, warning in warnings:
+        console.print(f"warning: {batch}: {warning}", style="yellow")
 
 
 def _port_free(host: str, port: int) -> None:
@@ -219,7 +234,7 @@ def stage(
         raise D2DError(f"--root {root}: not a folder")
     cfg = load_params(root / params, set_ or [])
     summary = STAGES[name](cfg, root.resolve())
-    console.print(f"[green]{name}[/] done: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+    console.print(f"{name} done: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
 
 
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why; recorded on the version's tags with your user name.")]
@@ -306,6 +321,14 @@ def deploy() -> None:
     console.print(f"next: prefect worker start --pool {POOL}")
 
 
+def _concurrency(deployment: dict[str, Any]) -> Any:
+    """prefect.yaml's `concurrency_limit` (a number, or limit + collision_strategy) as `to_deployment` takes it."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    spec = deployment.get("concurrency_limit")
+    return ConcurrencyLimitConfig(**spec) if isinstance(spec, dict) else spec
+
+
 @app.command("serve-flows")
 def serve_flows() -> None:
     """Serve prefect.yaml's deployments with their schedules in this process (no worker needed)."""
@@ -328,7 +351,7 @@ def serve_flows() -> None:
         crons = [s["cron"] for s in d.get("schedules", []) if s.get("active", True)]
         deployments.append(flows[d["entrypoint"]].to_deployment(
             name=d["name"], parameters=d.get("parameters", {}), cron=crons[0] if crons else None,
-            tags=d.get("tags"), description=d.get("description"),
+            tags=d.get("tags"), description=d.get("description"), concurrency_limit=_concurrency(d),
             triggers=[DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"}) for t in d.get("triggers", [])]))
     console.print(f"serving {', '.join(d.name for d in deployments)}; Ctrl-C stops")
     serve(*deployments)
@@ -445,9 +468,9 @@ def init_params(
            else ", no id column (d2d derives a stable key per row)")
     )
     for note in notes:
-        console.print(f"  [yellow]{note}[/]")
+        console.print(f"  {note}", style="yellow")
     if outside:
-        console.print(f"[yellow]{outside}[/]")
+        console.print(outside, style="yellow")
     console.print(f"next: d2d run --params {out}")
 
 
@@ -468,6 +491,14 @@ def schema_infer(
         print(f"# {comment_safe(note)}")
 
 
+def _error(message: str) -> None:
+    """The one line an error prints: its text as it is (markup off), on one line."""
+    from rich.text import Text
+
+    line = " ".join(message.splitlines())  # a message holding a line break (a path, a value) stays one line
+    err_console.print(Text.assemble(("error:", "bold red"), " ", line))
+
+
 def main() -> None:
     global DEBUG
     DEBUG = "--debug" in sys.argv[1:]
@@ -477,14 +508,13 @@ def main() -> None:
     except D2DError as e:
         if DEBUG:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+        _error(str(e))
         sys.exit(e.exit_code)
     except Exception as e:  # a failed step that is not the input's fault: one line, exit 1
         if DEBUG:
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {first} (--debug shows the traceback)",
-                          soft_wrap=True, highlight=False)
+        _error(f"{type(e).__name__}: {first} (--debug shows the traceback)")
         sys.exit(1)
 
 

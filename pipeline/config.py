@@ -467,12 +467,16 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read params.yaml, apply overrides, validate. Raises ConfigError naming the bad key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
     try:
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a name too long, a folder without permission: the path is the user's to fix
+        raise ConfigError(f"params file {path}: {e.strerror}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     params = params_from_dict(apply_overrides(raw, overrides or []))

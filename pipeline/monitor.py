@@ -7,21 +7,34 @@ the pipeline's own expectations (bad rows go to a quarantine file with their rea
 compared with the reference (the train split the champion was trained on) and scored by the
 champion. A batch that drifted joins the raw dataset as a new DVC version: the raw file's
 old bytes stay as they were, the new rows are appended after them, and DVC caches both.
+
+Appending is a recorded transaction (write-ahead): the next version of the raw file is built
+beside it, the ledger records the intent (the md5 before and after), the file is swapped in,
+versioned, and the entry is completed. A run killed in between leaves a `pending` entry that
+the next run finishes, once: it never appends the rows a second time.
+
+The inbox is read only as regular files that are really in it: a symbolic link, or anything
+that resolves outside the inbox, is refused with the reason and left untouched. Quarantined
+rows and the monitor's state are readable by their owner only.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
+import json
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import pandas as pd
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-from pipeline import drift, registry
+from pipeline import drift, lock, registry
 from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
@@ -40,13 +53,75 @@ def state_dir(params: Params, root: Path) -> Path:
     return root / params.monitor.state
 
 
+LEDGER = "ledger.json"
+PENDING, COMPLETE = "pending", "complete"
+FAULT_DRILL = "D2D_FAULT_DRILL"  # `monitor-after-append`: exit hard right after the raw file is swapped
+
+
+def ledger_path(params: Params, root: Path) -> Path:
+    return state_dir(params, root) / LEDGER
+
+
+def _aware(value: str) -> str:
+    if datetime.fromisoformat(value).tzinfo is None:
+        raise ValueError("a time without a time zone")
+    return value
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    file: str
+    state: Literal["pending", "complete"] = COMPLETE  # ledgers before write-ahead had only complete entries
+
+
+class _Retrain(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    at: Annotated[str, AfterValidator(_aware)]
+
+
+class _Ledger(BaseModel):
+    """The shape the monitor relies on; anything else is a corrupt ledger, not a fresh one."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    batches: dict[str, _Entry]
+    retrains: list[_Retrain]
+    log_parts: list[str] = []
+
+
+def _recover(path: Path, inbox: str) -> str:
+    return (f"to recover, repair it and move it back to {path}, or delete it to start an empty ledger: every "
+            f"batch still in {inbox} is then read again, rows already in the dataset are quarantined rather than "
+            "appended twice, and the retrain cooldown starts afresh")
+
+
 def read_ledger(params: Params, root: Path) -> dict[str, Any]:
-    path = state_dir(params, root) / "ledger.json"
-    return io.read_json(path) if path.is_file() else {"batches": {}, "retrains": []}
+    """The ledger, checked. A corrupt one is set aside (ledger.json.corrupt-<UTC time>) and the
+    run stops: starting an empty ledger silently would count old batches again."""
+    path = ledger_path(params, root)
+    if not path.is_file():
+        aside = sorted(path.parent.glob(f"{LEDGER}.corrupt-*")) if path.parent.is_dir() else []
+        if aside:  # the run that set it aside said so; until someone decides, do not start afresh
+            raise D2DError(f"the monitor's ledger was set aside as corrupt ({aside[-1]}) and not replaced; "
+                           + _recover(aside[-1], params.monitor.inbox))
+        return {"batches": {}, "retrains": [], "log_parts": []}
+    try:
+        ledger = json.loads(path.read_bytes())
+        _Ledger.model_validate(ledger)
+        return ledger
+    except ValidationError as e:
+        first = e.errors()[0]
+        problem = f"{'.'.join(str(p) for p in first['loc']) or 'the whole file'}: {first['msg']}"
+    except (ValueError, UnicodeDecodeError) as e:  # not JSON: truncated, binary, empty
+        problem = f"not valid JSON ({str(e).splitlines()[0][:120]})"
+    aside = path.with_name(f"{LEDGER}.corrupt-{utc_now():%Y%m%dT%H%M%S%fZ}")
+    os.replace(path, aside)
+    raise D2DError(f"the monitor's ledger {path} is corrupt ({problem}); it was moved to {aside.name}; "
+                   + _recover(aside, params.monitor.inbox))
 
 
 def write_ledger(ledger: dict[str, Any], params: Params, root: Path) -> None:
-    io.write_json(ledger, state_dir(params, root) / "ledger.json")
+    """Atomically (a new file, flushed, renamed over the old), readable by the owner only."""
+    io.write_json(ledger, ledger_path(params, root), private=True)
 
 
 def retrain_times(ledger: dict[str, Any]) -> list[datetime]:
@@ -56,17 +131,9 @@ def retrain_times(ledger: dict[str, Any]) -> list[datetime]:
 @contextmanager
 def exclusive(params: Params, root: Path) -> Iterator[None]:
     """One monitor run at a time per project: two at once could append the same batch twice."""
-    folder = state_dir(params, root)
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "monitor.lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise D2DError(f"another monitor run is in progress ({folder / 'monitor.lock'} is locked)") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    folder = io.private_dir(state_dir(params, root))
+    with lock.exclusive(folder / "monitor.lock", "a drift-monitor run"):
+        yield
 
 
 @dataclass(frozen=True)
@@ -77,25 +144,45 @@ class Batch:
     md5: str  # the ledger's key: the file's content, or the list of log parts
     paths: tuple[Path, ...]
     log_parts: tuple[str, ...] = ()  # inference-log parts it consumes, relative to the project
+    refused: str = ""  # why the file is not read at all: a link, not a regular file, outside the inbox
 
     @property
     def key(self) -> str:
         return f"{Path(self.name).stem}-{self.md5[:8]}"
 
 
+def refusal(path: Path, inbox: Path) -> str:
+    """Why an inbox entry must not be read, or "" when it is a regular file really in the inbox.
+    A link could make the monitor copy any file it can read into the quarantine."""
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        return f"{path.name} is a symbolic link (to {os.readlink(path)}); the monitor reads only regular files in the inbox"
+    if path.resolve().parent != inbox.resolve():
+        return f"{path.name} resolves outside the inbox ({path.resolve()})"
+    if not stat.S_ISREG(mode):
+        return f"{path.name} is not a regular file; the monitor reads only regular files in the inbox"
+    return ""
+
+
 def pending_batches(params: Params, root: Path, ledger: dict[str, Any]) -> list[Batch]:
     """The inbox's batches the ledger has not seen (by content), oldest first, then the
-    inference log's unseen rows as one unlabelled batch."""
+    inference log's unseen rows as one unlabelled batch. An entry that is refused (see
+    `refusal`) is a batch too, keyed by its name and link, so its reason is recorded once."""
     inbox = root / params.monitor.inbox
-    files = sorted((p for p in inbox.iterdir() if p.is_file() and p.suffix in BATCH_SUFFIXES),
-                   key=lambda p: (p.stat().st_mtime, p.name)) if inbox.is_dir() else []
+    entries = sorted((p for p in inbox.iterdir() if p.suffix in BATCH_SUFFIXES and not p.is_dir()),
+                     key=lambda p: (p.lstat().st_mtime, p.name)) if inbox.is_dir() else []
     seen = set(ledger["batches"])
     pending = []
-    for path in files:
-        md5 = io.file_md5(path)
+    for path in entries:
+        refused = refusal(path, inbox)
+        if refused:  # never opened: only its name and, for a link, where it points are used
+            target = os.readlink(path) if path.is_symlink() else ""
+            md5 = hashlib.md5(f"refused\0{path.name}\0{target}".encode(errors="surrogateescape")).hexdigest()
+        else:
+            md5 = io.file_md5(path)
         if md5 not in seen:
             seen.add(md5)  # the same bytes under two names are one batch
-            pending.append(Batch(path.name, md5, (path,)))
+            pending.append(Batch(path.name, md5, (path,), refused=refused))
     logged = inference_log_batch(params, root, ledger)
     return pending + ([logged] if logged else [])
 
@@ -120,6 +207,10 @@ def inference_log_batch(params: Params, root: Path, ledger: dict[str, Any]) -> B
 
 def read_batch(batch: Batch, schema: Schema) -> pd.DataFrame:
     """The batch's rows; for the inference log, the request's columns only (not the outputs)."""
+    for path in batch.paths if not batch.log_parts else ():
+        problem = refusal(path, path.parent)  # again, as late as possible: it may have changed since it was listed
+        if problem:
+            raise DataError(problem)
     frame = pd.concat([io.read_table(p) for p in batch.paths], ignore_index=True)
     if batch.log_parts:
         frame = frame[[c for c in schema.feature_names + [schema.target] if c in frame.columns]]
@@ -265,33 +356,70 @@ def write_reports(key: str, inspected: dict[str, Any], reference: Reference, scr
 def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: Path) -> Path | None:
     if quarantine.empty:
         return None
-    # raw values may mix numbers and text in one column; Parquet needs one type per column
-    return io.write_parquet(quarantine.astype(str), root / "data/quarantine/monitor" / f"{key}.parquet")
+    # raw values may mix numbers and text in one column; Parquet needs one type per column.
+    # Someone else's rows: readable by the owner only, in a folder only the owner can enter.
+    return io.write_parquet(quarantine.astype(str), root / "data/quarantine/monitor" / f"{key}.parquet", private=True)
 
 
-def append_to_raw(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, str]:
-    """Append the batch's rows to the raw dataset and version the result with DVC.
-
-    The old version stays intact in two ways: it is cached (and pushed) by DVC before the
-    file changes, and a CSV keeps its old bytes as the new file's prefix, rows appended after.
-    """
+def stage_append(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, Any]:
+    """Step 1 of appending: the raw file's next version, built beside it but not swapped in,
+    and what the ledger records before the swap (the intent). The version being replaced is
+    first cached and pushed by DVC, so it stays restorable."""
     from pipeline import versioning
 
     raw = raw_path(params, root)
     before = io.file_md5(raw)
     recorded = io.dvc_recorded_md5(raw)
-    tracked = recorded is not None
-    if tracked and recorded == before:
-        versioning.push_tracked(raw, root)  # the version being replaced is in the cache and the remote
-    if raw.suffix == ".parquet":
-        io.write_parquet(pd.concat([io.read_table(raw), rows], ignore_index=True), raw)
-    else:
-        io.append_csv(rows, raw)
-    after = io.file_md5(raw)
+    pushed = versioning.push_tracked(raw, root) if recorded is not None and recorded == before else None
+    staged = io.staged_append(rows, raw)
+    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before, "md5_after": io.file_md5(staged),
+            "staged": staged.name, "tracked": recorded is not None, "pushed_before": pushed}
+
+
+def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[str, Any]:
+    """Step 2, after the intent is in the ledger: swap the new version in (unless a run that was
+    killed already did), then `dvc add`, push and commit its .dvc record. Safe to repeat."""
+    from pipeline import versioning
+
+    raw = raw_path(params, root)
+    current = io.file_md5(raw)
+    if current == intent["md5_before"]:
+        os.replace(raw.with_name(intent["staged"]), raw)
+    elif current != intent["md5_after"]:
+        raise D2DError(f"{raw} changed while a batch was being appended to it (md5 {current[:8]}, expected "
+                       f"{intent['md5_before'][:8]} or {intent['md5_after'][:8]}); restore it with `dvc checkout` "
+                       f"and run the monitor again")
+    if os.environ.get(FAULT_DRILL) == "monitor-after-append":
+        os._exit(137)  # the fault drill: the rows are in, nothing after them is recorded yet
+    tracked = intent["tracked"]
     dvc = versioning.add_version(raw, root) if tracked else f"not tracked: run `dvc add {params.data.raw}` to version it"
-    return {"path": str(params.data.raw), "md5_before": before, "md5_after": after, "dvc": dvc,
-            "git": versioning.commit_dvc_file(raw, root, f"d2d monitor: {len(rows)} new rows in {params.data.raw}")
-            if tracked else "not committed"}
+    git = (versioning.commit_dvc_file(raw, root, f"d2d monitor: {intent['rows']} new rows in {params.data.raw}")
+           if tracked else "not committed")
+    return {"path": intent["path"], "md5_before": intent["md5_before"], "md5_after": intent["md5_after"],
+            "dvc": dvc, "git": git}
+
+
+def discard_stale_stages(ledger: dict[str, Any], params: Params, root: Path) -> None:
+    """Next versions of the raw file that a killed run built but never recorded: nothing refers to them."""
+    raw = raw_path(params, root)
+    wanted = {e["append"]["staged"] for e in ledger["batches"].values() if e.get("state") == PENDING and e.get("append")}
+    for stale in raw.parent.glob(f".{raw.name}.*.next"):
+        if stale.name not in wanted:
+            stale.unlink(missing_ok=True)
+
+
+def unfinished(ledger: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Batches whose append a killed run recorded as intended but did not complete."""
+    return [(md5, e) for md5, e in ledger["batches"].items() if e.get("state") == PENDING]
+
+
+def push_warnings(appended: dict[str, Any] | None, intent: dict[str, Any] | None) -> list[str]:
+    """A DVC push that failed, in words: the data is safe in the local cache, the remote is behind."""
+    from pipeline.versioning import push_failed
+
+    found = [(intent or {}).get("pushed_before"), (appended or {}).get("dvc")]
+    return [f"{text}: the version is in the local DVC cache only; run `dvc push` once the remote is reachable"
+            for text in found if text and push_failed(text)]
 
 
 def known_ids(params: Params, root: Path) -> set[str]:
@@ -312,7 +440,8 @@ def retrain_mode(params: Params, api_url: str | None) -> str:
 
 def ledger_entry(batch: Batch, screened: Screened, decision: dict[str, Any], report: Path | None,
                  appended: dict[str, str] | None, quarantine: Path | None, root: Path) -> dict[str, Any]:
-    return {"file": batch.name, "log_parts": len(batch.log_parts), "processed_at": utc_now().isoformat(timespec="seconds"), "rows": screened.rows,
+    return {"file": batch.name, "state": COMPLETE, "log_parts": len(batch.log_parts),
+            "processed_at": utc_now().isoformat(timespec="seconds"), "rows": screened.rows,
             "rows_valid": len(screened.valid), "rows_quarantined": len(screened.quarantine),
             "labelled": screened.labelled, "rejected": screened.rejected, **decision,
             "report": str(report.relative_to(root)) if report else None,

@@ -22,12 +22,20 @@ def push_tracked(path: Path, root: Path) -> str:
     if not (root / ".dvc").is_dir():
         return "skipped: not a DVC project"
     dvc_file = str(path.relative_to(root)) + ".dvc"
-    for args in (["commit", "-f", "-q", dvc_file], ["push", "-q", dvc_file]):
+    no_remote = not _dvc(["config", "core.remote"], root).stdout.strip()  # no default remote: nothing to push to
+    for args in (["commit", "-f", "-q", dvc_file], [] if no_remote else ["push", "-q", dvc_file]):
+        if not args:
+            return "cached; no default DVC remote to push to (`dvc remote add -d NAME URL`)"
         out = _dvc(args, root)
         if out.returncode:
             lines = (out.stderr or out.stdout).strip().splitlines()
             return f"dvc {args[0]} failed: {lines[-1] if lines else out.returncode}"
     return "pushed to the DVC remote"
+
+
+def push_failed(outcome: str) -> bool:
+    """Whether `push_tracked`'s outcome is a failure (the remote, or the cache, is behind)."""
+    return outcome.startswith(("dvc push failed", "dvc commit failed"))
 
 
 def add_version(path: Path, root: Path) -> str:
@@ -47,6 +55,8 @@ def commit_dvc_file(path: Path, root: Path, message: str) -> str:
     tracked = subprocess.run(["git", "ls-files", "--error-unmatch", dvc_file], cwd=root, capture_output=True)
     if tracked.returncode:
         return f"not committed: Git does not track {dvc_file}"
+    if not subprocess.run(["git", "diff", "--quiet", "HEAD", "--", dvc_file], cwd=root).returncode:
+        return f"{dvc_file} already committed"  # a monitor run that was killed got this far
     out = subprocess.run(["git", "commit", "-q", "-m", message, "--", dvc_file], cwd=root, capture_output=True, text=True)
     if out.returncode:
         lines = (out.stderr or out.stdout).strip().splitlines()

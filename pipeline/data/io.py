@@ -1,11 +1,17 @@
 """The only module that reads and writes data files. Writes go to a temporary file
-first and are renamed into place, so a crashed step never leaves a half-written output."""
+first and are renamed into place, so a crashed step never leaves a half-written output.
+Each write has its own temporary file (a unique name beside the target), so two writers at
+once each install a whole file, never a mix of both."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,51 +37,105 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is not a valid {kind} file: {str(e).splitlines()[0]}") from None
 
 
-def _atomic(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp")
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700  # owner only: files that hold rows of someone's data
 
 
-def write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    tmp = _atomic(path)
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+@cache
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def private_dir(path: Path) -> Path:
+    """A folder only its owner can enter (created if missing, tightened if it exists)."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+@contextmanager
+def _atomic(path: Path, private: bool = False) -> Iterator[Path]:
+    """A fresh temporary file beside `path`, renamed over it once written and flushed to
+    disk; removed if the write fails. `private`: readable by the owner only."""
+    if private:
+        private_dir(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        # mkstemp makes the file 0600; an ordinary output gets what the umask gives any new file
+        os.chmod(tmp, PRIVATE_FILE if private else 0o666 & ~_umask())
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(df: pd.DataFrame, path: Path, private: bool = False) -> Path:
+    with _atomic(path, private) as tmp:
+        df.to_parquet(tmp, index=False)
     return path
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    tmp = _atomic(path)
-    df.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        df.to_csv(tmp, index=False, lineterminator="\n")
     return path
+
+
+def staged_append(rows: pd.DataFrame, path: Path) -> Path:
+    """The next version of `path` in a new temporary file beside it, for the caller to check
+    (its md5) and install with os.replace, or delete. A CSV keeps its old bytes unchanged,
+    then `rows` in the file's own column order; Parquet is rewritten with the rows after."""
+    import shutil
+
+    if path.suffix == ".parquet":
+        frame = pd.concat([read_table(path), rows], ignore_index=True)
+    else:
+        header = pd.read_csv(path, nrows=0).columns.tolist()
+        missing = [c for c in header if c not in rows.columns]
+        if missing:
+            raise DataError(f"cannot append to {path}: the new rows lack column(s) {', '.join(missing[:5])}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".next", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        if path.suffix == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            shutil.copyfile(path, tmp)
+            with tmp.open("rb+") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+            rows[header].to_csv(tmp, mode="a", header=False, index=False, lineterminator="\n")
+        shutil.copymode(path, tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def append_csv(rows: pd.DataFrame, path: Path) -> Path:
     """A new version of a CSV: its old bytes unchanged, then `rows` in the file's own column
     order. Written beside it and renamed into place, so a crash leaves the old version."""
-    import shutil
-
-    header = pd.read_csv(path, nrows=0).columns.tolist()
-    missing = [c for c in header if c not in rows.columns]
-    if missing:
-        raise DataError(f"cannot append to {path}: the new rows lack column(s) {', '.join(missing[:5])}")
-    tmp = _atomic(path)
-    shutil.copyfile(path, tmp)
-    with tmp.open("rb+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-    rows[header].to_csv(tmp, mode="a", header=False, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    os.replace(staged_append(rows, path), path)
     return path
 
 
-def write_json(obj: Any, path: Path) -> Path:
-    tmp = _atomic(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def write_json(obj: Any, path: Path, private: bool = False) -> Path:
+    with _atomic(path, private) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 

@@ -92,6 +92,21 @@ def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Opti
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
 
 
+def load_state(path: str, map_location: Any) -> dict[str, Any]:
+    """A checkpoint this loop wrote: tensors, state dicts and plain Python values only.
+    `weights_only` refuses anything else, since unpickling an arbitrary object runs code that
+    a tampered checkpoint (shared storage, a copied run folder) could carry."""
+    import pickle
+
+    from pipeline.errors import D2DError
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise D2DError(f"refused to load the checkpoint {path}: it holds more than tensors and plain values "
+                       f"({str(e).strip().splitlines()[0][:200]})") from None
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
     """Cosine decay over the epoch budget, or halve the rate when validation loss stalls."""
     if config["schedule"] == "cosine":
@@ -130,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, best_loss, bad_epochs, best_state, history, restarts = 0, float("inf"), 0, None, [], 0
     if checkpoint:  # resuming after a worker failure
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+            state = load_state(os.path.join(d, STATE_FILE), device)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:

@@ -201,12 +201,10 @@ def make_trainer(config: dict, params: TrainParams, storage: str, name: str, cal
 
 def read_checkpoint(checkpoint) -> dict:
     """The loop's state from a Ray Train checkpoint (local or remote storage)."""
-    import torch
-
-    from pipeline.train.loop import STATE_FILE
+    from pipeline.train.loop import STATE_FILE, load_state
 
     with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        return load_state(os.path.join(d, STATE_FILE), "cpu")
 
 
 def train(

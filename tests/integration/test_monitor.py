@@ -193,3 +193,96 @@ def test_a_shifted_batch_appends_a_data_version_and_retrains_exactly_once(projec
     assert labels == ["in-process", "no"]
     assert all(e["resource"]["prefect.resource.id"] == "d2d.model.d2d-digits" for e in events)
     assert json.dumps(events)  # plain JSON, as the automation's template sees it
+
+
+# --- hostile inboxes, a corrupt ledger and a kill mid-append: `d2d monitor` as a user runs it ---
+# (these come last: they append to the raw file and commit, which the story above counts)
+
+
+def d2d_monitor(root: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`d2d monitor` in its own process, against the test harness's Prefect server."""
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    sets = [a for o in ("monitor.retrain=event", *overrides) for a in ("--set", o)]
+    return subprocess.run([str(Path(sys.executable).with_name("d2d")), "monitor", *sets], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **(env or {})})
+
+
+def test_links_in_the_inbox_are_refused_and_nothing_they_point_at_is_copied(project, tmp_path):
+    inbox = project / "data/inbox-links"
+    inbox.mkdir()
+    secret = tmp_path / "secret.csv"  # stands for /etc/shadow or someone's key file
+    secret.write_text("id,label\n1,hunter2\n")
+    [staged] = batches(project, "data/outside-staging", "thicken", 0.8, range(40, 41))
+    outside = staged.rename(tmp_path / staged.name)  # a drifted batch, but not in the inbox
+    (inbox / "leak.csv").symlink_to(secret)
+    (inbox / "outside.csv").symlink_to(outside)
+    raw_md5 = io.file_md5(project / RAW)
+
+    result = monitor(project, "monitor.inbox=data/inbox-links", "monitor.state=data/monitor-links")
+    by_batch = {b["batch"]: b for b in result["batches"]}
+    assert {b["action"] for b in by_batch.values()} == {"refused"} and set(by_batch) == {"leak.csv", "outside.csv"}
+    assert "symbolic link" in by_batch["leak.csv"]["reasons"][0]
+    # nothing was read: no quarantine file, no report, no append; the link and its target are as they were
+    assert not list((project / "data/quarantine/monitor").glob("leak-*")) and not list((project / "reports/monitor").glob("leak-*"))
+    assert io.file_md5(project / RAW) == raw_md5 and secret.read_text() == "id,label\n1,hunter2\n"
+    assert (inbox / "leak.csv").is_symlink() and os.readlink(inbox / "leak.csv") == str(secret)
+    ledger = io.read_json(project / "data/monitor-links/ledger.json")
+    assert sorted(e["action"] for e in ledger["batches"].values()) == ["refused", "refused"]
+    assert monitor(project, "monitor.inbox=data/inbox-links", "monitor.state=data/monitor-links")["batches"] == []
+
+
+def test_a_corrupt_ledger_stops_the_monitor_with_one_line_and_is_kept(project):
+    state = project / "data/monitor-corrupt"
+    state.mkdir()
+    (state / "ledger.json").write_text('{"batches": {"abc": {"file": "a.cs')  # truncated mid-write by something else
+    out = d2d_monitor(project, "monitor.state=data/monitor-corrupt")
+    assert out.returncode == 2, out.stderr[-3000:]
+    [line] = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert "is corrupt (not valid JSON" in line and "ledger.json.corrupt-" in line and "to recover" in line
+    assert "Traceback" not in out.stderr + out.stdout
+    [aside] = state.glob("ledger.json.corrupt-*")
+    assert aside.read_text() == '{"batches": {"abc": {"file": "a.cs'
+    again = d2d_monitor(project, "monitor.state=data/monitor-corrupt")  # no silent fresh start
+    assert again.returncode == 2 and "set aside as corrupt" in again.stderr
+
+
+def test_a_monitor_killed_right_after_the_append_finishes_the_batch_exactly_once(project):
+    [path] = batches(project, "data/inbox-kill", "thicken", 0.8, range(30, 31))
+    ids = set(pd.read_csv(path)["id"])
+    old_raw, old_md5 = (project / RAW).read_bytes(), io.file_md5(project / RAW)
+    commits = int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=project, capture_output=True, text=True).stdout)
+    sets = ["monitor.inbox=data/inbox-kill", "monitor.state=data/monitor-kill", "monitor.cooldown_hours=0"]
+
+    killed = d2d_monitor(project, *sets, env={"D2D_FAULT_DRILL": "monitor-after-append"})
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    # killed between the two steps: the rows are in the raw file, the ledger says only that they were to be
+    [entry] = io.read_json(project / "data/monitor-kill/ledger.json")["batches"].values()
+    assert entry["state"] == "pending" and entry["append"]["md5_before"] == old_md5
+    assert io.file_md5(project / RAW) == entry["append"]["md5_after"] and (project / entry["report"]).is_file()
+    assert io.dvc_recorded_md5(project / RAW) == old_md5  # not versioned yet
+
+    finished = d2d_monitor(project, *sets)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "finishing what a previous run recorded" in finished.stdout + finished.stderr
+    raw = pd.read_csv(project / RAW)
+    assert raw["id"].isin(ids).sum() == len(ids) == 300  # the batch's rows, once
+    assert (project / RAW).read_bytes().startswith(old_raw)
+    ledger = io.read_json(project / "data/monitor-kill/ledger.json")
+    [entry] = ledger["batches"].values()
+    assert entry["state"] == "complete" and entry["action"] == "retrain" and entry["appended"]["md5_after"] == io.file_md5(project / RAW)
+    assert (project / entry["report"]).is_file() and (project / entry["report"].replace(".html", ".json")).is_file()
+    assert [r["batch"] for r in ledger["retrains"]] == [entry["key"]]  # one retrain decision
+    assert io.dvc_recorded_md5(project / RAW) == io.file_md5(project / RAW)  # versioned by the re-run
+    log = subprocess.run(["git", "log", "--format=%s", "-1"], cwd=project, capture_output=True, text=True).stdout
+    assert int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=project, capture_output=True, text=True).stdout) == commits + 1
+    assert log.strip() == "d2d monitor: 300 new rows in data/raw/digits.csv"
+    assert not list((project / RAW).parent.glob(".*.next"))  # the staged version was swapped in, nothing left over
+
+    # and once more: nothing is pending, nothing is new, nothing changes
+    raw_md5 = io.file_md5(project / RAW)
+    third = d2d_monitor(project, *sets)
+    assert third.returncode == 0 and "no new batches" in third.stdout
+    assert io.file_md5(project / RAW) == raw_md5 and io.read_json(project / "data/monitor-kill/ledger.json") == ledger

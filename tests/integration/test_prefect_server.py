@@ -89,6 +89,9 @@ def deploy_and_train(root: Path, api: str, env: dict[str, str], cwd: Path) -> tu
     deployment = httpx.get(f"{api}/deployments/name/d2d-training/training", auth=basic_auth(env), timeout=30).json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 1"]
     assert deployment["parameters"] == {"params_path": "params.yaml", "root": "."}
+    # prefect.yaml's concurrency_limit reached the server: one training run at a time, the rest queued
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     flow_run = run_on_worker(api, deployment["id"], env, cwd)
     found = httpx.post(f"{api}/artifacts/filter", auth=basic_auth(env), timeout=30, json={
         "artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 50, "offset": 0, "sort": "CREATED_DESC"})

@@ -196,3 +196,47 @@ def test_an_unreachable_server_fails_with_one_line_after_retries(tmp_path):
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and f"MLflow tracking server {down} is unreachable (after 2 retries with backoff)" in lines[0]
+
+
+def test_two_gated_registrations_at_once_leave_one_champion_chosen_by_the_gate(server, project, tmp_path):
+    """Two evaluated candidates (two MLflow runs) registered by two `d2d stage register`
+    processes started together. The gate is opened wide (any accuracy, any tolerance) so that
+    both pass it and both try to move the alias: the compare-and-set must leave exactly one
+    champion, and both versions carry the decision that was made on them."""
+    from mlflow import MlflowClient
+
+    wide = ["register.min_test_accuracy=0", "register.tolerance=1"]
+    roots = [project, tmp_path / "second"]
+    shutil.copytree(project, roots[1], ignore=shutil.ignore_patterns("ray", "mlruns", "*.db"))
+    params = load_params(project / "params.yaml", FAST)
+    runs = [run_evaluate(params, root)["mlflow_run_id"] for root in roots]  # two candidates, two runs
+    assert runs[0] != runs[1]
+    client = MlflowClient(server["url"])
+    before = {v.version for v in client.search_model_versions(f"name = '{NAME}'")}
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    procs = [subprocess.Popen([str(bin_dir / "d2d"), "stage", "register", *[a for s in FAST + wide for a in ("--set", s)]],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for root in roots]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+    decisions = [io.read_json(root / "reports/register.json") for root in roots]
+    new = {str(d["version"]) for d in decisions}
+    assert len(new) == 2 and not new & before  # one new version per candidate
+    holders = [v.version for v in client.search_model_versions(f"name = '{NAME}'")
+               if "champion" in client.get_model_version(NAME, v.version).aliases]
+    assert len(holders) == 1 and holders[0] in new  # exactly one champion, and one the gate passed
+    champion = client.get_model_version(NAME, holders[0])
+    assert champion.tags["d2d.decision"] == "promoted" and "meets register.min_test_accuracy=0" in champion.tags["d2d.promotion"]
+    [other] = new - {holders[0]}
+    loser = client.get_model_version(NAME, other)
+    # the other either lost the race (superseded, naming the winner) or was promoted first and
+    # then replaced by the winner, which records it as the champion it replaced
+    if loser.tags["d2d.decision"] == "superseded":
+        assert f"superseded at once by version {holders[0]}" in loser.tags["d2d.promotion"]
+        assert not next(d for d in decisions if str(d["version"]) == other)["promoted"]
+    else:
+        assert loser.tags["d2d.decision"] == "promoted" and champion.tags["d2d.previous_champion"] == other
+    assert all(client.get_model_version(NAME, v).tags.get("d2d.decided_at") for v in new)  # both decisions recorded

@@ -105,3 +105,71 @@ def test_simulate_drift_writes_a_labelled_batch_to_the_inbox(project):
     batch = pd.read_csv(project / "data/inbox/batch-thicken-0.4-seed3.csv")
     assert len(batch) == 25 and batch["id"].is_unique and batch["label"].between(0, 9).all()
     one_line_error(d2d("simulate-drift", "--kind", "blur", cwd=project), "unknown drift kind 'blur'")
+
+
+# --- whatever the user types is printed as itself: one line, exit 2, never a traceback ---
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# what a shell can pass: any text but NUL (argv cannot hold it) and lone surrogates
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60)
+MARKUP = st.sampled_from(["[", "]", "[/]", "[bold]", "[/x]", "[red]a[/red]", "[link=x]", "\\[", ":smile:", "\n", "\r"])
+HOSTILE = st.lists(st.one_of(ANY_TEXT, MARKUP), min_size=1, max_size=4).map("".join)
+
+
+def main_in_process(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
+    from pipeline import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr("sys.argv", ["d2d", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def assert_one_line(code: int, out: str, err: str, *fragments: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("name", ["a[b].yaml", "[/x].yaml", "x[/bold]y.yaml", "[red]p.yaml", "\\[x].yaml"])
+def test_a_params_path_with_brackets_is_named_as_it_is(monkeypatch, capsys, tmp_path, name):
+    code, out, err = main_in_process(monkeypatch, capsys, tmp_path, "stage", "validate", f"--params={name}")
+    assert_one_line(code, out, err, f"params file not found: {name}")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=HOSTILE)
+def test_any_params_path_is_one_line_and_exit_2(monkeypatch, capsys, project, text):
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "validate", f"--params={text}"))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=HOSTILE)
+def test_any_set_value_is_one_line_and_exit_2(monkeypatch, capsys, project, text):
+    # no raw data in the project: an override that happens to be valid ends at "raw data not found"
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "validate", f"--set={text}"))
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "validate",
+                                     f"--set=validate.max_bad_row_fraction={text}"))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=HOSTILE)
+def test_any_data_path_is_one_line_and_exit_2(monkeypatch, capsys, project, text):
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "validate", f"--set=data.raw={text}"))
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".yaml", "x/" * 3000 + "p.yaml"])
+def test_an_impossible_params_path_is_a_plain_error(monkeypatch, capsys, tmp_path, name):
+    assert_one_line(*main_in_process(monkeypatch, capsys, tmp_path, "stage", "validate", f"--params={name}"))
+
+
+def test_a_params_file_that_is_not_text_is_a_plain_error(monkeypatch, capsys, tmp_path):
+    (tmp_path / "params.yaml").write_bytes(b"\xff\xfe\x00\x81 binary")
+    assert_one_line(*main_in_process(monkeypatch, capsys, tmp_path, "stage", "validate"), "params.yaml")

@@ -5,6 +5,8 @@ bytes, and the lock and trigger checks."""
 
 from __future__ import annotations
 
+import os
+import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -199,3 +201,151 @@ def test_a_bare_off_in_yaml_turns_retraining_off(repo_params):
 
     raw = apply_overrides(repo_params.as_dict(), ["monitor.retrain=off"])
     assert params_from_dict(raw).monitor.retrain == "off"
+
+
+# --- the inbox is read only as regular files in it; the monitor's files are the owner's ---
+
+def test_links_and_other_non_files_in_the_inbox_are_refused_unread(project, tiny_schema):
+    params, root = project
+    inbox = root / params.monitor.inbox
+    inbox.mkdir(parents=True)
+    secret = root / "secret.csv"
+    secret.write_text("id,password\n1,hunter2\n")
+    outside = io.write_csv(make_frame(tiny_schema, 10), root / "elsewhere/batch.csv")
+    (inbox / "passwd.csv").symlink_to(secret)
+    (inbox / "batch.csv").symlink_to(outside)  # a real batch, but through a link
+    (inbox / "dangling.parquet").symlink_to(root / "nothing-here.parquet")
+    os.mkfifo(inbox / "pipe.csv")  # reading it would block the monitor forever
+    io.write_csv(make_frame(tiny_schema, 10), inbox / "fine.csv")
+    pending = {b.name: b for b in monitor.pending_batches(params, root, monitor.read_ledger(params, root))}
+    assert set(pending) == {"passwd.csv", "batch.csv", "dangling.parquet", "pipe.csv", "fine.csv"}
+    assert not pending["fine.csv"].refused
+    for name in ("passwd.csv", "batch.csv", "dangling.parquet"):
+        assert "symbolic link" in pending[name].refused and name in pending[name].refused
+    assert "not a regular file" in pending["pipe.csv"].refused
+    with pytest.raises(DataError, match="symbolic link"):  # checked again right before reading
+        monitor.read_batch(pending["passwd.csv"], tiny_schema)
+    # a refused entry is keyed by its name and link, so it is recorded once, not every run
+    again = {b.name: b.md5 for b in monitor.pending_batches(params, root, monitor.read_ledger(params, root))}
+    assert again == {name: b.md5 for name, b in pending.items()}
+    assert secret.read_text() == "id,password\n1,hunter2\n"
+
+
+def test_a_file_swapped_for_a_link_after_listing_is_not_read(project, tiny_schema):
+    params, root = project
+    inbox = root / params.monitor.inbox
+    path = io.write_csv(make_frame(tiny_schema, 10), inbox / "b.csv")
+    [batch] = monitor.pending_batches(params, root, monitor.read_ledger(params, root))
+    path.unlink()
+    path.symlink_to(root / params.data.raw)
+    with pytest.raises(DataError, match="symbolic link"):
+        monitor.read_batch(batch, tiny_schema)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_quarantine_and_ledger_are_readable_by_their_owner_only(project, tiny_schema):
+    params, root = project
+    path = monitor.write_quarantine("b-1234", make_frame(tiny_schema, 3).assign(reason="x"), params, root)
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700
+    monitor.write_ledger({"batches": {}, "retrains": []}, params, root)
+    ledger = root / params.monitor.state / "ledger.json"
+    assert mode(ledger) == 0o600
+    with monitor.exclusive(params, root):
+        assert mode(ledger.parent) == 0o700
+    # ordinary outputs keep what the umask gives any new file
+    assert mode(io.write_csv(make_frame(tiny_schema, 3), root / "out.csv")) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --- a corrupt ledger is set aside and the run stops; never a silent fresh start ---
+
+@pytest.mark.parametrize("content, problem", [
+    (b"", "not valid JSON"),
+    (b'{"batches": {"abc": {"file": "a.csv"', "not valid JSON"),  # truncated
+    (b"\xff\xfe\x00garbage", "not valid JSON"),
+    (b"{}", "batches"),
+    (b"[]", "the whole file"),
+    (b"null", "the whole file"),
+    (b'{"batches": [], "retrains": []}', "batches"),
+    (b'{"batches": {"abc": 3}, "retrains": []}', "batches.abc"),
+    (b'{"batches": {"abc": {"file": 7}}, "retrains": []}', "batches.abc.file"),
+    (b'{"batches": {"abc": {"file": "a.csv", "state": "weird"}}, "retrains": []}', "batches.abc.state"),
+    (b'{"batches": {}, "retrains": {}}', "retrains"),
+    (b'{"batches": {}, "retrains": [{"at": 5}]}', "retrains.0.at"),
+    (b'{"batches": {}, "retrains": [{"at": "yesterday"}]}', "retrains.0.at"),
+    (b'{"batches": {}, "retrains": [{"at": "2026-11-23T12:00:00"}]}', "time zone"),
+    (b'{"batches": {}, "retrains": [], "log_parts": [1]}', "log_parts.0"),
+])
+def test_a_corrupt_ledger_is_set_aside_and_the_run_stops(project, content, problem):
+    params, root = project
+    ledger = root / params.monitor.state / "ledger.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(content)
+    with pytest.raises(D2DError) as e:
+        monitor.read_ledger(params, root)
+    message = str(e.value)
+    assert "corrupt" in message and problem in message and "to recover" in message and "\n" not in message
+    [aside] = ledger.parent.glob("ledger.json.corrupt-*")
+    assert aside.read_bytes() == content and not ledger.exists() and aside.name in message
+    # the next run does not start an empty ledger behind the user's back
+    with pytest.raises(D2DError, match="set aside as corrupt"):
+        monitor.read_ledger(params, root)
+    aside.unlink()  # the user's decision: start afresh
+    assert monitor.read_ledger(params, root)["batches"] == {}
+
+
+def test_a_ledger_from_before_write_ahead_still_reads(project):
+    params, root = project
+    old = {"batches": {"abc": {"file": "a.csv", "action": "none", "appended": None}},
+           "retrains": [{"at": "2026-11-23T12:00:00+00:00", "batch": "a-abc", "by": "flow"}], "log_parts": []}
+    monitor.write_ledger(old, params, root)
+    assert monitor.read_ledger(params, root) == old and monitor.unfinished(old) == []
+
+
+# --- appending is a transaction: staged, recorded, installed; repeating it appends once ---
+
+def test_installing_a_staged_append_twice_appends_once(project, tiny_schema):
+    params, root = project
+    raw = root / params.data.raw
+    old = raw.read_bytes()
+    rows = make_frame(tiny_schema, 4).assign(id=range(500, 504))
+    intent = monitor.stage_append(rows, params, root)
+    assert raw.read_bytes() == old  # nothing is swapped in before the ledger records the intent
+    staged = raw.with_name(intent["staged"])
+    assert intent["md5_before"] == io.file_md5(raw) and intent["md5_after"] == io.file_md5(staged)
+    first = monitor.install_append(intent, params, root)
+    again = monitor.install_append(intent, params, root)  # a re-run after a kill
+    assert first["md5_after"] == again["md5_after"] == io.file_md5(raw)
+    assert raw.read_bytes().startswith(old) and pd.read_csv(raw)["id"].tolist().count(503) == 1
+    assert not list(raw.parent.glob(".*.next"))
+
+
+def test_installing_over_a_raw_file_that_changed_meanwhile_is_refused(project, tiny_schema):
+    params, root = project
+    raw = root / params.data.raw
+    intent = monitor.stage_append(make_frame(tiny_schema, 4).assign(id=range(500, 504)), params, root)
+    with raw.open("a") as f:
+        f.write("999,1,1,1,1,0\n")
+    changed = raw.read_bytes()
+    with pytest.raises(D2DError, match="changed while a batch was being appended"):
+        monitor.install_append(intent, params, root)
+    assert raw.read_bytes() == changed
+
+
+def test_stale_next_versions_are_discarded_but_a_pending_one_is_kept(project, tiny_schema):
+    params, root = project
+    raw = root / params.data.raw
+    kept = monitor.stage_append(make_frame(tiny_schema, 2).assign(id=[700, 701]), params, root)
+    stale = monitor.stage_append(make_frame(tiny_schema, 2).assign(id=[800, 801]), params, root)
+    ledger = {"batches": {"m": {"file": "a.csv", "state": monitor.PENDING, "append": kept}}, "retrains": []}
+    monitor.discard_stale_stages(ledger, params, root)
+    assert raw.with_name(kept["staged"]).is_file() and not raw.with_name(stale["staged"]).exists()
+    assert monitor.unfinished(ledger) == [("m", ledger["batches"]["m"])]
