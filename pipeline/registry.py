@@ -85,9 +85,10 @@ def prediction_metrics(out: pd.DataFrame, test: pd.DataFrame, schema: Schema) ->
 def predict_raw(model: Any, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     """A loaded pyfunc's predictions for raw rows. Each version is fed the types its own
     signature declares (an older champion may have been logged with other column types than
-    the current schema gives)."""
+    the current schema gives; a column declared `any` is checked by the model itself)."""
     declared = model.metadata.get_input_schema()
-    types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in frame} if declared is not None
+    types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in frame and hasattr(c.type, "to_numpy")}
+             if declared is not None
              else {f.name: f.numpy_dtype for f in schema.features})
     return model.predict(frame[schema.feature_names].astype(types))
 
