@@ -466,7 +466,7 @@ def build_app(settings: dict[str, Any]) -> Any:
         async def invocations(self, request: Request) -> Any:
             """MLflow's scoring protocol, as `mlflow models serve` answers it, with the same
             checks, errors and inference log as /predict."""
-            from mlflow.pyfunc.scoring_server import predictions_to_json
+            from mlflow.pyfunc.scoring_server import CONTENT_TYPE_JSON, predictions_to_json
 
             def answer(loaded: Loaded, frame: pd.DataFrame, out: pd.DataFrame) -> Response:
                 text = io.StringIO()
@@ -478,6 +478,10 @@ def build_app(settings: dict[str, Any]) -> Any:
                 code = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
                 return {"error_code": code, "message": message, "error": message}
 
+            kind = request.headers.get("content-type", CONTENT_TYPE_JSON).split(";")[0].strip()
+            if kind not in (CONTENT_TYPE_JSON, ""):  # MLflow's CSV and Parquet bodies are not taken here
+                message = f"Content-Type {kind[:60]} is not supported here; send {CONTENT_TYPE_JSON}"
+                return JSONResponse(error(message, 415), status_code=415)
             return await self._guarded(request, mlflow_rows, answer, error)
 
         @api.get("/health")
