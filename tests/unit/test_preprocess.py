@@ -152,3 +152,56 @@ def test_hostile_values_give_a_checked_row_or_a_message_never_an_exception(pairs
     assert all(e == "" or e.startswith(("column a", "column b")) for e in errors)
     if len(checked):
         assert np.isfinite(preprocess.transform(checked, state)).all()
+
+
+def test_the_logged_signature_lets_every_reader_s_numbers_reach_the_model_s_own_check():
+    """MLflow's enforcement refuses float64 for `long` and int64 for `double`; the signature
+    declares numbers `any` so both readings reach check_rows, and text stays `string`."""
+    from mlflow.models.utils import validate_schema
+    from mlflow.types import ColSpec
+    from mlflow.types import Schema as MlflowSchema
+
+    from pipeline.data.schema import Column
+    from pipeline.tracking import input_colspec
+
+    columns = [Column("b", "numeric", "int"), Column("a", "numeric", "float", nullable=True),
+               Column("c", "categorical", "str", nullable=True), Column("k", "categorical", "int")]
+    schema = MlflowSchema([input_colspec(c) for c in columns])
+    assert [c.to_dict()["type"] for c in schema.inputs] == ["any", "any", "string", "any"]
+    assert [c.required for c in schema.inputs] == [True, False, False, True]
+    for frame in readers().values():
+        validate_schema(frame.assign(k=1), schema)  # raises on a refused column
+    with pytest.raises(Exception, match="Can not safely convert float64 to int64"):  # what `long` did
+        validate_schema(readers()["pandas"], MlflowSchema([ColSpec("long", "b")]))
+
+
+def test_batches_are_written_in_order_with_one_schema_and_no_temporary_file(tmp_path):
+    from pipeline.data.io import write_batches
+
+    batches = [pd.DataFrame({"id": [1, 2], "label": pd.array([3, 4], dtype="Int64"), "error": ["", ""]}),
+               pd.DataFrame({"id": [3], "label": pd.array([None], dtype="Int64"), "error": ["column b is null"]})]
+    for name in ("out.parquet", "out.csv"):
+        assert write_batches(iter(batches), tmp_path / name) == 3
+        back = pd.read_parquet(tmp_path / name) if name.endswith("parquet") else pd.read_csv(tmp_path / name)
+        assert back["id"].tolist() == [1, 2, 3] and back["label"].isna().tolist() == [False, False, True]
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("a worker died")
+
+    with pytest.raises(RuntimeError):
+        write_batches(failing(), tmp_path / "half.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.parquet"]  # nothing half-written
+
+
+def test_an_existing_output_needs_force(tmp_path):
+    from pipeline.errors import D2DError
+    from pipeline.predict import check_output
+
+    (tmp_path / "scored.csv").write_text("kept\n")
+    with pytest.raises(D2DError, match="exists; pass --force"):
+        check_output(tmp_path / "scored.csv", force=False)
+    check_output(tmp_path / "scored.csv", force=True)
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(D2DError, match="is a folder"):
+        check_output(tmp_path / "d.csv", force=True)
