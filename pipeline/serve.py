@@ -91,12 +91,17 @@ async def read_body(request: Any, limit: int) -> bytes:
             raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
         if int(declared) > limit:
             raise RequestError(413, f"body of {declared} bytes; the limit is serve.max_body_bytes={limit}")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body of more than {limit} bytes; the limit is serve.max_body_bytes={limit}")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body of more than {limit} bytes; the limit is serve.max_body_bytes={limit}")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's problem: no answer reaches it, and the replica carries on
+        raise RequestError(400, "the client disconnected before the whole body arrived") from None
     return b"".join(chunks)
 
 
