@@ -74,12 +74,10 @@ def load_json(body: bytes) -> Any:
         raise
     except RecursionError:
         raise RequestError(400, "the body is not valid JSON: it nests too deeply") from None
-    except ValueError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, Python's 4300-digit limit for int()
         if "integer string conversion" not in str(e):
             raise RequestError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
         raise RequestError(422, f"an integer in the body is out of range for any column ({str(e)[:80]})") from None
-    except UnicodeDecodeError as e:
-        raise RequestError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
 
 
 async def read_body(request: Any, limit: int) -> bytes:
