@@ -195,8 +195,11 @@ def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_s
                                   for n in names})
             checked, errors = check_rows(frame, spec)
     except OverflowError:  # an integer beyond a double's range (up to Python's 4300 digits)
-        i, name = next((i, n) for i, row in enumerate(rows) for n in numeric
-                       if type(row[n]) is int and abs(row[n]) > _DOUBLE_MAX)
+        where = next(((i, n) for i, row in enumerate(rows) for n in numeric
+                      if type(row[n]) is int and abs(row[n]) > _DOUBLE_MAX), None)
+        if where is None:
+            raise RequestError(422, "a number is out of range for a double") from None
+        i, name = where
         raise RequestError(422, f"row {i}: column {name}: a {len(str(abs(rows[i][name])))}-digit integer is out of "
                                 f"range for a double") from None
     found = first_error(errors)
