@@ -200,3 +200,20 @@ def test_any_body_gives_checked_rows_or_a_4xx_naming_the_problem(payload, check)
         return
     assert 1 <= len(frame) <= 10 and frame["a"].dtype == "int64" and frame["b"].map(math.isfinite).all()
     assert frame["c"].map(lambda v: isinstance(v, str)).all()
+
+
+NUMERIC = COLUMNS[:2]  # numbers only: serving checks one float64 matrix (check_matrix), no frame first
+NUMERIC_ROW = st.fixed_dictionaries({"a": st.one_of(st.integers(-(2**70), 2**70), st.floats(), VALUES),
+                                     "b": st.one_of(st.integers(-(10**400), 10**400), st.floats(), VALUES)},
+                                    optional={"id": VALUES})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(HOSTILE, st.builds(_text, NUMERIC_ROW), st.builds(_text, st.lists(NUMERIC_ROW, max_size=12))))
+def test_any_body_for_a_numbers_only_model_gives_checked_rows_or_a_4xx(payload):
+    try:
+        frame = parse_rows(payload, NUMERIC, ID, 10)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and str(e)
+        return
+    assert frame["a"].dtype == "int64" and frame["b"].map(math.isfinite).all()
