@@ -173,7 +173,8 @@ def check_numbers(x: np.ndarray, numbers: list[dict[str, Any]], text: np.ndarray
         nan = np.isnan(x)
         finite = ~nan & np.isfinite(x)
         too_big = integer & finite & (np.abs(x) >= INT64_LIMIT)
-        checks = [(~finite & ~nan, "is not a finite number"), (integer & finite & (x != np.floor(x)), "is not an integer"),
+        checks = [(~finite & ~nan, "is not a finite number"),
+                  (integer & finite & (x != np.floor(x)), "is not an integer"),
                   (too_big, "is out of range for a long (64-bit integer)"),
                   (finite & ~too_big & (np.abs(x) > limit),
                    "is out of range for the model (its scaled value overflows a 32-bit float)"),
@@ -193,7 +194,8 @@ def _messages(n: int, found: list[tuple[np.ndarray, str, str]], value: Any) -> n
     errors = np.full(n, "", dtype=object)
     for rows, name, what in reversed(found):
         for i in np.flatnonzero(rows):
-            errors[i] = f"column {name} {what}" if what == NULL else f"column {name}: {_describe(value(i, name))} {what}"
+            shown = "" if what == NULL else f": {_describe(value(i, name))}"
+            errors[i] = f"column {name}{shown} {what}"
     return errors
 
 

@@ -129,7 +129,8 @@ def _check_id(rows: list[dict[str, Any]], id_spec: dict[str, Any]) -> None:
     name, kind = id_spec["name"], id_spec.get("type")
     accepts = {"long": (int,), "string": (str,)}.get(kind or "", (int, str))
     for i, row in enumerate(rows):
-        if name in row and (type(row[name]) not in accepts or (type(row[name]) is int and not -_INT64 <= row[name] < _INT64)):
+        value = row.get(name)
+        if name in row and (type(value) not in accepts or (type(value) is int and not -_INT64 <= value < _INT64)):
             raise RequestError(422, f"row {i}: id column {name} must be {kind or 'an integer or a string'}, "
                                     f"got {type(row[name]).__name__} {_short(row[name])}")
     if kind is None and len({type(row[name]) for row in rows if name in row}) > 1:
@@ -174,7 +175,8 @@ def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_s
             raise RequestError(422, f"row {i}: missing column(s) {', '.join(missing[:5])}"
                                     + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         if extra:
-            raise RequestError(422, f"row {i}: unknown column(s) {', '.join(str(k)[:40] for k in extra[:5])}; the model "
+            shown = ", ".join(str(k)[:40] for k in extra[:5])
+            raise RequestError(422, f"row {i}: unknown column(s) {shown}; the model "
                                     f"takes {names[0]}..{names[-1]}" + (f" (and {id_column})" if id_column else ""))
     # Plain Python checks and typed arrays: for the small requests serving sees, this is an
     # order of magnitude faster than building a frame and inferring each column's type.
@@ -223,7 +225,8 @@ def mlflow_rows(data: Any) -> list[dict[str, Any]]:
     formats = [k for k in data if k in SUPPORTED_FORMATS]
     others = [k for k in data if k not in SUPPORTED_FORMATS and k != SERVING_PARAMS_KEY]
     if len(formats) != 1 or others:
-        raise RequestError(400, f"{REQUIRED_INPUT_FORMAT}; got the field(s) {', '.join(_short(k) for k in data) or 'none'}")
+        fields = ", ".join(_short(k) for k in data) or "none"
+        raise RequestError(400, f"{REQUIRED_INPUT_FORMAT}; got the field(s) {fields}")
     key = formats[0]
     payload = data[key]
     if key == DF_SPLIT:
@@ -234,7 +237,8 @@ def mlflow_rows(data: Any) -> list[dict[str, Any]]:
         if not all(isinstance(c, str) for c in columns) or len(set(columns)) != len(columns):
             raise RequestError(400, f"{DF_SPLIT}: columns must be distinct strings")
         if not all(isinstance(r, list) and len(r) == len(columns) for r in payload["data"]):
-            raise RequestError(400, f"{DF_SPLIT}: every data row must be a list of {len(columns)} values, one per column")
+            raise RequestError(400, f"{DF_SPLIT}: every data row must be a list of {len(columns)} values, "
+                                    "one per column")
         return [dict(zip(columns, r)) for r in payload["data"]]
     if key != DF_RECORDS and isinstance(payload, dict):  # columnar: {"column": [values...]}
         values = list(payload.values())
