@@ -13,10 +13,10 @@ from pipeline.config import Params, load_params
 
 
 @task(name="batch-predict", retry_condition_fn=_retry_worthwhile)
-def score(params: Params, root: Path, source: Path, output: Path) -> dict[str, Any]:
+def score(params: Params, root: Path, source: Path, output: Path, force: bool = False) -> dict[str, Any]:
     from pipeline.predict import run_predict
 
-    result = run_predict(params, root, source, output)
+    result = run_predict(params, root, source, output, force)
     get_run_logger().info("scored %d rows from %d file(s) with %s → %s (%d rows with errors)", result["rows"],
                           result["files"], result["model"], result["output"], result["errors"])
     return result
@@ -24,9 +24,10 @@ def score(params: Params, root: Path, source: Path, output: Path) -> dict[str, A
 
 @flow(name="d2d-batch-predict")
 def predict_flow(input: str, output: str, params_path: str = "params.yaml", overrides: list[str] | None = None,
-                 root: str = ".") -> dict[str, Any]:
-    """input (file or folder) → the champion, via Ray Data → output file."""
+                 root: str = ".", force: bool = False) -> dict[str, Any]:
+    """input (file or folder) → the champion, via Ray Data → output file (an existing one is
+    replaced only with `force`)."""
     project = Path(root).resolve()
     params = load_params(Path(params_path) if Path(params_path).is_absolute() else project / params_path, overrides)
     resolve = lambda p: Path(p) if Path(p).is_absolute() else project / p  # noqa: E731
-    return _with_retries(score, params)(params, project, resolve(input), resolve(output))
+    return _with_retries(score, params)(params, project, resolve(input), resolve(output), force)

@@ -199,18 +199,22 @@ def predict(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where the predictions go (.csv or .parquet).")],
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
 ) -> None:
-    """Score files with the champion (Ray Data map_batches), as the d2d-batch-predict flow."""
+    """Score files with the champion (Ray Data map_batches), as the d2d-batch-predict flow.
+    A row that fails the model's checks keeps its place with an `error` naming the column."""
     from pipeline.config import load_params
+    from pipeline.predict import check_output
 
     overrides = set_ or []
     load_params(params, overrides)
+    check_output(output, force)  # before Prefect and Ray start
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.predict import predict_flow
 
     _quiet_user_errors()
     result = predict_flow(input=str(input_.resolve()), output=str(output.resolve()), params_path=str(params.resolve()),
-                          overrides=overrides, root=str(Path.cwd()))
+                          overrides=overrides, root=str(Path.cwd()), force=force)
     console.print(f"scored {result['rows']} rows from {result['files']} file(s) with {result['model']} → "
                   f"{result['output']}" + (f" ({result['errors']} rows could not be scored; see the error column)"
                                           if result["errors"] else ""))

@@ -1,8 +1,10 @@
 """Batch inference: score files with a registered version through Ray Data `map_batches`.
 
 The version is pinned when the job starts, so one job is scored by one model even if the
-alias moves meanwhile. Rows are never dropped: a row whose features cannot be read as the
-model's types comes back with an `error` and no prediction.
+alias moves meanwhile. Rows are never dropped: each is checked by the check every way in
+shares (preprocess.check_rows), and a row that fails it keeps its place with an `error`
+naming the column, and no prediction. Results are written as the batches stream in, in
+input order, to a temporary file that is renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -34,52 +36,82 @@ def input_files(path: Path) -> list[Path]:
     return files
 
 
+def output_types(inner: Any) -> dict[str, Any]:
+    """The columns a d2d model returns and the types they keep in every batch, also one whose
+    rows all failed the check (so that every batch writes the same schema)."""
+    state, classes = getattr(inner, "state", None), getattr(inner, "classes", None)
+    if not isinstance(state, dict) or classes is None:
+        return {}
+    if state.get("target"):
+        return {"prediction": "float64"}
+    integral = all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
+    return {"label": "Int64" if integral else "string", "probability": "float64",
+            **{f"prob_{c}": "float64" for c in classes}}
+
+
 class Scorer:
-    """A Ray Data actor: loads the model once, then scores pandas batches."""
+    """A Ray Data actor: loads the model once, then checks and scores pandas batches."""
 
     def __init__(self, model_uri: str, tracking_uri: str, version: str, id_column: str | None) -> None:
         import mlflow
 
+        from pipeline.serve import model_id, model_inputs
+
         mlflow.set_tracking_uri(tracking_uri)
         self.model = mlflow.pyfunc.load_model(model_uri)
-        self.types = {c.name: c.type.to_numpy() for c in self.model.metadata.get_input_schema().inputs}
-        self.version, self.id_column = version, id_column
+        try:
+            self.inner = self.model.unwrap_python_model()
+        except Exception:  # another flavor: MLflow's own predict
+            self.inner = None
+        self.inputs = model_inputs(self.model, self.inner)
+        found = model_id(self.inner, id_column)
+        self.id_column = found["name"] if found else None
+        self.outputs = output_types(self.inner)
+        self.version = version
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        # through object and float64: on Arrow-backed text, to_numeric's NaN is not a null that isna() sees
-        numbers = {n: pd.to_numeric(batch[n].astype(object), errors="coerce").astype("float64")
-                   for n, t in self.types.items() if t.kind in "iuf"}
-        unreadable = pd.DataFrame({n: v.isna() for n, v in numbers.items()})  # text or missing
-        bad = unreadable.any(axis=1) if len(unreadable.columns) else pd.Series(False, index=batch.index)
+        import numpy as np
+
+        from pipeline.preprocess import check_rows
+
+        batch = batch.reset_index(drop=True)
+        checked, errors = check_rows(batch, self.inputs)
         out = pd.DataFrame(index=batch.index)
         if self.id_column and self.id_column in batch:
             out[self.id_column] = batch[self.id_column]
         out["model_version"] = self.version
-        out["error"] = ""
-        if bad.any():
-            out.loc[bad, "error"] = unreadable[bad].apply(
-                lambda r: "missing or not a number: " + ", ".join(r.index[r]), axis=1)
-        good = ~bad
-        if good.any():
-            features = batch.loc[good, list(self.types)].assign(**{n: v[good] for n, v in numbers.items()})
-            scored = self.model.predict(features.astype(self.types))
-            scored.index = features.index
-            for column in scored.columns:  # labels stay labels (object), not floats beside the unscored rows' gaps
-                out[column] = scored[column].astype(object) if column == "label" else scored[column]
-        return out.reset_index(drop=True)
+        out["error"] = pd.Series(errors, dtype="string")
+        scored = pd.DataFrame(index=checked.index)
+        if len(checked):  # the rows check_rows passed, as the model takes them; it checks them once more
+            scored = self.inner.predict(None, checked) if self.inner is not None else self.model.predict(checked)
+            scored.index = checked.index
+        for column in dict.fromkeys([*self.outputs, *scored.columns]):
+            values = scored[column] if column in scored else pd.Series(np.nan, index=scored.index)
+            out[column] = values.reindex(out.index).astype(self.outputs.get(column, values.dtype))
+        return out
 
 
 def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri: str, id_column: str | None,
-                  batch_size: int, concurrency: int) -> pd.DataFrame:
-    """Every row of `files` scored by the pinned version, in input order."""
+                  batch_size: int, concurrency: int, output: Path) -> tuple[int, int]:
+    """Every row of `files` scored by the pinned version and written to `output` in input
+    order as the batches come; returns the number of rows and of rows with an error."""
     import mlflow
     import ray
+    from pyarrow import csv, string
+
+    from pipeline.data import io
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # output rows in input order
-    read = ray.data.read_parquet if files[0].suffix == ".parquet" else ray.data.read_csv
-    dataset = read([str(f) for f in files])
-    names = dataset.schema().names
     declared = [c.name for c in mlflow.models.get_model_info(model_uri).signature.inputs.inputs]
+    if files[0].suffix == ".parquet":
+        dataset = ray.data.read_parquet([str(f) for f in files])
+    else:
+        # features as text: Arrow infers a column's type from the file's first block, and a later
+        # "inf", "2.7" or "abc" in an int column would then fail the whole job; check_rows reads
+        # each value and fails only its row
+        options = csv.ConvertOptions(column_types={n: string() for n in declared}, strings_can_be_null=True)
+        dataset = ray.data.read_csv([str(f) for f in files], convert_options=options)
+    names = dataset.schema().names
     missing = [n for n in declared if n not in names]
     if missing:
         raise D2DError(f"the input lacks column(s) the model needs: {', '.join(missing[:5])}"
@@ -87,17 +119,25 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
     scored = dataset.map_batches(Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                                                "version": version, "id_column": id_column},
                                  batch_format="pandas", batch_size=batch_size, concurrency=concurrency)
-    return scored.to_pandas()
+    errors = 0
+
+    def counted(batches: Any) -> Any:
+        nonlocal errors
+        for batch in batches:
+            errors += int((batch["error"] != "").sum())
+            yield batch
+
+    rows = io.write_batches(counted(scored.iter_batches(batch_format="pandas", batch_size=None)), output)
+    return rows, errors
 
 
-def run_predict(params: Any, root: Path, source: Path, output: Path) -> dict[str, Any]:
-    """Score `source` (a file or folder) with models:/<name>@<serve.alias>, write `output`."""
+def run_predict(params: Any, root: Path, source: Path, output: Path, force: bool = False) -> dict[str, Any]:
+    """Score `source` (a file or folder) with models:/<name>@<serve.alias>, write `output`
+    (an existing one only with `force`)."""
     from pipeline import registry, tracking
-    from pipeline.data import io
     from pipeline.train.trainer import ray_session
 
-    if output.suffix not in SUFFIXES:
-        raise D2DError(f"--output {output}: expected a .csv or .parquet file name")
+    check_output(output, force)
     files = input_files(source)
     uri = tracking.configure(root)
     tracking.reachable(tracking.ping)
@@ -107,8 +147,18 @@ def run_predict(params: Any, root: Path, source: Path, output: Path) -> dict[str
         raise D2DError(f"models:/{name}@{alias} does not exist" + (": run `d2d run` first" if alias == "champion" else ""))
     version = found[0]
     with ray_session(params.train, cpus_needed=params.serve.predict_concurrency + 1):
-        out = predict_files(files, f"models:/{name}/{version}", version, uri, params.data.id_column,
-                            params.serve.predict_batch_size, params.serve.predict_concurrency)
-    (io.write_parquet if output.suffix == ".parquet" else io.write_csv)(out, output)
-    return {"files": len(files), "rows": len(out), "errors": int((out["error"] != "").sum()), "output": str(output),
+        rows, errors = predict_files(files, f"models:/{name}/{version}", version, uri, params.data.id_column,
+                             params.serve.predict_batch_size, params.serve.predict_concurrency, output)
+    return {"files": len(files), "rows": rows, "errors": errors, "output": str(output),
             "model": f"models:/{name}/{version}", "model_version": version}
+
+
+def check_output(output: Path, force: bool) -> None:
+    """A .csv or .parquet name that does not exist yet (or `force`)."""
+    if output.suffix not in SUFFIXES:
+        raise D2DError(f"--output {output}: expected a .csv or .parquet file name")
+    if output.is_dir():
+        raise D2DError(f"--output {output} is a folder; name a .csv or .parquet file")
+    if output.exists() and not force:
+        raise D2DError(f"--output {output} exists; pass --force to overwrite it")
+

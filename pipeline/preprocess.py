@@ -1,4 +1,6 @@
-"""Feature preprocessing fitted on the train split only: imputation, scaling, one-hot encoding.
+"""Feature preprocessing fitted on the train split only: imputation, scaling, one-hot encoding,
+and the one check of a row's values that every way in shares (a loaded MLflow model,
+`d2d serve`, `d2d predict`).
 
 Self-contained (numpy and pandas, no d2d imports): the fitted state is plain JSON, and this
 file ships inside the MLflow model, so serving transforms raw rows exactly as training did.
@@ -6,6 +8,7 @@ file ships inside the MLflow model, so serving transforms raw rows exactly as tr
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -79,32 +82,227 @@ def fit(train: pd.DataFrame, spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("target"):  # regression: the network learns a standardised target
         y = pd.to_numeric(train[spec["target"]], errors="coerce")
         target = {"name": spec["target"], "center": float(y.mean()), "scale": float(y.std(ddof=0)) or 1.0}
+    # what each way in checks a row against (check_rows): the type each raw column holds, and
+    # whether a null may reach the preprocessing (it may where it is imputed)
+    inputs = ([{"name": c["name"], "type": "long" if c.get("dtype") == "int" else "double", "nullable": f is not None}
+               for c, f in zip(spec["numeric"], fills)]
+              + [{"name": c["name"], "type": "long" if c.get("dtype") == "int" else "string",
+                  "nullable": e["fill"] is not None} for c, e in zip(spec["categorical"], categorical)])
     return {
         "target": target,
         "numeric": {"names": names, "fill": fills, "center": center.tolist(), "scale": spread.tolist()},
         "categorical": categorical,
         "outputs": outputs,
+        "inputs": inputs,
+        "id": id_spec(train, spec.get("id")),
     }
+
+
+def id_spec(train: pd.DataFrame, name: str | None) -> dict[str, str] | None:
+    """The id column and the type its values have in the data (long or string), so that
+    serving can refuse an id of another type; None when the data has no id column."""
+    if not name or name not in train.columns:
+        return None
+    values = train[name]
+    integral = pd.api.types.is_integer_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    return {"name": name, "type": "long" if integral else "string"}
 
 
 def input_columns(state: dict[str, Any]) -> list[str]:
     return state["numeric"]["names"] + [c["name"] for c in state["categorical"]]
 
 
+# An input's type, as MLflow names it. A JSON value for an integer column must be an int; a
+# reader's frame may carry it as an integral float (pandas reads an int column with a null
+# anywhere in the file as float64).
+INTEGER, NUMBER = ("long", "integer"), ("long", "integer", "double", "float")
+INT64_LIMIT = 2.0**63  # float64 values at or beyond it do not fit a long
+F32_MAX = float(np.finfo("float32").max)
+
+
+def input_spec(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each input column's name, type (long | double | string) and whether it may be null (it
+    may when the preprocessing imputes it). A state fitted before the types were recorded
+    describes its numeric columns as double."""
+    num = state["numeric"]
+    spec = state.get("inputs") or (
+        [{"name": n, "type": "double", "nullable": f is not None} for n, f in zip(num["names"], num["fill"])]
+        + [{"name": c["name"], "type": "string", "nullable": c["fill"] is not None} for c in state["categorical"]])
+    # the largest magnitude whose scaled value is still a finite float32 (the network's input)
+    limits = {n: F32_MAX / 2 * s - abs(c) for n, c, s in zip(num["names"], num["center"], num["scale"])}
+    return [{**s, "limit": limits[s["name"]]} if s["name"] in limits else s for s in spec]
+
+
+def _describe(value: Any) -> str:
+    text = repr(value.item() if hasattr(value, "item") else value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@lru_cache(maxsize=64)
+def _index(names: tuple[str, ...]) -> pd.Index:
+    """Column labels built once per model: pandas builds an Index of 64 strings in 0.1 ms,
+    as long as the rest of a 1-row request's check."""
+    return pd.Index(names)
+
+
+def _as_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A column as float64 (NaN for a null) and the mask of values that are not numbers at
+    all (text, booleans, lists)."""
+    if values.dtype.kind == "b":
+        return np.full(len(values), np.nan), values.notna().to_numpy()
+    if values.dtype.kind in "iuf":  # numpy, pandas nullable and Arrow-backed numbers alike
+        return values.to_numpy(dtype="float64", na_value=np.nan), np.zeros(len(values), dtype=bool)
+    raw = values.astype(object).to_numpy()
+    present = ~pd.isna(values).to_numpy()
+    flags = np.fromiter((isinstance(v, (bool, np.bool_)) for v in raw), dtype=bool, count=len(raw))
+    x = pd.to_numeric(pd.Series(np.where(flags, None, raw), dtype=object), errors="coerce").to_numpy(dtype="float64")
+    return x, present & (np.isnan(x) | flags)
+
+
+Problems = list[tuple[np.ndarray, int, str]]  # (rows, the input's position in the spec, what is wrong)
+NULL = "is null and the model has no imputation for it"
+
+
+def check_numbers(x: np.ndarray, numbers: list[dict[str, Any]], text: np.ndarray | None = None) -> Problems:
+    """The value checks of numeric inputs, on a float64 matrix (rows × `numbers`, NaN for a
+    null; `text` marks values that were not numbers at all)."""
+    integer = np.array([s["type"] in INTEGER for s in numbers])
+    nullable = np.array([bool(s.get("nullable")) for s in numbers])
+    limit = np.array([s.get("limit", np.inf) for s in numbers])
+    with np.errstate(invalid="ignore"):
+        nan = np.isnan(x)
+        finite = ~nan & np.isfinite(x)
+        too_big = integer & finite & (np.abs(x) >= INT64_LIMIT)
+        checks = [(~finite & ~nan, "is not a finite number"),
+                  (integer & finite & (x != np.floor(x)), "is not an integer"),
+                  (too_big, "is out of range for a long (64-bit integer)"),
+                  (finite & ~too_big & (np.abs(x) > limit),
+                   "is out of range for the model (its scaled value overflows a 32-bit float)"),
+                  (nan & ~nullable if text is None else nan & ~text & ~nullable, NULL)]
+    if text is not None:
+        checks.insert(0, (text, "is not a number"))
+    found: Problems = []
+    for mask, what in checks:
+        if mask.any():
+            found += [(mask[:, j], j, what) for j in np.flatnonzero(mask.any(axis=0))]
+    return found
+
+
+def _messages(n: int, found: list[tuple[np.ndarray, str, str]], value: Any) -> np.ndarray:
+    """One message per row ("" when it passed): its first bad column in the model's order,
+    with the value (found must be in that order)."""
+    errors = np.full(n, "", dtype=object)
+    for rows, name, what in reversed(found):
+        for i in np.flatnonzero(rows):
+            shown = "" if what == NULL else f": {_describe(value(i, name))}"
+            errors[i] = f"column {name}{shown} {what}"
+    return errors
+
+
+def _model_types(values: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """An integer column (integral and in range now) as int64 where no null is left to impute."""
+    return values.astype("int64") if spec["type"] in INTEGER and not np.isnan(values).any() else values
+
+
+def _numeric_frame(x: np.ndarray, spec: list[dict[str, Any]], index: Any = None) -> pd.DataFrame:
+    """Checked rows of numeric inputs only as the model takes them, as one block where the
+    types agree (a frame from 64 separate columns costs ten times as much)."""
+    labels = _index(tuple(s["name"] for s in spec))
+    integer = [s["type"] in INTEGER for s in spec]
+    if all(integer) and not np.isnan(x).any():
+        return pd.DataFrame(x.astype("int64"), columns=labels, index=index)
+    if not any(integer):
+        return pd.DataFrame(x, columns=labels, index=index)
+    return pd.DataFrame({s["name"]: _model_types(x[:, j], s) for j, s in enumerate(spec)}, index=index)
+
+
+def check_matrix(x: np.ndarray, spec: list[dict[str, Any]]) -> tuple[pd.DataFrame, np.ndarray]:
+    """check_rows for a float64 matrix of numeric inputs only, in the spec's order (serving
+    builds one from a request's JSON): no frame is built until the rows have passed."""
+    found = check_numbers(x, spec)
+    if not found:
+        return _numeric_frame(x, spec), np.full(len(x), "", dtype=object)
+    names = [s["name"] for s in spec]
+    bad = np.zeros(len(x), dtype=bool)
+    for rows, _, _ in found:
+        bad |= rows
+    errors = _messages(len(x), [(r, names[j], w) for r, j, w in sorted(found, key=lambda f: f[1])],
+                       lambda i, name: x[i, names.index(name)])
+    return _numeric_frame(x[~bad], spec, np.flatnonzero(~bad)), errors
+
+
+def check_rows(frame: pd.DataFrame, spec: list[dict[str, Any]]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The one check of raw rows against the model's inputs, for every way in.
+
+    Returns the rows that pass, with each numeric column as the model takes it (an integer
+    column as int64 when it holds no null, float64 otherwise; the frame's index is kept), and
+    one message per input row ("" when it passes) that names the column and the value: a
+    value that is not a number, is not finite, is not integral or does not fit a long in an
+    integer column, is too large for the network's float32 input, or a null where the model
+    has no imputation for it. A missing column is a problem of the whole input: ValueError.
+    """
+    labels = frame.columns.tolist()  # plain strings: pandas' Index of them is slow to search
+    present = set(labels)
+    missing = [s["name"] for s in spec if s["name"] not in present]
+    if missing:
+        raise ValueError(f"input lacks feature column(s): {', '.join(map(str, missing[:5]))}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    n = len(frame)
+    numbers = [s for s in spec if s["type"] in NUMBER]
+    names = [s["name"] for s in numbers]
+    columns: dict[str, np.ndarray] = {}
+    found: list[tuple[np.ndarray, str, str]] = []
+    if numbers:
+        kinds = dict(zip(labels, (t.kind for t in frame.dtypes)))
+        if all(kinds[name] in "iuf" for name in names):  # plain numbers: one conversion of the block
+            x = (frame if labels == names else frame[names]).to_numpy(dtype="float64", na_value=np.nan)
+            text = None
+        else:
+            pairs = [_as_numbers(frame[name]) for name in names]
+            x = np.column_stack([p[0] for p in pairs]).reshape(n, len(names))
+            text = np.column_stack([p[1] for p in pairs]).reshape(n, len(names))
+        found += [(rows, names[j], what) for rows, j, what in check_numbers(x, numbers, text)]
+        columns |= {name: x[:, j] for j, name in enumerate(names)}
+    for s in spec:
+        if s["type"] not in NUMBER:
+            values = frame[s["name"]]
+            columns[s["name"]] = values.to_numpy()
+            null = values.isna().to_numpy()
+            if not s.get("nullable") and null.any():
+                found.append((null, s["name"], NULL))
+    good = np.ones(n, dtype=bool)
+    for rows, _, _ in found:
+        good &= ~rows
+    order = {s["name"]: i for i, s in enumerate(spec)}
+    found.sort(key=lambda f: order[f[1]])  # a row names its first bad column in the model's order
+    errors = _messages(n, found, lambda i, name: frame[name].iloc[i])
+    if len(numbers) == len(spec):
+        return _numeric_frame(x[good], spec, frame.index[good]), errors
+    kept = {s["name"]: _model_types(columns[s["name"]][good], s) if s["type"] in NUMBER else columns[s["name"]][good]
+            for s in spec}
+    return pd.DataFrame(kept, index=frame.index[good]), errors
+
+
+def first_error(errors: np.ndarray) -> tuple[int, str] | None:
+    """The first row that failed check_rows and its message; None when every row passed."""
+    bad = np.flatnonzero(errors != "")
+    return None if not len(bad) else (int(bad[0]), str(errors[bad[0]]))
+
+
 def transform(df: pd.DataFrame, state: dict[str, Any]) -> np.ndarray:
     """Raw feature rows → the float32 matrix the network takes. Raises ValueError naming the
-    column for a missing column, a non-number in a numeric column, or a null with no imputation."""
-    missing = [c for c in input_columns(state) if c not in df.columns]
-    if missing:
-        raise ValueError(f"input lacks feature column(s): {', '.join(missing[:5])}")
+    row and column of the first value check_rows refuses, or a missing column."""
+    checked, errors = check_rows(df, input_spec(state))
+    found = first_error(errors)
+    if found is not None:
+        raise ValueError(f"row {found[0]}: {found[1]}")
+    df = checked
     num = state["numeric"]
     blocks = []
     if num["names"]:
-        frame = df[num["names"]]
-        x = _numeric(frame).to_numpy(dtype="float64", na_value=np.nan)
-        text = np.isnan(x) & frame.notna().to_numpy()
-        if text.any():
-            raise ValueError(f"column {num['names'][int(text.any(axis=0).argmax())]} holds a value that is not a number")
+        k = len(num["names"])
+        # check_rows returns the numeric inputs first, in order: a slice, not a 64-name lookup (0.3 ms)
+        x = (df.iloc[:, :k] if df.columns[:k].tolist() == num["names"] else df[num["names"]]).to_numpy(dtype="float64")
         fill = np.array([np.nan if f is None else f for f in num["fill"]], dtype="float64")
         x = np.where(np.isnan(x), fill, x)
         if np.isnan(x).any():

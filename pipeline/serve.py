@@ -12,6 +12,7 @@ signature before they reach it: a bad one gets a 4xx JSON error naming the probl
 # value, and FastAPI must see the handlers' annotations (Request) as objects, not strings.
 import asyncio
 import hmac
+import io
 import json
 import logging
 import os
@@ -23,19 +24,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+
+from pipeline.preprocess import check_matrix, check_rows, first_error, input_spec
 
 from pipeline.inference_log import InferenceLog
 
 logger = logging.getLogger("ray.serve")
 
-# MLflow's column types: the JSON values each accepts (bool is not a number here) and the
-# numpy type the model is fed
+# The JSON values each input type accepts before preprocess.check_rows checks the values
+# themselves (bool is not a number; a float for an integer column must be integral, as a
+# client that sends a pandas frame read from the raw file has them)
 _ACCEPTS: dict[str, tuple[type, ...]] = {
-    "long": (int,), "integer": (int,), "double": (int, float), "float": (int, float), "string": (str,), "boolean": (bool,),
+    "long": (int, float), "integer": (int, float), "double": (int, float), "float": (int, float), "string": (str,),
+    "boolean": (bool,),
 }
-_NUMPY = {"long": "int64", "integer": "int32", "double": "float64", "float": "float32", "string": "object",
-          "boolean": "bool"}
+_NUMBERS = ("long", "integer", "double", "float")
+_INT64 = 2**63
+_DOUBLE_MAX = float(np.finfo("float64").max)
 
 
 class RequestError(Exception):
@@ -46,31 +52,121 @@ class RequestError(Exception):
         self.status = status
 
 
-def input_columns(model: Any) -> list[tuple[str, str]]:
-    """(name, MLflow type) for each input of a pyfunc's signature."""
-    declared = model.metadata.get_input_schema()
-    if declared is None:
-        raise ValueError("the model has no input signature; log it with one to serve it")
-    return [(c.name, str(c.type.name if hasattr(c.type, "name") else c.type)) for c in declared.inputs]
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def parse_rows(body: bytes, columns: list[tuple[str, str]], id_column: str | None, max_rows: int) -> pd.DataFrame:
-    """The request body (a JSON row object, or an array of them) as a frame with exactly the
-    signature's columns and types, plus the id column when sent; RequestError otherwise."""
+def _no_constant(name: str) -> Any:
+    raise RequestError(400, f"the body is not valid JSON: {name} is not a JSON number (send null for a missing value)")
+
+
+def load_json(body: bytes) -> Any:
+    """The body as JSON, bounded: NaN and Infinity (not JSON) are refused while parsing, and
+    nesting too deep for the parser or an integer beyond Python's digit limit is a 4xx, not
+    a crash. Numbers keep the C parser's speed: a hook per number cost a 256-row request
+    half its time; their ranges are checked with the row (check_numbers)."""
     if not body.strip():
         raise RequestError(400, "empty body: send a JSON object (one row) or an array of row objects")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the body is not valid JSON: {e}") from None
+        return json.loads(body, parse_constant=_no_constant)
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError(400, "the body is not valid JSON: it nests too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, Python's 4300-digit limit for int()
+        if "integer string conversion" not in str(e):
+            raise RequestError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
+        raise RequestError(422, f"an integer in the body is out of range for any column ({str(e)[:80]})") from None
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The body, read as a stream and stopped at `limit` bytes (413): a chunked body has no
+    Content-Length to check first."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
+        if int(declared) > limit:
+            raise RequestError(413, f"body of {declared} bytes; the limit is serve.max_body_bytes={limit}")
+    from starlette.requests import ClientDisconnect
+
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body of more than {limit} bytes; the limit is serve.max_body_bytes={limit}")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's problem: no answer reaches it, and the replica carries on
+        raise RequestError(400, "the client disconnected before the whole body arrived") from None
+    return b"".join(chunks)
+
+
+def model_inputs(model: Any, inner: Any) -> list[dict[str, Any]]:
+    """The inputs a loaded model checks rows against: a d2d model's own (the state its
+    preprocessing was fitted with); another pyfunc's from its signature."""
+    state = getattr(inner, "state", None)
+    if isinstance(state, dict) and "numeric" in state:
+        return input_spec(state)
+    declared = model.metadata.get_input_schema()
+    if declared is None:
+        raise ValueError("the model has no input signature; log it with one to serve it")
+    return [{"name": c.name, "type": str(getattr(c.type, "name", c.type)), "nullable": not c.required}
+            for c in declared.inputs]
+
+
+def model_id(inner: Any, id_column: str | None) -> dict[str, Any] | None:
+    """The id a request may carry: the one the model was trained with, and its type in the
+    data (a model fitted before ids were recorded: params' id column, of either type)."""
+    state = getattr(inner, "state", None)
+    if isinstance(state, dict) and "id" in state:
+        return state["id"]
+    return {"name": id_column, "type": None} if id_column else None
+
+
+def _check_id(rows: list[dict[str, Any]], id_spec: dict[str, Any]) -> None:
+    name, kind = id_spec["name"], id_spec.get("type")
+    accepts = {"long": (int,), "string": (str,)}.get(kind or "", (int, str))
+    for i, row in enumerate(rows):
+        value = row.get(name)
+        if name in row and (type(value) not in accepts or (type(value) is int and not -_INT64 <= value < _INT64)):
+            raise RequestError(422, f"row {i}: id column {name} must be {kind or 'an integer or a string'}, "
+                                    f"got {type(row[name]).__name__} {_short(row[name])}")
+    if kind is None and len({type(row[name]) for row in rows if name in row}) > 1:
+        raise RequestError(422, f"id column {name}: every row's id must have the same type")
+
+
+def parse_rows(body: bytes, spec: list[dict[str, Any]], id_spec: dict[str, Any] | None, max_rows: int) -> pd.DataFrame:
+    """The request body (a JSON row object, or an array of them) as a frame with exactly the
+    model's input columns, checked and typed, plus the id column when sent; RequestError otherwise."""
+    return frame_from_rows(predict_rows(load_json(body)), spec, id_spec, max_rows)
+
+
+def parse_invocation(body: bytes, spec: list[dict[str, Any]], id_spec: dict[str, Any] | None,
+                     max_rows: int) -> pd.DataFrame:
+    """An /invocations body (MLflow's scoring protocol) as parse_rows' frame, checked alike."""
+    return frame_from_rows(mlflow_rows(load_json(body)), spec, id_spec, max_rows)
+
+
+def predict_rows(data: Any) -> list[dict[str, Any]]:
+    """/predict's JSON: one row object, or an array of them."""
     rows = [data] if isinstance(data, dict) else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise RequestError(400, "expected a JSON object (one row) or an array of row objects")
+    return rows
+
+
+def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_spec: dict[str, Any] | None,
+                    max_rows: int) -> pd.DataFrame:
+    """Row objects (from /predict or any of /invocations' formats) as the frame the model
+    takes: each value's JSON type, then preprocess.check_rows, the check every way in shares."""
     if not rows:
         raise RequestError(400, "no rows: the array is empty")
     if len(rows) > max_rows:
         raise RequestError(413, f"{len(rows)} rows in one request; the limit is serve.max_rows={max_rows}")
-    names = [n for n, _ in columns]
+    names = [c["name"] for c in spec]
+    id_column = id_spec["name"] if id_spec else None
     allowed = set(names) | ({id_column} if id_column else set())
     for i, row in enumerate(rows):
         missing = [n for n in names if n not in row]
@@ -79,25 +175,80 @@ def parse_rows(body: bytes, columns: list[tuple[str, str]], id_column: str | Non
             raise RequestError(422, f"row {i}: missing column(s) {', '.join(missing[:5])}"
                                     + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         if extra:
-            raise RequestError(422, f"row {i}: unknown column(s) {', '.join(map(str, extra[:5]))}; the model takes "
-                                    f"{names[0]}..{names[-1]}" + (f" (and {id_column})" if id_column else ""))
-    # Plain Python checks and one typed array: for the small requests serving sees, this is
-    # an order of magnitude faster than building a frame and inferring each column's type.
+            shown = ", ".join(str(k)[:40] for k in extra[:5])
+            raise RequestError(422, f"row {i}: unknown column(s) {shown}; the model "
+                                    f"takes {names[0]}..{names[-1]}" + (f" (and {id_column})" if id_column else ""))
+    # Plain Python checks and typed arrays: for the small requests serving sees, this is an
+    # order of magnitude faster than building a frame and inferring each column's type.
     for i, row in enumerate(rows):
-        for name, kind in columns:
-            value = row[name]
-            if value is None:
-                raise RequestError(422, f"row {i}: column {name} is null")
-            if type(value) not in _ACCEPTS.get(kind, (type(value),)):
-                raise RequestError(422, f"row {i}: column {name} must be {kind}, got {type(value).__name__} {value!r}")
-    dtypes = {_NUMPY.get(kind, "object") for _, kind in columns}
-    if len(dtypes) == 1:
-        frame = pd.DataFrame(np.array([[row[n] for n in names] for row in rows], dtype=dtypes.pop()), columns=names)
-    else:
-        frame = pd.DataFrame({n: np.array([row[n] for row in rows], dtype=_NUMPY.get(k, "object")) for n, k in columns})
+        for c in spec:
+            value = row[c["name"]]
+            if value is not None and type(value) not in _ACCEPTS.get(c["type"], (type(value),)):
+                raise RequestError(422, f"row {i}: column {c['name']} must be {c['type']}, got "
+                                        f"{type(value).__name__} {_short(value)}")
+    if id_spec:
+        _check_id(rows, id_spec)
+    numeric = [n for n, c in zip(names, spec) if c["type"] in _NUMBERS]
+    try:
+        if len(numeric) == len(names):  # None becomes NaN: the check decides where a null may be
+            checked, errors = check_matrix(np.array([[row[n] for n in names] for row in rows], dtype="float64"), spec)
+        else:
+            frame = pd.DataFrame({n: np.array([row[n] for row in rows], dtype="float64" if n in numeric else "object")
+                                  for n in names})
+            checked, errors = check_rows(frame, spec)
+    except OverflowError:  # an integer beyond a double's range (up to Python's 4300 digits)
+        where = next(((i, n) for i, row in enumerate(rows) for n in numeric
+                      if type(row[n]) is int and abs(row[n]) > _DOUBLE_MAX), None)
+        if where is None:
+            raise RequestError(422, "a number is out of range for a double") from None
+        i, name = where
+        raise RequestError(422, f"row {i}: column {name}: a {len(str(abs(rows[i][name])))}-digit integer is out of "
+                                f"range for a double") from None
+    found = first_error(errors)
+    if found is not None:
+        raise RequestError(422, f"row {found[0]}: {found[1]}")
     if id_column and any(id_column in row for row in rows):
-        frame.insert(0, id_column, [row.get(id_column) for row in rows])
-    return frame
+        checked.insert(0, id_column, [row.get(id_column) for row in rows])
+    return checked
+
+
+def mlflow_rows(data: Any) -> list[dict[str, Any]]:
+    """MLflow's scoring protocol (what `mlflow models serve` takes at /invocations) as row
+    objects: exactly one of dataframe_split, dataframe_records, instances or inputs, and
+    optional params. Only the reshaping is done here; MLflow's own parser builds a frame with
+    pandas' inferred types, which loses what the checks need (a bool is not a 1, "7" not a 7)."""
+    from mlflow.pyfunc.scoring_server import (DF_RECORDS, DF_SPLIT, REQUIRED_INPUT_FORMAT, SERVING_PARAMS_KEY,
+                                              SUPPORTED_FORMATS)
+
+    if not isinstance(data, dict):
+        raise RequestError(400, f"{REQUIRED_INPUT_FORMAT}; got a JSON {type(data).__name__}")
+    formats = [k for k in data if k in SUPPORTED_FORMATS]
+    others = [k for k in data if k not in SUPPORTED_FORMATS and k != SERVING_PARAMS_KEY]
+    if len(formats) != 1 or others:
+        fields = ", ".join(_short(k) for k in data) or "none"
+        raise RequestError(400, f"{REQUIRED_INPUT_FORMAT}; got the field(s) {fields}")
+    key = formats[0]
+    payload = data[key]
+    if key == DF_SPLIT:
+        if not isinstance(payload, dict) or not isinstance(payload.get("columns"), list) \
+                or not isinstance(payload.get("data"), list):
+            raise RequestError(400, f"{DF_SPLIT} must be an object with a list of columns and a list of data rows")
+        columns = payload["columns"]
+        if not all(isinstance(c, str) for c in columns) or len(set(columns)) != len(columns):
+            raise RequestError(400, f"{DF_SPLIT}: columns must be distinct strings")
+        if not all(isinstance(r, list) and len(r) == len(columns) for r in payload["data"]):
+            raise RequestError(400, f"{DF_SPLIT}: every data row must be a list of {len(columns)} values, "
+                                    "one per column")
+        return [dict(zip(columns, r)) for r in payload["data"]]
+    if key != DF_RECORDS and isinstance(payload, dict):  # columnar: {"column": [values...]}
+        values = list(payload.values())
+        if not all(isinstance(v, list) for v in values) or len({len(v) for v in values}) > 1:
+            raise RequestError(400, f"{key}: a columnar input must map each column to a list, all of one length")
+        return [dict(zip(payload, r)) for r in zip(*values)]
+    if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
+        raise RequestError(400, f"{key} must be a list of row objects (column: value)"
+                                + ("" if key == DF_RECORDS else " or an object of columns"))
+    return payload
 
 
 def responses(out: pd.DataFrame, frame: pd.DataFrame, version: str, id_column: str | None) -> list[dict[str, Any]]:
@@ -123,25 +274,26 @@ def responses(out: pd.DataFrame, frame: pd.DataFrame, version: str, id_column: s
 class Loaded:
     version: str
     model: Any
-    columns: list[tuple[str, str]]
-    types: dict[str, Any]  # the numpy dtype each input column is cast to
+    inputs: list[dict[str, Any]]  # what parse_rows checks a request against (preprocess.input_spec)
+    id: dict[str, Any] | None  # the id a request may carry, and its type
     data_md5: str | None
     inner: Any  # the python model inside the pyfunc, or None
 
+    @property
+    def names(self) -> list[str]:
+        return [c["name"] for c in self.inputs]
+
     def predict(self, raw: pd.DataFrame) -> pd.DataFrame:
-        """Rows parse_rows already checked against this signature: the python model is called
-        directly, as MLflow's schema enforcement would repeat those checks (half the time of
-        a 1-row prediction)."""
+        """Rows parse_rows already checked: the python model is called directly, as MLflow's
+        schema enforcement would only repeat checks (half the time of a 1-row prediction). A
+        request checked against the version before a swap is checked again by this one's
+        preprocessing (check_rows), so a difference between their inputs is still caught."""
         if self.inner is None:
-            return self.model.predict(raw.astype(self.types))
-        # parse_rows built this signature's numpy types; a request checked against the version
-        # before a swap may carry the old one's, so cast only then (a full cast costs ~1 ms)
-        if any(raw.dtypes[name] != dtype for name, dtype in self.types.items()):
-            raw = raw.astype(self.types)
+            return self.model.predict(raw)
         return self.inner.predict(None, raw)
 
 
-def load_version(name: str, alias: str) -> Loaded:
+def load_version(name: str, alias: str, id_column: str | None = None) -> Loaded:
     """The version the alias points at now, loaded."""
     import mlflow
 
@@ -152,12 +304,12 @@ def load_version(name: str, alias: str) -> Loaded:
         raise LookupError(f"models:/{name}@{alias} does not exist")
     version, tags = found
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    types = {c.name: c.type.to_numpy() for c in model.metadata.get_input_schema().inputs}
     try:
         inner = model.unwrap_python_model()
     except Exception:  # a model of another flavor: MLflow's own predict path
         inner = None
-    return Loaded(version, model, input_columns(model), types, tags.get("d2d.data_md5"), inner)
+    return Loaded(version, model, model_inputs(model, inner), model_id(inner, id_column), tags.get("d2d.data_md5"),
+                  inner)
 
 
 def settings(params: Any, tracking_uri: str, root: Path) -> dict[str, Any]:
@@ -228,7 +380,7 @@ def build_app(settings: dict[str, Any]) -> Any:
 
             mlflow.set_tracking_uri(settings["tracking_uri"])
             self.name, self.alias = settings["model_name"], settings["alias"]
-            self.loaded = load_version(self.name, self.alias)
+            self.loaded = load_version(self.name, self.alias, settings["id_column"])
             self._score.set_max_batch_size(settings["max_batch_size"])
             self._score.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
             self.log = InferenceLog(Path(settings["log_dir"]), settings["log_flush_s"], settings["log_max_queued_rows"],
@@ -248,7 +400,7 @@ def build_app(settings: dict[str, Any]) -> Any:
                 try:
                     found = resolve_alias(self.name, self.alias)
                     if found is not None and found[0] != self.loaded.version:
-                        new = load_version(self.name, self.alias)
+                        new = load_version(self.name, self.alias, settings["id_column"])
                         old, self.loaded = self.loaded.version, new
                         logger.info("%s@%s moved: version %s → %s", self.name, self.alias, old, new.version)
                 except Exception as e:  # the registry unreachable: keep serving what is loaded
@@ -257,32 +409,69 @@ def build_app(settings: dict[str, Any]) -> Any:
         @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
         async def _score(self, frames: list[pd.DataFrame]) -> list[tuple[Loaded, pd.DataFrame]]:
             loaded = self.loaded  # the whole batch is answered by one version
-            names = [n for n, _ in loaded.columns]
+            names = loaded.names
             features = [f if list(f.columns) == names else f[names] for f in frames]
             raw = features[0] if len(features) == 1 else pd.concat(features, ignore_index=True)
             out = await asyncio.to_thread(loaded.predict, raw)
             bounds = [0, *pd.Series([len(f) for f in frames]).cumsum().tolist()]
             return [(loaded, out.iloc[a:b].reset_index(drop=True)) for a, b in zip(bounds, bounds[1:])]
 
+        async def _answer(self, request: Request, rows_of: Any) -> tuple[Loaded, pd.DataFrame, pd.DataFrame]:
+            """Read, check, score and log one request; `rows_of` turns its JSON into row objects.
+            Every refusal is a RequestError (4xx); the model's own ValueError (a version swapped
+            in meanwhile checks the rows again) is a 422 too."""
+            body = await read_body(request, settings["max_body_bytes"])
+            loaded = self.loaded
+            frame = frame_from_rows(rows_of(load_json(body)), loaded.inputs, loaded.id, settings["max_rows"])
+            try:
+                scored_by, out = await self._score(frame)
+            except ValueError as e:
+                raise RequestError(422, str(e)) from None
+            if self.log is not None:
+                self.log.add(frame, out, scored_by.version)
+            return scored_by, frame, out
+
+        async def _guarded(self, request: Request, rows_of: Any, answer: Any, error: Any) -> Any:
+            """A request problem is a 4xx naming it; anything else is logged and answered 500
+            as JSON, and the replica stays up for the next request."""
+            try:
+                return answer(*await self._answer(request, rows_of))
+            except RequestError as e:
+                return JSONResponse(error(str(e), e.status), status_code=e.status)
+            except Exception as e:  # a fault of the server, not of the request
+                logger.exception("scoring failed")
+                return JSONResponse(error(f"internal error: {type(e).__name__}", 500), status_code=500)
+
         @api.post("/predict")
         async def predict(self, request: Request) -> Any:
-            try:
-                declared = int(request.headers.get("content-length") or 0)
-                if declared > settings["max_body_bytes"]:
-                    raise RequestError(413, f"body of {declared} bytes; the limit is serve.max_body_bytes="
-                                            f"{settings['max_body_bytes']}")
-                body = await request.body()
-                if len(body) > settings["max_body_bytes"]:
-                    raise RequestError(413, f"body of {len(body)} bytes; the limit is serve.max_body_bytes="
-                                            f"{settings['max_body_bytes']}")
-                frame = parse_rows(body, self.loaded.columns, settings["id_column"], settings["max_rows"])
-            except RequestError as e:
-                return JSONResponse({"error": str(e)}, status_code=e.status)
-            loaded, out = await self._score(frame)
-            if self.log is not None:
-                self.log.add(frame, out, loaded.version)
-            return {"model_name": self.name, "model_version": loaded.version,
-                    "predictions": responses(out, frame, loaded.version, settings["id_column"])}
+            def answer(loaded: Loaded, frame: pd.DataFrame, out: pd.DataFrame) -> dict[str, Any]:
+                id_column = loaded.id["name"] if loaded.id else None
+                return {"model_name": self.name, "model_version": loaded.version,
+                        "predictions": responses(out, frame, loaded.version, id_column)}
+
+            return await self._guarded(request, predict_rows, answer, lambda message, status: {"error": message})
+
+        @api.post("/invocations")
+        async def invocations(self, request: Request) -> Any:
+            """MLflow's scoring protocol, as `mlflow models serve` answers it, with the same
+            checks, errors and inference log as /predict."""
+            from mlflow.pyfunc.scoring_server import CONTENT_TYPE_JSON, predictions_to_json
+
+            def answer(loaded: Loaded, frame: pd.DataFrame, out: pd.DataFrame) -> Response:
+                text = io.StringIO()
+                predictions_to_json(out, text)
+                return Response(text.getvalue(), media_type="application/json",
+                                headers={"X-Model-Version": loaded.version})
+
+            def error(message: str, status: int) -> dict[str, Any]:  # MLflow's error fields, and /predict's
+                code = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
+                return {"error_code": code, "message": message, "error": message}
+
+            kind = request.headers.get("content-type", CONTENT_TYPE_JSON).split(";")[0].strip()
+            if kind not in (CONTENT_TYPE_JSON, ""):  # MLflow's CSV and Parquet bodies are not taken here
+                message = f"Content-Type {kind[:60]} is not supported here; send {CONTENT_TYPE_JSON}"
+                return JSONResponse(error(message, 415), status_code=415)
+            return await self._guarded(request, mlflow_rows, answer, error)
 
         @api.get("/health")
         async def health(self) -> dict[str, Any]:

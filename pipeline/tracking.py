@@ -114,22 +114,39 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def input_colspec(column: Any) -> Any:
+    """A feature's entry in the logged signature. Declared from the schema, not inferred from
+    five example rows: a nullable column is optional even when the example has no nulls.
+
+    A number is declared `any`: MLflow's types cannot say "an integer that a reader may hand
+    over as an integral float". MLflow 3.17 refuses float64 for `long` (pandas reads an int
+    column with one null anywhere in the file as float64) and int64 for `double` (a Parquet
+    file or a file without nulls), so either declaration rejects one of the raw file's
+    ordinary readings before the model sees it. The model checks every value itself
+    (preprocess.check_rows: integral, finite, in range, null only where imputed) and names
+    the column; the types it checks are in the model's metadata (d2d_inputs). Text stays
+    `string`, which MLflow checks as it is.
+    """
+    from mlflow.types import ColSpec
+    from mlflow.types.schema import AnyType
+
+    required = not column.nullable
+    if column.numpy_dtype == "object" and column.dtype == "str":
+        return ColSpec("string", column.name, required=required)
+    return ColSpec(AnyType(), column.name, required=required)
+
+
 def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.DataFrame, schema: Schema) -> Any:
     """Export the network with torch.export and log it with its fitted preprocessing as a pyfunc."""
     import mlflow
     import torch
 
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec
     from mlflow.types import Schema as MlflowSchema
 
     raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
-    # Declared from the schema, not inferred from five example rows: a nullable column is
-    # optional even when the example happens to have no nulls in it.
-    mlflow_type = {"int64": "long", "float64": "double", "object": "string"}
-    signature = ModelSignature(inputs=MlflowSchema([
-        ColSpec(mlflow_type[f.numpy_dtype], f.name, required=not f.nullable) for f in schema.features
-    ]))
+    signature = ModelSignature(inputs=MlflowSchema([input_colspec(f) for f in schema.features]))
+    inputs = json.loads(preprocess_path.read_text()).get("inputs")
     batch = torch.export.Dim("batch")
     sample = torch.zeros((2, n_inputs), dtype=torch.float32)
     exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
@@ -148,6 +165,8 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
                 artifacts={"network": str(network), "preprocess": str(preprocess_path), "classes": str(classes)},
                 input_example=raw,
                 signature=signature,
+                # the types the model checks each number against (see input_colspec), for people and tools
+                metadata={"d2d_inputs": inputs} if inputs else None,
                 pip_requirements=[f"mlflow=={version('mlflow')}", "torch==2.13.0",
                                   f"pandas=={version('pandas')}", f"numpy=={version('numpy')}"],
             )

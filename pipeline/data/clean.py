@@ -164,7 +164,8 @@ def clean(valid: pd.DataFrame, schema: Schema, params: CleanParams) -> CleanResu
 def preprocess_spec(schema: Schema, clean: CleanParams, preprocess: PreprocessParams) -> dict[str, Any]:
     """What pipeline.preprocess.fit needs, from the schema and params (it cannot import them)."""
     def entry(f: Column) -> dict[str, Any]:
-        return {"name": f.name, "min": f.min, "max": f.max, "impute": imputation(f, clean.missing) if f.nullable else None}
+        return {"name": f.name, "min": f.min, "max": f.max, "dtype": f.dtype,
+                "impute": imputation(f, clean.missing) if f.nullable else None}
 
     return {
         "numeric": [entry(f) for f in schema.numeric],
@@ -173,4 +174,7 @@ def preprocess_spec(schema: Schema, clean: CleanParams, preprocess: PreprocessPa
         "fill_value": clean.missing.fill_value,
         "max_categories": preprocess.max_categories,
         "target": schema.target if schema.regression else None,
+        # the id's type in the data is recorded, for serving to check ids against; a derived
+        # row key is d2d's own, not something a client sends
+        "id": None if schema.derived_key else schema.id_column,
     }

@@ -163,3 +163,38 @@ def dvc_recorded_md5(path: Path) -> str | None:
         return None
     outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
     return outs[0].get("md5")
+
+
+def write_batches(batches: Any, path: Path) -> int:
+    """Frames, as they come, into one CSV or Parquet file in their order; returns the rows
+    written. The file is written under a unique temporary name beside `path` and renamed into
+    place at the end, so a crash leaves no partial output and memory holds one batch at a time.
+    Every batch is cast to the first one's column types (an all-null column in a later batch
+    does not change the file's schema)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, rows, writer = Path(name), 0, None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for batch in batches:
+                if path.suffix == ".parquet":
+                    table = pa.Table.from_pandas(batch, preserve_index=False,
+                                                 schema=writer.schema if writer is not None else None)
+                    writer = writer or pq.ParquetWriter(f, table.schema)
+                    writer.write_table(table)
+                else:
+                    f.write(batch.to_csv(index=False, header=rows == 0, lineterminator="\n").encode())
+                rows += len(batch)
+            if writer is not None:
+                writer.close()
+        if path.suffix == ".parquet" and writer is None:  # no batches: an empty file still has a schema
+            pq.write_table(pa.table({}), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows

@@ -94,14 +94,46 @@ NO_D2D = """
 import json, sys
 sys.modules["pipeline"] = sys.modules["flows"] = None  # any import of d2d's code now fails
 import mlflow, pandas as pd
-# the signature's types: pandas reads a column with a null anywhere in the file as float
-rows = pd.read_csv(sys.argv[1]).astype({f"pixel_{i}": "int64" for i in range(64)})
+# no cast: pandas reads a column with a null anywhere in the file as float, and the model takes it
+rows = pd.read_csv(sys.argv[1])
 out = mlflow.pyfunc.load_model("models:/d2d-digits@champion").predict(rows.drop(columns=["label"]))
 probs = out[[c for c in out.columns if c.startswith("prob_")]]
 print(json.dumps({"accuracy": float((out["label"].astype(str) == rows["label"].astype(str)).mean()),
                   "columns": list(out.columns), "prob_sums": probs.sum(axis=1).round(4).tolist(),
                   "d2d_loaded": any(m.startswith(("pipeline.", "flows.")) for m in sys.modules)}))
 """
+
+# The README's snippet, then what other readers make of the same raw file, in a process
+# without d2d. The snippet's own tracking URI line is left out: here the registry is a server.
+READERS = """
+import polars as pl, pyarrow.csv as pacsv
+raw = "data/raw/digits.csv"
+frames = {"dropna": pd.read_csv(raw).dropna(), "pyarrow": pacsv.read_csv(raw).to_pandas(),
+          "polars": pl.read_csv(raw, infer_schema_length=None).to_pandas()}
+pd.read_csv(raw).to_parquet("round_trip.parquet")
+frames["parquet"] = pd.read_parquet("round_trip.parquet")
+sizes = {name: len(model.predict(frame.dropna(subset=[c for c in frame if c.startswith("pixel_")])))
+         for name, frame in frames.items()}
+# a null where the model has no imputation, and a value that is not an integer: errors naming the column
+errors = []
+for bad in (pd.read_csv(raw).head(2).assign(pixel_3=[1.0, None]), pd.read_csv(raw).head(1).assign(pixel_4=2.7)):
+    try:
+        model.predict(bad)
+    except Exception as e:
+        errors.append(str(e))
+print(json.dumps({"snippet_rows": len(snippet), "sizes": sizes, "errors": errors,
+                  "d2d_loaded": any(m.startswith(("pipeline.", "flows.")) for m in sys.modules)}))
+"""
+
+
+def readme_snippet() -> str:
+    """The Python block of the README's "Loading the model" section, as a user copies it."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Loading the model"):].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'model.predict(pd.read_csv("data/raw/digits.csv").head(3))' in block
+    lines = [line for line in block.splitlines() if "set_tracking_uri" not in line]
+    lines[-1] = "snippet = " + lines[-1]  # keep what the last line returns
+    return "\n".join(lines)
 
 
 def test_the_champion_predicts_raw_rows_in_a_process_without_d2d(server, project, tmp_path):
@@ -121,6 +153,26 @@ def test_the_champion_predicts_raw_rows_in_a_process_without_d2d(server, project
     assert result["columns"][:2] == ["label", "probability"] and len(result["columns"]) == 12
     assert result["prob_sums"] == [1.0] * len(raw)
     assert result["accuracy"] == pytest.approx(io.read_json(project / "reports/metrics.json")["test_accuracy"], abs=1e-6)
+
+
+def test_the_readme_snippet_runs_on_the_raw_file_as_every_reader_reads_it(server, project):
+    """Exactly the README's lines on data/raw/digits.csv (where columns with a null anywhere
+    are float64), then its dropna() rows, a Parquet round trip, pyarrow's and polars' frames;
+    a refused null and a fractional value name their column."""
+    import pandas as pd
+
+    raw = pd.read_csv(project / "data/raw/digits.csv")
+    assert (raw.dtypes == "float64").any()  # the case the snippet failed on
+    script = "import json, sys\nsys.modules['pipeline'] = sys.modules['flows'] = None\n" + readme_snippet() + READERS
+    out = subprocess.run([sys.executable, "-I", "-c", script], cwd=project, capture_output=True, text=True,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": server["url"]}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["snippet_rows"] == 3 and not result["d2d_loaded"]
+    complete = len(raw.dropna(subset=[c for c in raw if c.startswith("pixel_")]))
+    assert result["sizes"] == {"dropna": len(raw.dropna()), "pyarrow": complete, "polars": complete, "parquet": complete}
+    assert "row 1: column pixel_3 is null" in result["errors"][0]
+    assert "row 0: column pixel_4: 2.7 is not an integer" in result["errors"][1]
 
 
 def test_a_retried_registration_does_not_add_a_version(server, project):

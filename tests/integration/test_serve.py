@@ -216,7 +216,7 @@ def test_batch_prediction_on_a_small_file(project, tmp_path):
     assert "scored 30 rows" in out.stdout and "1 rows could not be scored" in out.stdout
     scored = pd.read_parquet(tmp_path / "scored.parquet")
     assert scored["id"].tolist() == frame["id"].tolist()  # every row, in order
-    assert scored.loc[4, "error"].endswith("pixel_9") and pd.isna(scored.loc[4, "label"])
+    assert scored.loc[4, "error"] == "column pixel_9: 'smudge' is not a number" and pd.isna(scored.loc[4, "label"])
     good = [i for i in range(30) if i != 4]
     expected = champion_labels(project, [rows[i] for i in good], 1)
     assert scored.loc[good, "label"].tolist() == expected and set(scored["model_version"]) == {"1"}
@@ -236,3 +236,124 @@ def test_health_reports_the_inference_log_counters_and_the_open_server_says_so(p
     while "no bearer token" not in (project / "serve.log").read_text():  # serve.auth_token_env's variable is unset
         assert time.monotonic() < deadline, "the open server did not say so"
         time.sleep(0.2)
+
+
+# Issue 14, points 1, 3, 5 and 12: hostile bodies, the id's type, MLflow's scoring protocol,
+# and batch predict on the raw file's own values (the same check everywhere).
+
+def chunked(size: int):
+    """A body with no Content-Length (chunked transfer), `size` bytes of one JSON array."""
+    yield b"["
+    sent = 1
+    while sent < size:
+        yield b" " * 10_000
+        sent += 10_000
+    yield b"]"
+
+
+def test_hostile_bodies_get_200_or_a_4xx_and_the_replica_stays_up(project, server):
+    row = test_rows(project, 1)[0]
+    text = json.dumps(row)
+    cases = [
+        (b"[" * 100_000, 400, "nests too deeply"),
+        (b"{" * 60_000, 400, "not valid JSON"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": ' + "9" * 5000).encode(), 422,
+         "an integer in the body is out of range"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": 99999999999999999999999').encode(), 422,
+         "column pixel_3: 1e+23 is out of range for a long"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": NaN').encode(), 400, "NaN is not a JSON number"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": Infinity').encode(), 400, "Infinity"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": 1e308').encode(), 422, "out of range for a long"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": 2.5').encode(), 422, "column pixel_3: 2.5 is not an integer"),
+        (text.replace(f'"pixel_3": {row["pixel_3"]}', '"pixel_3": null').encode(), 422, "column pixel_3 is null"),
+        (json.dumps({**row, "id": "seven"}).encode(), 422, "id column id must be long, got str 'seven'"),
+        (json.dumps([{**row, "id": 7}, {**row, "id": "seven"}]).encode(), 422, "row 1: id column id must be long"),
+        (b"\xff\xfe\x00", 400, "not valid JSON"),
+        (json.dumps({**row, "pixel_3": float(row["pixel_3"])}).encode(), 200, None),  # a pandas reader's integral float
+    ]
+    for payload, status, words in cases:
+        sent = httpx.post(f"{server['url']}/predict", content=payload, timeout=60)
+        assert sent.status_code == status, (payload[:80], sent.text[:300])
+        if words:
+            assert words in sent.json()["error"], sent.text[:300]
+    # no Content-Length: the body is read as a stream and stopped at serve.max_body_bytes
+    over = httpx.post(f"{server['url']}/predict", content=chunked(400_000), timeout=60)
+    assert over.status_code == 413 and "serve.max_body_bytes=200000" in over.json()["error"], over.text[:300]
+    under = httpx.post(f"{server['url']}/predict", content=(c for c in [text.encode()]), timeout=60)
+    assert under.status_code == 200, under.text[:300]
+    assert httpx.get(f"{server['url']}/health", timeout=30).status_code == 200  # the replica is still up
+
+
+def test_mlflow_clients_score_through_invocations(project, server):
+    """Each of MLflow's formats, as MLflow's own client helpers send them, gets the same
+    predictions as /predict; a bad value gets /predict's error."""
+    from mlflow.deployments import PredictionsResponse
+    from mlflow.models import convert_input_example_to_serving_input
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+    from mlflow.utils.proto_json_utils import dump_input_data
+
+    rows = test_rows(project, 5)
+    frame = pd.DataFrame(rows).drop(columns="id")
+    expected = champion_labels(project, rows, 1)
+    port = int(server["url"].rsplit(":", 1)[1])
+    client = ScoringServerClient("127.0.0.1", port)
+    features = frame.to_dict("records")
+    bodies = {
+        "dataframe_split": convert_input_example_to_serving_input(frame),
+        "dataframe_records": json.dumps({"dataframe_records": features}),
+        "instances": dump_input_data(features, inputs_key="instances"),
+        "inputs": dump_input_data(features),
+        "inputs (columnar)": json.dumps({"inputs": frame.to_dict("list")}),
+    }
+    for name, body in bodies.items():
+        reply = httpx.post(f"{server['url']}/invocations", content=body, headers={"Content-Type": "application/json"},
+                           timeout=60)
+        assert reply.status_code == 200, (name, reply.text[:300])
+        predictions = PredictionsResponse.from_json(reply.text).get_predictions()
+        assert predictions["label"].tolist() == expected, name
+    assert client.invoke(frame).get_predictions()["label"].tolist() == expected  # MLflow's client, unchanged
+    assert client.invoke(frame.astype("float64")).get_predictions()["label"].tolist() == expected  # integral floats
+
+    bad = httpx.post(f"{server['url']}/invocations", json={"dataframe_records": [{**features[0], "pixel_3": 2.5}]},
+                     timeout=60)
+    assert bad.status_code == 422 and "column pixel_3: 2.5 is not an integer" in bad.json()["message"]
+    for payload in (b"[" * 100_000, b'{"inputs": [{"pixel_0": NaN}]}', b'{"dataframe_split": 3}', b"{}"):
+        refused = httpx.post(f"{server['url']}/invocations", content=payload, timeout=60)
+        assert 400 <= refused.status_code < 500 and refused.json()["error_code"] == "BAD_REQUEST", refused.text[:300]
+    csv = httpx.post(f"{server['url']}/invocations", content=frame.to_csv(index=False),
+                     headers={"Content-Type": "text/csv"}, timeout=60)
+    assert csv.status_code == 415
+    assert httpx.get(f"{server['url']}/health", timeout=30).status_code == 200
+
+
+def test_batch_predict_checks_each_row_alike_and_keeps_an_existing_output(project, tmp_path):
+    """The raw file's own readings of bad values fail only their rows, with the column named;
+    the others are scored in order; an existing output needs --force."""
+    rows = test_rows(project, 12)
+    lines = pd.DataFrame(rows).astype(object)
+    bad = {1: ("pixel_5", "inf"), 3: ("pixel_6", "1e308"), 5: ("pixel_7", "2.7"), 7: ("pixel_8", "")}
+    for i, (column, value) in bad.items():
+        lines.loc[i, column] = value
+    lines.loc[9, "pixel_10"] = "4.0"  # an integral float is the integer it writes
+    source = tmp_path / "raw.csv"
+    lines.to_csv(source, index=False)
+    output = tmp_path / "scored.csv"
+    output.write_text("precious\n")
+    refused = subprocess.run([str(BIN / "d2d"), "predict", "-i", str(source), "-o", str(output)], cwd=project,
+                             env=environment(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "exists; pass --force" in refused.stderr and output.read_text() == "precious\n"
+    done = subprocess.run([str(BIN / "d2d"), "predict", "-i", str(source), "-o", str(output), "--force",
+                           "--set", "serve.predict_batch_size=4"], cwd=project, env=environment(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "scored 12 rows" in done.stdout and "4 rows could not be scored" in done.stdout
+    scored = pd.read_csv(output, keep_default_na=False)
+    assert scored["id"].tolist() == [r["id"] for r in rows]  # every row, in input order, across batches
+    assert scored.loc[1, "error"] == "column pixel_5: 'inf' is not a finite number"
+    assert scored.loc[3, "error"].startswith("column pixel_6: '1e308' is out of range for a long")
+    assert scored.loc[5, "error"] == "column pixel_7: '2.7' is not an integer"
+    assert scored.loc[7, "error"] == "column pixel_8 is null and the model has no imputation for it"
+    good = [i for i in range(12) if i not in bad]
+    assert (scored.loc[good, "error"] == "").all() and (scored.loc[list(bad), "label"] == "").all()
+    assert scored.loc[good, "label"].astype(int).tolist() == champion_labels(project, [rows[i] for i in good], 1)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left

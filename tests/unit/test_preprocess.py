@@ -1,11 +1,19 @@
+import io
+
 import numpy as np
 import pandas as pd
+import polars as pl
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import preprocess
 
 SPEC = {
-    "numeric": [{"name": "a", "min": 0, "max": 10, "impute": "median"}, {"name": "b", "min": 0, "max": 4, "impute": None}],
+    "numeric": [{"name": "a", "min": 0, "max": 10, "impute": "median"},
+                {"name": "b", "min": 0, "max": 4, "impute": None, "dtype": "int"}],
     "categorical": [{"name": "c", "min": None, "max": None, "impute": "most_frequent"}],
     "scale": "standard",
     "fill_value": 0,
@@ -20,6 +28,9 @@ def test_fit_uses_train_statistics_only():
     assert state["numeric"]["center"] == pytest.approx([2.0, 2.0])
     assert state["categorical"][0] == {"name": "c", "fill": "x", "categories": ["x", "y"]}
     assert state["outputs"] == ["a", "b", "c=x", "c=y"]
+    assert state["inputs"] == [{"name": "a", "type": "double", "nullable": True},
+                               {"name": "b", "type": "long", "nullable": False},
+                               {"name": "c", "type": "string", "nullable": True}]
 
 
 def test_transform_imputes_scales_and_encodes():
@@ -36,8 +47,8 @@ def test_transform_imputes_scales_and_encodes():
     "rows, message",
     [
         (pd.DataFrame({"a": [1.0], "c": ["x"]}), "lacks feature column"),
-        (pd.DataFrame({"a": [1.0], "b": [np.nan], "c": ["x"]}), "null value in column b"),
-        (pd.DataFrame({"a": ["ten"], "b": [1], "c": ["x"]}), "column a holds a value that is not a number"),
+        (pd.DataFrame({"a": [1.0], "b": [np.nan], "c": ["x"]}), "row 0: column b is null"),
+        (pd.DataFrame({"a": ["ten"], "b": [1], "c": ["x"]}), "row 0: column a: 'ten' is not a number"),
     ],
 )
 def test_transform_rejects_bad_rows(rows, message):
@@ -61,3 +72,135 @@ def test_int_categories_with_nulls_match_their_ints():
     state = preprocess.fit(pd.DataFrame({"c": [1.0, 2.0, np.nan, 1.0]}), spec)
     assert state["categorical"][0]["categories"] == ["1", "2"]
     assert preprocess.transform(pd.DataFrame({"c": [2, 1]}), state).tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+# What ordinary readers make of one raw CSV where the int column b has a null in another row
+# (pandas: float64; polars: float64 or Arrow int64; pyarrow: int64 with nulls).
+RAW_CSV = b"id,a,b,c\n1,1.5,2,x\n2,,4,y\n3,2.5,,x\n"
+
+
+def readers() -> dict[str, pd.DataFrame]:
+    table = pacsv.read_csv(io.BytesIO(RAW_CSV))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return {
+        "pandas": pd.read_csv(io.BytesIO(RAW_CSV)),
+        "pyarrow": table.to_pandas(),
+        "pyarrow-dtypes": table.to_pandas(types_mapper=pd.ArrowDtype),
+        "polars": pl.read_csv(io.BytesIO(RAW_CSV)).to_pandas(),
+        "polars-arrow": pl.read_csv(io.BytesIO(RAW_CSV)).to_pandas(use_pyarrow_extension_array=True),
+        "parquet": pd.read_parquet(io.BytesIO(buffer.getvalue())),
+        "nullable-ints": pd.read_csv(io.BytesIO(RAW_CSV), dtype_backend="numpy_nullable"),
+    }
+
+
+@pytest.mark.parametrize("reader", list(readers()))
+def test_every_reader_s_frame_of_the_raw_file_is_checked_alike(reader):
+    """Integral floats and Arrow ints pass for the int column; a null where b has no imputation
+    is refused for that row only, naming the column."""
+    state = preprocess.fit(TRAIN, SPEC)
+    frame = readers()[reader]
+    checked, errors = preprocess.check_rows(frame, preprocess.input_spec(state))
+    assert list(errors) == ["", "", "column b is null and the model has no imputation for it"]
+    assert checked.index.tolist() == [0, 1] and checked["b"].dtype == np.int64 and checked["b"].tolist() == [2, 4]
+    assert preprocess.transform(frame.iloc[:2], state).shape == (2, 4)
+
+
+@pytest.mark.parametrize("value, words", [
+    (2.7, "column b: 2.7 is not an integer"),
+    (np.inf, "column b: inf is not a finite number"),
+    (-np.inf, "column b: -inf is not a finite number"),
+    (1e308, "column b: 1e+308 is out of range for a long"),
+    (2.0**63, "out of range for a long"),
+    ("inf", "column b: 'inf' is not a finite number"),
+    ("seven", "column b: 'seven' is not a number"),
+    (True, "column b: True is not a number"),
+    (None, "column b is null"),
+])
+def test_a_bad_value_fails_its_row_only_and_names_the_column(value, words):
+    state = preprocess.fit(TRAIN, SPEC)
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": pd.Series([1, value], dtype=object), "c": ["x", "y"]})
+    checked, errors = preprocess.check_rows(frame, preprocess.input_spec(state))
+    assert errors[0] == "" and words in errors[1], errors
+    assert checked.index.tolist() == [0]
+    with pytest.raises(ValueError, match="row 1: column b"):
+        preprocess.transform(frame, state)
+
+
+def test_a_double_column_refuses_infinity_and_what_overflows_the_network_s_float32_input():
+    state = preprocess.fit(TRAIN, SPEC)
+    frame = pd.DataFrame({"a": [1e30, np.inf, -1.5, 1e308], "b": [1, 2, 3, 4], "c": ["x", "y", "x", "y"]})
+    checked, errors = preprocess.check_rows(frame, preprocess.input_spec(state))
+    assert list(errors[:3]) == ["", "column a: inf is not a finite number", ""] and checked.index.tolist() == [0, 2]
+    assert errors[3] == "column a: 1e+308 is out of range for the model (its scaled value overflows a 32-bit float)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), st.floats(allow_nan=True), st.integers(), st.text(max_size=5),
+                                    st.booleans()),
+                          st.one_of(st.none(), st.floats(allow_nan=True), st.integers(), st.text(max_size=5),
+                                    st.booleans())), min_size=1, max_size=8))
+def test_hostile_values_give_a_checked_row_or_a_message_never_an_exception(pairs):
+    """Any mix of values: every row either passes (and the model can take it) or has an
+    error naming a column; the check itself never raises."""
+    state = preprocess.fit(TRAIN, SPEC)
+    frame = pd.DataFrame({"a": pd.Series([p[0] for p in pairs], dtype=object),
+                          "b": pd.Series([p[1] for p in pairs], dtype=object), "c": "x"})
+    checked, errors = preprocess.check_rows(frame, preprocess.input_spec(state))
+    assert len(errors) == len(pairs) and len(checked) == int((errors == "").sum())
+    assert all(e == "" or e.startswith(("column a", "column b")) for e in errors)
+    if len(checked):
+        assert np.isfinite(preprocess.transform(checked, state)).all()
+
+
+def test_the_logged_signature_lets_every_reader_s_numbers_reach_the_model_s_own_check():
+    """MLflow's enforcement refuses float64 for `long` and int64 for `double`; the signature
+    declares numbers `any` so both readings reach check_rows, and text stays `string`."""
+    from mlflow.models.utils import validate_schema
+    from mlflow.types import ColSpec
+    from mlflow.types import Schema as MlflowSchema
+
+    from pipeline.data.schema import Column
+    from pipeline.tracking import input_colspec
+
+    columns = [Column("b", "numeric", "int"), Column("a", "numeric", "float", nullable=True),
+               Column("c", "categorical", "str", nullable=True), Column("k", "categorical", "int")]
+    schema = MlflowSchema([input_colspec(c) for c in columns])
+    assert [c.to_dict()["type"] for c in schema.inputs] == ["any", "any", "string", "any"]
+    assert [c.required for c in schema.inputs] == [True, False, False, True]
+    for frame in readers().values():
+        validate_schema(frame.assign(k=1), schema)  # raises on a refused column
+    with pytest.raises(Exception, match="Can not safely convert float64 to int64"):  # what `long` did
+        validate_schema(readers()["pandas"], MlflowSchema([ColSpec("long", "b")]))
+
+
+def test_batches_are_written_in_order_with_one_schema_and_no_temporary_file(tmp_path):
+    from pipeline.data.io import write_batches
+
+    batches = [pd.DataFrame({"id": [1, 2], "label": pd.array([3, 4], dtype="Int64"), "error": ["", ""]}),
+               pd.DataFrame({"id": [3], "label": pd.array([None], dtype="Int64"), "error": ["column b is null"]})]
+    for name in ("out.parquet", "out.csv"):
+        assert write_batches(iter(batches), tmp_path / name) == 3
+        back = pd.read_parquet(tmp_path / name) if name.endswith("parquet") else pd.read_csv(tmp_path / name)
+        assert back["id"].tolist() == [1, 2, 3] and back["label"].isna().tolist() == [False, False, True]
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("a worker died")
+
+    with pytest.raises(RuntimeError):
+        write_batches(failing(), tmp_path / "half.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "out.parquet"]  # nothing half-written
+
+
+def test_an_existing_output_needs_force(tmp_path):
+    from pipeline.errors import D2DError
+    from pipeline.predict import check_output
+
+    (tmp_path / "scored.csv").write_text("kept\n")
+    with pytest.raises(D2DError, match="exists; pass --force"):
+        check_output(tmp_path / "scored.csv", force=False)
+    check_output(tmp_path / "scored.csv", force=True)
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(D2DError, match="is a folder"):
+        check_output(tmp_path / "d.csv", force=True)
