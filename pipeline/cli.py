@@ -157,7 +157,7 @@ def _port_free(host: str, port: int) -> None:
 @app.command()
 def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Serve the registry's champion over HTTP with Ray Serve (POST /predict, GET /health,
-    GET /metadata); follows the alias when it moves. Ctrl-C stops."""
+    GET /metadata, and MLflow's POST /invocations); follows the alias when it moves. Ctrl-C stops."""
     from pipeline import registry, tracking
     from pipeline.config import load_params
     from pipeline.serve import build_app, settings
@@ -180,7 +180,7 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
         ray_serve.run(build_app(settings(cfg, uri, root)), name="d2d", route_prefix="/",
                       logging_config={"enable_access_log": False})
         console.print(f"serving {name}@{alias} on http://{cfg.serve.host}:{cfg.serve.port} "
-                      f"(POST /predict, GET /health, GET /metadata); Ctrl-C stops")
+                      f"(POST /predict, POST /invocations, GET /health, GET /metadata); Ctrl-C stops")
         def stop(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt  # SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C
 
