@@ -139,7 +139,12 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
             done = _complete(md5, entry, ledger, params, project, mode)
             if done is None:  # nothing was appended: the batch is read again below, as new
                 continue
-            retrains += _retrain(done, params, params_file, overrides, project, mode)
+            retrains += _retrain(md5, done, ledger, params, params_file, overrides, project, mode)
+            outcomes.append(done)
+        for md5, entry in monitor.retrains_pending(ledger):  # a retrain a killed or refused run never finished
+            logger.warning("%s: the retrain decided by a previous run did not finish; running it now", entry["file"])
+            done = {"batch": entry["file"], "action": entry["action"], "retrain": True, "reasons": entry["reasons"]}
+            retrains += _retrain(md5, done, ledger, params, params_file, overrides, project, mode)
             outcomes.append(done)
         pending = monitor.pending_batches(params, project, ledger)
         logger.info("%d new batch(es) in %s", len(pending), params.monitor.inbox)
@@ -186,7 +191,7 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
             ledger["batches"][batch.md5] = entry
             monitor.write_ledger(ledger, params, project)
             done = _complete(batch.md5, entry, ledger, params, project, mode)
-            retrains += _retrain(done, params, params_file, overrides, project, mode)
+            retrains += _retrain(batch.md5, done, ledger, params, params_file, overrides, project, mode)
             if done["retrain"] and mode == "flow":
                 reference = _with_retries(load_reference, params)(params, project)  # the next batch meets the new champion
             outcomes.append(done)
@@ -219,16 +224,19 @@ def _complete(md5: str, entry: dict[str, Any], ledger: dict[str, Any], params: P
     warnings = monitor.push_warnings(entry.get("appended"), intent)
     for warning in warnings:
         logger.warning("%s: %s", entry["file"], warning)
-    entry |= {"state": monitor.COMPLETE, "warnings": warnings}
-    # recorded before the retrain runs: a failed retrain must not make the batch count twice
+    entry |= {"state": monitor.COMPLETE, "warnings": warnings,
+              **({"retrain_state": monitor.PENDING} if entry["retrain"] and mode == "flow" else {})}
+    # recorded before the retrain runs: a failed retrain must not make the batch count twice,
+    # and its retrain_state (pending until the training flow returns) makes the next run retry it
     monitor.write_ledger(ledger, params, project)
     return {"batch": entry["file"], **decision, "warnings": warnings}
 
 
-def _retrain(done: dict[str, Any], params: Params, params_file: Path, overrides: list[str] | None, project: Path,
-             mode: str) -> int:
+def _retrain(md5: str, done: dict[str, Any], ledger: dict[str, Any], params: Params, params_file: Path,
+             overrides: list[str] | None, project: Path, mode: str) -> int:
     """Run the retrain a completed batch decided on (in this process in `flow` mode; the
-    deployment's trigger runs it in `event` mode). Returns how many retrains it counts."""
+    deployment's trigger runs it in `event` mode). Returns how many retrains it counts. In flow
+    mode the entry's retrain_state turns `done` only once the training flow has returned."""
     if not done["retrain"]:
         return 0
     logger = get_run_logger()
@@ -236,6 +244,8 @@ def _retrain(done: dict[str, Any], params: Params, params_file: Path, overrides:
         logger.info("%s: retraining on the new data version", done["batch"])
         trained = training_flow(params_path=str(params_file), overrides=overrides, root=str(project))
         done["register"] = trained["register"]
+        ledger["batches"][md5]["retrain_state"] = "done"
+        monitor.write_ledger(ledger, params, project)
     else:
         logger.info("%s: %s emitted; the training deployment's trigger runs the retrain", done["batch"], EVENT)
     return 1

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from pipeline import drift, lock, registry
 from pipeline.config import Params
@@ -68,10 +68,32 @@ def _aware(value: str) -> str:
     return value
 
 
+class _Append(BaseModel):
+    """The intent of an append: what a later run needs to finish it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    staged: str
+    md5_before: str
+    md5_after: str
+
+
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     file: str
     state: Literal["pending", "complete"] = COMPLETE  # ledgers before write-ahead had only complete entries
+    action: str | None = None
+    retrain: bool | None = None
+    reasons: list[str] | None = None
+    append: _Append | None = None
+    # flow mode: "pending" from the decision until the training flow returns, so a retrain
+    # that was killed or refused (another run held the lock) is run by the next monitor run
+    retrain_state: Literal["pending", "done"] | None = None
+
+    @model_validator(mode="after")
+    def _resumable(self) -> _Entry:
+        if self.state == PENDING and (self.action is None or self.retrain is None or self.reasons is None):
+            raise ValueError("a pending entry needs its action, retrain and reasons to be finished")
+        return self
 
 
 class _Retrain(BaseModel):
@@ -113,6 +135,8 @@ def read_ledger(params: Params, root: Path) -> dict[str, Any]:
         problem = f"{'.'.join(str(p) for p in first['loc']) or 'the whole file'}: {first['msg']}"
     except (ValueError, UnicodeDecodeError) as e:  # not JSON: truncated, binary, empty
         problem = f"not valid JSON ({str(e).splitlines()[0][:120]})"
+    except RecursionError:  # nesting deeper than the parser goes
+        problem = "not valid JSON (nested too deeply)"
     aside = path.with_name(f"{LEDGER}.corrupt-{utc_now():%Y%m%dT%H%M%S%fZ}")
     os.replace(path, aside)
     raise D2DError(f"the monitor's ledger {path} is corrupt ({problem}); it was moved to {aside.name}; "
@@ -161,6 +185,8 @@ def refusal(path: Path, inbox: Path) -> str:
         return f"{path.name} resolves outside the inbox ({path.resolve()})"
     if not stat.S_ISREG(mode):
         return f"{path.name} is not a regular file; the monitor reads only regular files in the inbox"
+    if path.lstat().st_nlink > 1:  # a hard link is another name for a file that may live anywhere
+        return f"{path.name} has other hard links; copy the batch into the inbox instead of linking it"
     return ""
 
 
@@ -411,6 +437,13 @@ def discard_stale_stages(ledger: dict[str, Any], params: Params, root: Path) -> 
 def unfinished(ledger: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """Batches whose append a killed run recorded as intended but did not complete."""
     return [(md5, e) for md5, e in ledger["batches"].items() if e.get("state") == PENDING]
+
+
+def retrains_pending(ledger: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Completed batches whose in-process retrain was decided but never finished (killed, or
+    refused because another training run held the project's lock)."""
+    return [(md5, e) for md5, e in ledger["batches"].items()
+            if e.get("state") == COMPLETE and e.get("retrain_state") == PENDING]
 
 
 def push_warnings(appended: dict[str, Any] | None, intent: dict[str, Any] | None) -> list[str]:

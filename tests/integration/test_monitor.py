@@ -286,3 +286,29 @@ def test_a_monitor_killed_right_after_the_append_finishes_the_batch_exactly_once
     third = d2d_monitor(project, *sets)
     assert third.returncode == 0 and "no new batches" in third.stdout
     assert io.file_md5(project / RAW) == raw_md5 and io.read_json(project / "data/monitor-kill/ledger.json") == ledger
+
+
+def test_a_retrain_that_could_not_run_stays_pending_and_the_next_monitor_runs_it(project):
+    """A retrain decided while another training run holds the project's lock fails loudly and
+    stays `pending` in the ledger (it used to be recorded as done and lost); the next monitor
+    run trains it, once."""
+    from flows.training import RUN_LOCK
+    from pipeline import lock
+
+    batches(project, "data/inbox-busy", "thicken", 0.8, range(40, 41))
+    sets = ["monitor.inbox=data/inbox-busy", "monitor.state=data/monitor-busy", "monitor.cooldown_hours=0"]
+    before = len(versions(project))
+    with lock.exclusive(project / RUN_LOCK, "a test's training run"):
+        with pytest.raises(Exception, match="training run is already in progress"):
+            monitor(project, *sets)
+    [entry] = io.read_json(project / "data/monitor-busy/ledger.json")["batches"].values()
+    assert (entry["state"], entry["action"], entry["retrain_state"]) == ("complete", "retrain", "pending")
+    assert len(versions(project)) == before
+
+    resumed = monitor(project, *sets)
+    assert resumed["retrains"] == 1
+    [entry] = io.read_json(project / "data/monitor-busy/ledger.json")["batches"].values()
+    assert entry["retrain_state"] == "done" and len(versions(project)) == before + 1
+
+    again = monitor(project, *sets)
+    assert again["retrains"] == 0 and len(versions(project)) == before + 1

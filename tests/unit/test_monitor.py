@@ -216,9 +216,11 @@ def test_links_and_other_non_files_in_the_inbox_are_refused_unread(project, tiny
     (inbox / "batch.csv").symlink_to(outside)  # a real batch, but through a link
     (inbox / "dangling.parquet").symlink_to(root / "nothing-here.parquet")
     os.mkfifo(inbox / "pipe.csv")  # reading it would block the monitor forever
+    os.link(secret, inbox / "hard.csv")  # another name for the secret, not a symbolic link
     io.write_csv(make_frame(tiny_schema, 10), inbox / "fine.csv")
     pending = {b.name: b for b in monitor.pending_batches(params, root, monitor.read_ledger(params, root))}
-    assert set(pending) == {"passwd.csv", "batch.csv", "dangling.parquet", "pipe.csv", "fine.csv"}
+    assert set(pending) == {"passwd.csv", "batch.csv", "dangling.parquet", "pipe.csv", "hard.csv", "fine.csv"}
+    assert "other hard links" in pending["hard.csv"].refused
     assert not pending["fine.csv"].refused
     for name in ("passwd.csv", "batch.csv", "dangling.parquet"):
         assert "symbolic link" in pending[name].refused and name in pending[name].refused
@@ -283,6 +285,12 @@ def _umask() -> int:
     (b'{"batches": {}, "retrains": [{"at": "yesterday"}]}', "retrains.0.at"),
     (b'{"batches": {}, "retrains": [{"at": "2026-11-23T12:00:00"}]}', "time zone"),
     (b'{"batches": {}, "retrains": [], "log_parts": [1]}', "log_parts.0"),
+    # a pending entry the next run could not finish (these gave a KeyError, exit 1)
+    (b'{"batches": {"abc": {"file": "a.csv", "state": "pending"}}, "retrains": []}', "needs its action"),
+    (b'{"batches": {"abc": {"file": "a.csv", "state": "pending", "action": "retrain", "retrain": true, '
+     b'"reasons": [], "append": {}}}, "retrains": []}', "batches.abc.append.staged"),
+    (b'{"batches": {"abc": {"file": "a.csv", "retrain_state": "maybe"}}, "retrains": []}', "retrain_state"),
+    (b"[" * 100_000, "nested too deeply"),  # a RecursionError, not a traceback
 ])
 def test_a_corrupt_ledger_is_set_aside_and_the_run_stops(project, content, problem):
     params, root = project
