@@ -9,7 +9,12 @@ Every decision is written to the version's tags with its reasons.
 from __future__ import annotations
 
 import getpass
+import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
@@ -19,6 +24,71 @@ from pipeline.data.schema import Schema
 from pipeline.errors import D2DError, ServiceError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+LOCK_SUFFIX = ".d2d-gate-lock"  # the sentinel model that is the gate's lock (see gate_lock)
+LOCK_STALE_S = 900.0  # a lock older than this was left by a crashed gate and may be broken
+HOLD_DRILL = "D2D_GATE_HOLD_S"  # a test drill: hold the lock this long after deciding, to force an overlap
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def gate_lock(client: Any, name: str, wait_s: float = 1800.0) -> Iterator[None]:
+    """One gate decision at a time per registered model, across processes and machines.
+    MLflow has no compare-and-set on an alias, but creating a registered model is atomic (its
+    name is unique in the registry's database), so a sentinel model `<name>.d2d-gate-lock` is
+    the lock: whoever creates it decides, the others wait, and it is deleted afterwards. A
+    lock left by a crash is broken after LOCK_STALE_S."""
+    from mlflow.exceptions import MlflowException
+
+    sentinel, said = f"{name}{LOCK_SUFFIX}", False
+    deadline = time.monotonic() + wait_s
+    while True:
+        stamp = f"{time.time():.6f}"
+        try:
+            client.create_registered_model(sentinel, tags={"d2d.lock_acquired_at": stamp,
+                                                          "d2d.lock_holder": f"{socket.gethostname()}:{os.getpid()}"},
+                                           description=f"d2d's promotion-gate lock for {name}; deleted when the gate has decided")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        held = _lock_tags(client, sentinel)
+        if held is not None and time.time() - float(held.get("d2d.lock_acquired_at", "0") or 0) > LOCK_STALE_S:
+            logger.warning("breaking %s's gate lock, left by %s more than %.0f s ago", name, held.get("d2d.lock_holder"), LOCK_STALE_S)
+            _unlock(client, sentinel)
+            continue
+        if not said and held is not None:
+            logger.warning("waiting for %s's promotion gate, held by %s", name, held.get("d2d.lock_holder"))
+            said = True
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{name}'s promotion gate stayed locked for {wait_s:.0f} s ({sentinel} exists); "
+                               "if no gate is running, delete that registered model and run register again")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        _unlock(client, sentinel)
+
+
+def _lock_tags(client: Any, sentinel: str) -> dict[str, str] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_registered_model(sentinel).tags)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # released meanwhile
+            return None
+        raise
+
+
+def _unlock(client: Any, sentinel: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_registered_model(sentinel)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def gate_metric(task: str, params: RegisterParams) -> tuple[str, str, float]:
@@ -189,38 +259,27 @@ def register_and_gate(
         if key in metrics:
             client.set_model_version_tag(name, version, f"d2d.{key}", f"{float(metrics[key]):.6f}")
 
-    # Compare-and-set, as far as MLflow allows (it has no atomic alias swap): if another run
-    # moved the alias while this one was scoring, decide again against the new champion; the
-    # last check is the call right before the alias moves, and a promotion that lands in that
-    # window anyway is detected afterwards and recorded as superseded.
-    for _ in range(3):
+    # The decision and the alias move happen under the gate's lock, so a challenger is always
+    # compared with the champion it would replace, even when two registrations race.
+    with gate_lock(client, name):
         champ = current_champion(client, name)
         if champ is not None and champ.version == version:  # a retry after this version was promoted
             return _decision(name, version, True, version, ["already champion (a retried registration)"], None)
         compared = None if champ is None else _rescore(f"models:/{name}/{champ.version}", champ.version, test, schema)
         promote, reasons = promotion_decision(metrics, params, compared, task)
-        latest = current_champion(client, name)
-        if (latest and latest.version) == (champ and champ.version):
-            break
-    else:
-        raise ServiceError(f"the champion of {name} kept changing while version {version} was being gated; run register again")
-    previous = champ.version if champ is not None else None
-    tags = {"d2d.decision": "promoted" if promote else "rejected", "d2d.promotion": "; ".join(reasons),
-            "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if compared is not None and "metrics" in compared:
-        tags["d2d.compared_with"] = f"version {compared['version']}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in compared["metrics"].items())
-    if promote:
-        _set_champion(client, name, version, previous, tags)
-        winner = current_champion(client, name)
-        if winner is not None and winner.version != version:  # a concurrent promotion landed after ours
-            reasons.append(f"superseded at once by version {winner.version}, promoted concurrently")
-            client.set_model_version_tag(name, version, "d2d.decision", "superseded")
-            client.set_model_version_tag(name, version, "d2d.promotion", "; ".join(reasons))
-            return _decision(name, version, False, winner.version, reasons, compared)
-    else:
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
+        previous = champ.version if champ is not None else None
+        tags = {"d2d.decision": "promoted" if promote else "rejected", "d2d.promotion": "; ".join(reasons),
+                "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if compared is not None and "metrics" in compared:
+            tags["d2d.compared_with"] = f"version {compared['version']}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in compared["metrics"].items())
+        if promote:
+            _set_champion(client, name, version, previous, tags)
+        else:
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
+        if os.environ.get(HOLD_DRILL):
+            time.sleep(float(os.environ[HOLD_DRILL]))
     return _decision(name, version, promote, version if promote else previous, reasons, compared)
 
 
@@ -242,11 +301,12 @@ def promote(name: str, version: str, reason: str) -> dict[str, Any]:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise D2DError(f"{name} has no version {version}") from None
-    champ = current_champion(client, name)
-    previous = champ.version if champ is not None else None
-    _set_champion(client, name, version, previous, {
-        "d2d.decision": "promoted by hand", "d2d.promoted_by": getpass.getuser(), "d2d.promotion": reason,
-        "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    with gate_lock(client, name):  # not in the middle of a gate's decision
+        champ = current_champion(client, name)
+        previous = champ.version if champ is not None else None
+        _set_champion(client, name, version, previous, {
+            "d2d.decision": "promoted by hand", "d2d.promoted_by": getpass.getuser(), "d2d.promotion": reason,
+            "d2d.decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return {"model_name": name, "champion": version, "previous": previous}
 
 

@@ -253,9 +253,13 @@ def test_an_unreachable_server_fails_with_one_line_after_retries(tmp_path):
 def test_two_gated_registrations_at_once_leave_one_champion_chosen_by_the_gate(server, project, tmp_path):
     """Two evaluated candidates (two MLflow runs) registered by two `d2d stage register`
     processes started together. The gate is opened wide (any accuracy, any tolerance) so that
-    both pass it and both try to move the alias: the compare-and-set must leave exactly one
-    champion, and both versions carry the decision that was made on them."""
+    both pass it, and the first to take the gate's lock holds it for a while after deciding
+    (the D2D_GATE_HOLD_S drill), so the two really overlap: the second must wait, then be gated
+    against the first. Exactly one champion, both decisions recorded, and the last promotion
+    names the version it replaced (so `d2d rollback` goes back through both)."""
     from mlflow import MlflowClient
+
+    from pipeline.registry import HOLD_DRILL, LOCK_SUFFIX
 
     wide = ["register.min_test_accuracy=0", "register.tolerance=1"]
     roots = [project, tmp_path / "second"]
@@ -265,14 +269,20 @@ def test_two_gated_registrations_at_once_leave_one_champion_chosen_by_the_gate(s
     assert runs[0] != runs[1]
     client = MlflowClient(server["url"])
     before = {v.version for v in client.search_model_versions(f"name = '{NAME}'")}
+    old_champion = next(v.version for v in client.search_model_versions(f"name = '{NAME}'")
+                        if "champion" in client.get_model_version(NAME, v.version).aliases)
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           HOLD_DRILL: "20"}
     procs = [subprocess.Popen([str(bin_dir / "d2d"), "stage", "register", *[a for s in FAST + wide for a in ("--set", s)]],
                               cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for root in roots]
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
+        errs.append(err)
+    assert sum(f"waiting for {NAME}'s promotion gate" in e for e in errs) == 1, errs  # they did overlap
 
     decisions = [io.read_json(root / "reports/register.json") for root in roots]
     new = {str(d["version"]) for d in decisions}
@@ -280,15 +290,12 @@ def test_two_gated_registrations_at_once_leave_one_champion_chosen_by_the_gate(s
     holders = [v.version for v in client.search_model_versions(f"name = '{NAME}'")
                if "champion" in client.get_model_version(NAME, v.version).aliases]
     assert len(holders) == 1 and holders[0] in new  # exactly one champion, and one the gate passed
-    champion = client.get_model_version(NAME, holders[0])
-    assert champion.tags["d2d.decision"] == "promoted" and "meets register.min_test_accuracy=0" in champion.tags["d2d.promotion"]
-    [other] = new - {holders[0]}
-    loser = client.get_model_version(NAME, other)
-    # the other either lost the race (superseded, naming the winner) or was promoted first and
-    # then replaced by the winner, which records it as the champion it replaced
-    if loser.tags["d2d.decision"] == "superseded":
-        assert f"superseded at once by version {holders[0]}" in loser.tags["d2d.promotion"]
-        assert not next(d for d in decisions if str(d["version"]) == other)["promoted"]
-    else:
-        assert loser.tags["d2d.decision"] == "promoted" and champion.tags["d2d.previous_champion"] == other
+    [first] = new - {holders[0]}
+    champion, earlier = client.get_model_version(NAME, holders[0]), client.get_model_version(NAME, first)
+    # serialised by the lock: the first was gated against the old champion, the second against the first
+    assert earlier.tags["d2d.decision"] == champion.tags["d2d.decision"] == "promoted"
+    assert earlier.tags["d2d.compared_with"].startswith(f"version {old_champion}:")
+    assert champion.tags["d2d.compared_with"].startswith(f"version {first}:")
+    assert earlier.tags["d2d.previous_champion"] == old_champion and champion.tags["d2d.previous_champion"] == first
     assert all(client.get_model_version(NAME, v).tags.get("d2d.decided_at") for v in new)  # both decisions recorded
+    assert not [m for m in client.search_registered_models() if m.name.endswith(LOCK_SUFFIX)]  # the lock is gone
