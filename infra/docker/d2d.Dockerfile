@@ -9,7 +9,8 @@ COPY pipeline ./pipeline
 COPY flows ./flows
 # constraints.txt pins the CPU build of torch (+cpu); a GPU image pins a CUDA build instead
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --no-cache-dir -c constraints.txt -e . "mlflow[auth]" psycopg2-binary boto3
+# psycopg2: the MLflow server's PostgreSQL driver (SQLAlchemy's default for postgresql://); boto3: S3/MinIO
+RUN pip install --no-cache-dir -c constraints.txt -e . "mlflow[auth]" psycopg2-binary==2.9.13 boto3==1.44.8
 # Everything runs as an unprivileged user: the Prefect worker holds the team's credentials,
 # and a flow's code must not own the container.
 RUN useradd --create-home --uid 1000 --user-group d2d

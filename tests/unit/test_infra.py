@@ -212,3 +212,27 @@ def test_mlflow_start_escapes_the_database_password(tmp_path):
     auth = sqlalchemy.make_url(ini["mlflow"]["database_uri"])
     for url, database in ((backend, "mlflow"), (auth, "mlflow_auth")):
         assert (url.username, url.password, url.host, url.database) == (user, password, "postgres", database)
+
+
+def test_every_package_the_image_installs_is_pinned():
+    """What constraints.txt does not pin is pinned in the Dockerfile itself: an unpinned
+    package makes two builds of the same tag differ."""
+    from packaging.requirements import Requirement
+
+    constrained = {Requirement(line).name.lower() for line in (REPO / "constraints.txt").read_text().splitlines()
+                   if line.strip() and not line.startswith("#")}
+    installs = re.findall(r"pip install ([^\n]+)", (INFRA / "docker/d2d.Dockerfile").read_text())
+    assert installs
+    for line in installs:
+        for token in line.split():
+            if token.startswith("-") or token in (".", "constraints.txt"):
+                continue
+            requirement = Requirement(token.strip("\"'"))
+            assert requirement.name.lower() in constrained or str(requirement.specifier).startswith("=="), token
+    # and every Ray client in k8s speaks token auth, as Ray 2.60's clusters require
+    for name, doc in k8s_docs():
+        for spec in pod_specs(doc):
+            for container in spec.get("containers", []):
+                names = {e["name"]: e for e in container.get("env", [])}
+                if "RAY_AUTH_TOKEN" in names:
+                    assert names.get("RAY_AUTH_MODE", {}).get("value") == "token", (name, container["name"])
