@@ -460,8 +460,9 @@ def init_params(
             "raw": raw.as_posix(), "id_column": schema["id_column"], "target": schema["target"]}:
         raise D2DError("the generated params do not read back as written (please report this file's column names)")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        from pipeline.data import io
+
+        io.write_text(text, out)  # renamed into place: a crash never leaves half a params file
     except (OSError, UnicodeEncodeError) as e:
         raise D2DError(f"cannot write {out}: {e}") from None
     kinds = [f["kind"] for f in schema["features"]]

@@ -369,10 +369,8 @@ def write_reports(key: str, inspected: dict[str, Any], reference: Reference, scr
     report: drift.DriftReport = inspected["report"]
     folder = root / "reports/monitor" / key
     html = folder / "drift.html"
-    html.parent.mkdir(parents=True, exist_ok=True)
-    html.write_text(drift.report_html(report, reference.frame, screened.valid,
-                                      prediction=inspected["prediction"], performance=inspected["performance"],
-                                      notes=reference.notes))
+    io.write_text(drift.report_html(report, reference.frame, screened.valid, prediction=inspected["prediction"],
+                                    performance=inspected["performance"], notes=reference.notes), html)
     summary = {**report.summary(), "prediction_drift": inspected["prediction"],
                "performance": inspected["performance"], "features": report.features.to_dict("records"),
                "reference_notes": reference.notes, **extra}

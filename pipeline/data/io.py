@@ -133,6 +133,12 @@ def append_csv(rows: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def write_text(text: str, path: Path, private: bool = False) -> Path:
+    with _atomic(path, private) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
 def write_json(obj: Any, path: Path, private: bool = False) -> Path:
     with _atomic(path, private) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
