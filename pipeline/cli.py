@@ -423,10 +423,11 @@ def _raw_in_project(data: Path, root: Path) -> tuple[Path, str | None]:
     """data.raw as init-params writes it: relative to the project folder. A file outside the
     project is never written into params (pipeline.stages.raw_path refuses it); its place in
     the project is written instead, with what to do."""
+    from pipeline.stages import inside_project
+
     lexical = Path(os.path.normpath(os.path.abspath(data)))
-    home = Path(os.path.abspath(root))
-    if lexical.is_relative_to(home) and lexical.resolve().is_relative_to(home.resolve()):
-        return lexical.relative_to(home), None
+    if inside_project(data, root):
+        return lexical.relative_to(os.path.abspath(root)), None
     inside = Path("data/raw") / data.name
     return inside, (f"{data} is outside the project folder, so the params name data.raw: {inside}. Copy it there "
                     f"(cp '{lexical}' {inside}, then dvc add {inside}), or run with --set data.raw={lexical}")

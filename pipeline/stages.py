@@ -69,6 +69,13 @@ class Paths:
         return self.root / "reports" / name
 
 
+def inside_project(path: Path, root: Path) -> bool:
+    """Whether `path` stays in the project folder both as written (no `..` or absolute path
+    out of it) and where its symbolic links lead."""
+    lexical = Path(os.path.normpath(os.path.abspath(path)))
+    return lexical.is_relative_to(os.path.abspath(root)) and path.resolve().is_relative_to(root.resolve())
+
+
 def raw_path(params: Params, root: Path) -> Path:
     """The raw file, relative to the project root. A data.raw that leaves the project (an
     absolute path, `..`, or a symlink out) is refused unless named on the command line
@@ -77,14 +84,11 @@ def raw_path(params: Params, root: Path) -> Path:
     path = root / params.data.raw
     if params.raw_named_explicitly:
         return path
-    # the lexical form, and where the links lead: neither may leave the project
-    lexical = Path(os.path.normpath(os.path.abspath(path)))
-    home = Path(os.path.abspath(root))
-    if not (lexical.is_relative_to(home) and path.resolve().is_relative_to(root.resolve())):
+    if not inside_project(path, root):
         raise ConfigError(
-            f"data.raw '{params.data.raw}' is outside the project folder {home}: copy the file into the project "
-            f"(e.g. data/raw/{path.name}) and set data.raw to that relative path, or name it explicitly on the "
-            f"command line with --set data.raw={lexical}"
+            f"data.raw '{params.data.raw}' is outside the project folder {os.path.abspath(root)}: copy the file into "
+            f"the project (e.g. data/raw/{path.name}) and set data.raw to that relative path, or name it explicitly "
+            f"on the command line with --set data.raw={os.path.normpath(os.path.abspath(path))}"
         )
     return path
 

@@ -177,16 +177,12 @@ def write_batches(batches: Any, path: Path) -> int:
     place at the end, so a crash leaves no partial output and memory holds one batch at a time.
     Every batch is cast to the first one's column types (an all-null column in a later batch
     does not change the file's schema)."""
-    import tempfile
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp, rows, writer = Path(name), 0, None
-    try:
-        with os.fdopen(fd, "wb") as f:
+    rows, writer = 0, None
+    with _atomic(path) as tmp:
+        with tmp.open("wb") as f:
             for batch in batches:
                 if path.suffix == ".parquet":
                     table = pa.Table.from_pandas(batch, preserve_index=False,
@@ -200,7 +196,4 @@ def write_batches(batches: Any, path: Path) -> int:
                 writer.close()
         if path.suffix == ".parquet" and writer is None:  # no batches: an empty file still has a schema
             pq.write_table(pa.table({}), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows
