@@ -5,6 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import settings
+
+# Property tests run the same examples on every run (a seed derived from each test), so CI is
+# repeatable; a new search is one `--hypothesis-seed=N` or HYPOTHESIS_PROFILE=explore away.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from pipeline.config import DataParams, Params, load_params
 from pipeline.data.schema import Schema, schema_from_params

@@ -50,14 +50,25 @@ def _id_like(col: Any) -> bool:
     return name in ID_NAMES or name.endswith("_id")
 
 
-def _numeric_range(x: pd.Series, integral: bool) -> tuple[float, float]:
+FLOAT_MAX = float(np.finfo("float64").max)
+
+
+def _numeric_range(x: pd.Series, integral: bool) -> tuple[Any, Any]:
+    """The observed range widened by RANGE_MARGIN, as params write it: finite, and strictly
+    wider than the data even where a margin of 1 is below the spacing of floats (beyond
+    2**53) or the widened bound overflows (near 1.8e308)."""
     lo, hi = float(x.min()), float(x.max())
     margin = (hi - lo) * RANGE_MARGIN or 1.0
-    new_lo, new_hi = lo - margin, hi + margin
+    new_lo = max(min(lo - margin, float(np.nextafter(lo, -np.inf))), -FLOAT_MAX)
+    new_hi = min(max(hi + margin, float(np.nextafter(hi, np.inf))), FLOAT_MAX)
     if lo >= 0 > new_lo:
         new_lo = 0.0  # non-negative data stays non-negative
     if integral:
-        new_lo, new_hi = math.floor(new_lo), math.ceil(new_hi)
+        return math.floor(new_lo), math.ceil(new_hi)
+    # rounded for the reader, unless rounding would cut into the data or close the range
+    shown_lo, shown_hi = _scalar(new_lo), _scalar(new_hi)
+    if shown_lo <= lo and hi <= shown_hi and shown_lo < shown_hi:
+        return shown_lo, shown_hi
     return new_lo, new_hi
 
 
@@ -92,7 +103,7 @@ def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]
         whole = bool((numbers == np.floor(numbers)).all())
         integral = col.dtype.kind in "iu" or (whole and nullable and col.dtype.kind == "f")
         lo, hi = _numeric_range(numbers, integral)
-        spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": _scalar(lo), "max": _scalar(hi)}
+        spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": lo, "max": hi}
     else:
         distinct = values.astype("string").unique()
         if len(distinct) > MAX_CATEGORIES:

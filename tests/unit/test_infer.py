@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -100,3 +102,19 @@ def test_int_only_where_a_reader_yields_ints(values, dtype):
     """The signature must match what pandas reads: "59.0" in a CSV is a float64 column."""
     spec, _ = infer_column("c", pd.Series(values))
     assert spec["dtype"] == dtype
+
+
+@pytest.mark.parametrize("values, integral", [
+    ([0.0, 1.634266486238469e308], False),  # the widened maximum overflows to infinity
+    ([-1.7e308, 1.7e308], False),  # so does the span
+    ([9_007_199_254_740_995.0], True),  # beyond 2**53 a margin of 1 is below the float spacing
+    ([123456.7, 123456.71], False),  # rounding to 6 digits would cut into the data
+])
+def test_an_inferred_range_is_finite_and_strictly_wider_than_the_data(values, integral):
+    """Found by the Hypothesis test of init-params: these gave an OverflowError, or params
+    whose max was not above their min."""
+    from pipeline.data.infer import _numeric_range
+
+    lo, hi = _numeric_range(pd.Series(values), integral)
+    assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
+    assert lo <= min(values) and hi >= max(values)

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pipeline.data.keys import ROW_KEY
 from pipeline.config import load_params, params_from_dict
 from pipeline.data.infer import infer_schema, render_data_section, render_params
 from tests.unit.test_cli import d2d, one_line_error
@@ -93,7 +94,7 @@ def test_the_template_keeps_its_comments():
 def test_any_names_round_trip(cols, target, file, tmp_path):
     """Hypothesis: arbitrary column, target and file names (newlines, #, :, quotes, yes, null,
     '- ', unicode) round-trip through the written params with no extra keys."""
-    cols = [c for c in cols if c not in (target, "id")]
+    cols = [c for c in cols if c not in (target, "id", ROW_KEY)]  # ROW_KEY: reserved, left out with a note
     if not cols or file in (".", ".."):
         return
     round_trip(cols, target, Path(file + ".csv"), tmp_path)
@@ -162,6 +163,9 @@ values = st.one_of(
 
 
 @settings(max_examples=120, deadline=None)
+# two files Hypothesis found that gave an OverflowError and params whose max was not above their min
+@example(columns=[[None] * 6, [None] * 6, [None] * 4 + [0, 1.634266486238469e308]], labels=[0] * 5 + [1])
+@example(columns=[[None] * 6, [None] * 6, [None] * 5 + [9_007_199_254_740_995]], labels=[0] * 5 + [1])
 @given(
     columns=st.lists(st.lists(values, min_size=6, max_size=6), min_size=1, max_size=4),
     labels=st.lists(st.one_of(st.integers(0, 3), st.floats(), st.text(max_size=3), st.none()), min_size=6, max_size=6),
