@@ -8,11 +8,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.training import _retry_worthwhile, _with_retries
+from flows.retry import retry_worthwhile, with_retries
 from pipeline.config import Params, load_params
 
 
-@task(name="batch-predict", retry_condition_fn=_retry_worthwhile)
+@task(name="batch-predict", retry_condition_fn=retry_worthwhile)
 def score(params: Params, root: Path, source: Path, output: Path, force: bool = False) -> dict[str, Any]:
     from pipeline.predict import run_predict
 
@@ -30,4 +30,4 @@ def predict_flow(input: str, output: str, params_path: str = "params.yaml", over
     project = Path(root).resolve()
     params = load_params(Path(params_path) if Path(params_path).is_absolute() else project / params_path, overrides)
     resolve = lambda p: Path(p) if Path(p).is_absolute() else project / p  # noqa: E731
-    return _with_retries(score, params)(params, project, resolve(input), resolve(output), force)
+    return with_retries(score, params)(params, project, resolve(input), resolve(output), force)

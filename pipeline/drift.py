@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -192,13 +192,21 @@ def performance_drift(batch_metric: float, test_metric: float, tolerance: float,
                       f"({batch_metric - test_metric:+.4f}; tolerance {tolerance:g})"}
 
 
+class RetrainDecision(NamedTuple):
+    """`alarm`: the batch shows drift or decay, so it joins the dataset (when labelled) and
+    d2d.drift.detected is emitted; `retrain`: a retrain may run now, which needs labels to
+    learn from and is held back by the cooldown and the maximum rate; `reasons`: why."""
+
+    alarm: bool
+    retrain: bool
+    reasons: list[str]
+
+
 def retrain_decision(
     drift: DriftReport, prediction: dict[str, Any] | None, performance: dict[str, Any] | None, labelled: bool,
     retrains: list[datetime], now: datetime, params: MonitorParams,
-) -> tuple[bool, bool, list[str]]:
-    """(act, retrain, reasons). `act`: the batch shows drift or decay, so it joins the dataset
-    (when labelled) and d2d.drift.detected is emitted; `retrain`: a retrain may run now, which
-    needs labels to learn from and is held back by the cooldown and the maximum rate."""
+) -> RetrainDecision:
+    """Whether the batch raises an alarm and whether a retrain may run now, with the reasons."""
     signals = []
     if drift.drifted:
         signals.append("data drift: " + "; ".join(drift.reasons))
@@ -207,18 +215,19 @@ def retrain_decision(
     if prediction is not None and prediction["drifted"] and params.retrain_on_prediction_drift:
         signals.append(f"prediction drift: {prediction['test']} {prediction['score']:.4g} (threshold {prediction['threshold']:g})")
     if not signals:
-        return False, False, ["no drift and no decay: " + "; ".join(drift.reasons)]
+        return RetrainDecision(False, False, ["no drift and no decay: " + "; ".join(drift.reasons)])
     reasons = list(signals)
     if not labelled:
-        return True, False, reasons + ["no retrain: the batch has no labels to learn from"]
+        return RetrainDecision(True, False, reasons + ["no retrain: the batch has no labels to learn from"])
     recent = sorted(t for t in retrains if t > now - timedelta(hours=params.window_hours))
     if retrains and now - max(retrains) < timedelta(hours=params.cooldown_hours):
-        return True, False, reasons + [f"no retrain: cooldown, the last retrain was at {max(retrains):%Y-%m-%d %H:%M} UTC "
-                                       f"(cooldown_hours {params.cooldown_hours:g})"]
+        return RetrainDecision(True, False, reasons + [
+            f"no retrain: cooldown, the last retrain was at {max(retrains):%Y-%m-%d %H:%M} UTC "
+            f"(cooldown_hours {params.cooldown_hours:g})"])
     if len(recent) >= params.max_retrains:
-        return True, False, reasons + [f"no retrain: {len(recent)} retrains in the last {params.window_hours:g} h "
-                                       f"(max_retrains {params.max_retrains})"]
-    return True, True, reasons + ["retrain"]
+        return RetrainDecision(True, False, reasons + [f"no retrain: {len(recent)} retrains in the last "
+                                                       f"{params.window_hours:g} h (max_retrains {params.max_retrains})"])
+    return RetrainDecision(True, True, reasons + ["retrain"])
 
 
 def _histogram_png(ref: pd.Series, cur: pd.Series, title: str) -> str:

@@ -3,11 +3,15 @@ curves, learning curves, sliced metrics and gradient attributions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from pipeline.data.schema import Schema
 
 
 def predict(model: Any, x: np.ndarray, batch: int = 4096) -> np.ndarray:
@@ -280,3 +284,36 @@ def plot_not_applicable(path: Path, text: str) -> Path:
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10, color="grey")
     return _save(fig, path)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A split scored by the network: its inputs, the truth (class indices, or actual values
+    for regression) and the outputs (class probabilities, or predicted values)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    out: np.ndarray
+    regression: bool
+
+    def predicted(self) -> np.ndarray:
+        """The predicted class index per row, or the predicted value."""
+        return self.out if self.regression else self.out.argmax(1)
+
+
+def score_split(model: Any, frame: pd.DataFrame, schema: Schema, state: dict[str, Any]) -> Scored:
+    """The network on one split, through the fitted preprocessing; regression outputs are
+    scaled back to the target's units."""
+    from pipeline.preprocess import unscale_target
+    from pipeline.train.trainer import features_and_labels
+
+    x, y = features_and_labels(frame, schema, state)
+    if schema.regression:
+        return Scored(x, frame[schema.target].to_numpy(dtype="float64"), unscale_target(predict(model, x)[:, 0], state), True)
+    return Scored(x, y, predict_proba(model, x), False)
+
+
+def split_metrics(scored: Scored, schema: Schema) -> dict[str, float]:
+    if schema.regression:
+        return regression_metrics(scored.y, scored.out)
+    return classification_metrics(scored.y, scored.out)

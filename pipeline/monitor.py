@@ -21,7 +21,6 @@ rows and the monitor's state are readable by their owner only.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 from collections.abc import Iterator
@@ -34,12 +33,12 @@ from typing import Annotated, Any, Literal
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
-from pipeline import drift, lock, registry
+from pipeline import drift, lock, registry, stages
 from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.errors import D2DError, DataError
-from pipeline.stages import Paths, raw_path
+from pipeline.stages import raw_path
 
 BATCH_SUFFIXES = (".csv", ".parquet")
 REASON = "reason"
@@ -127,7 +126,7 @@ def read_ledger(params: Params, root: Path) -> dict[str, Any]:
                            + _recover(aside[-1], params.monitor.inbox))
         return {"batches": {}, "retrains": [], "log_parts": []}
     try:
-        ledger = json.loads(path.read_bytes())
+        ledger = io.read_json(path)
         _Ledger.model_validate(ledger)
         return ledger
     except ValidationError as e:
@@ -138,7 +137,7 @@ def read_ledger(params: Params, root: Path) -> dict[str, Any]:
     except RecursionError:  # nesting deeper than the parser goes
         problem = "not valid JSON (nested too deeply)"
     aside = path.with_name(f"{LEDGER}.corrupt-{utc_now():%Y%m%dT%H%M%S%fZ}")
-    os.replace(path, aside)
+    io.move(path, aside)
     raise D2DError(f"the monitor's ledger {path} is corrupt ({problem}); it was moved to {aside.name}; "
                    + _recover(aside, params.monitor.inbox))
 
@@ -270,9 +269,9 @@ def load_reference(params: Params, root: Path) -> Reference:
     champion = tracking.reachable(lambda: registry.champion_card(params.register_.model_name, metric))
     if champion is None:
         raise D2DError(f"no champion for {params.register_.model_name} yet: run `d2d run` first, then the monitor")
-    frame = io.read_table(Paths(root).split("train"))
+    frame = io.read_table(stages.path("train", root))
     notes = []
-    validated = root / "reports/validate.json"
+    validated = stages.path("validate_report", root)
     split_md5 = io.read_json(validated).get("data_md5") if validated.is_file() else None
     if champion["data_md5"] and split_md5 and split_md5 != champion["data_md5"]:
         # the champion kept its alias through a retrain that was rejected: the train split is newer
@@ -344,7 +343,16 @@ def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids:
     return Screened(len(batch), valid, raw_valid, quarantine, labelled, rejected)
 
 
-def inspect_batch(screened: Screened, reference: Reference, params: Params) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Inspection:
+    """A screened batch measured against the reference."""
+
+    drift: drift.DriftReport
+    prediction: dict[str, Any]  # the champion's prediction drift (drift.prediction_drift)
+    performance: dict[str, Any] | None  # with labels: the champion's metric on the batch against its test metric
+
+
+def inspect_batch(screened: Screened, reference: Reference, params: Params) -> Inspection:
     """Data drift against the reference, the champion's prediction drift and, with labels,
     its performance on the batch against its own test metric."""
     schema = schema_from_params(params.data)
@@ -360,21 +368,100 @@ def inspect_batch(screened: Screened, reference: Reference, params: Params) -> d
         batch_metric = registry.prediction_metrics(out, screened.valid, schema)[champion["metric"]]
         performance = drift.performance_drift(batch_metric, champion["test_metric"], params.monitor.performance_tolerance,
                                               champion["metric"].removeprefix("test_"))
-    return {"report": report, "prediction": prediction, "performance": performance}
+    return Inspection(report, prediction, performance)
 
 
-def write_reports(key: str, inspected: dict[str, Any], reference: Reference, screened: Screened,
+def write_reports(key: str, inspection: Inspection, reference: Reference, screened: Screened,
                   root: Path, extra: dict[str, Any]) -> tuple[Path, Path]:
     """reports/monitor/<batch>/drift.html and drift.json."""
-    report: drift.DriftReport = inspected["report"]
-    folder = root / "reports/monitor" / key
+    report = inspection.drift
+    folder = stages.path("monitor_reports", root) / key
     html = folder / "drift.html"
-    io.write_text(drift.report_html(report, reference.frame, screened.valid, prediction=inspected["prediction"],
-                                    performance=inspected["performance"], notes=reference.notes), html)
-    summary = {**report.summary(), "prediction_drift": inspected["prediction"],
-               "performance": inspected["performance"], "features": report.features.to_dict("records"),
+    io.write_text(drift.report_html(report, reference.frame, screened.valid, prediction=inspection.prediction,
+                                    performance=inspection.performance, notes=reference.notes), html)
+    summary = {**report.summary(), "prediction_drift": inspection.prediction,
+               "performance": inspection.performance, "features": report.features.to_dict("records"),
                "reference_notes": reference.notes, **extra}
     return html, io.write_json(summary, folder / "drift.json")
+
+
+def drift_metrics(inspection: Inspection, screened: Screened) -> dict[str, float]:
+    """The batch's figures as MLflow metrics of its monitoring run."""
+    report = inspection.drift
+    metrics = {"drift_share": report.share, "drifted_features": float(report.features["drifted"].sum()),
+               "prediction_drift_score": inspection.prediction["score"], "prediction_psi": inspection.prediction["psi"],
+               "rows": float(screened.rows), "rows_quarantined": float(len(screened.quarantine))}
+    if report.multivariate:
+        metrics["domain_auc"] = report.multivariate["roc_auc"]
+    if inspection.performance:
+        metrics[f"batch_{inspection.performance['metric']}"] = inspection.performance["batch"]
+    return metrics
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    """What the monitor does with one batch, and why. `action`: retrain, append (labelled rows
+    join the dataset), alert (drift without labels), none, rejected (it failed the checks) or
+    refused (it was never read). `alarm`: drift or decay was found, so the event is emitted and
+    labelled rows are appended."""
+
+    action: str
+    retrain: bool
+    reasons: tuple[str, ...]
+    alarm: bool = False
+    drift_share: float | None = None
+    domain_auc: float | None = None
+    measured: bool = False  # drift was measured: drift_share and domain_auc are recorded
+
+    def record(self) -> dict[str, Any]:
+        """The decision's fields in a ledger entry (and in drift.json)."""
+        fields = {"action": self.action, "retrain": self.retrain, "reasons": list(self.reasons)}
+        if self.measured:
+            fields |= {"drift_share": self.drift_share, "domain_auc": self.domain_auc}
+        return fields
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> BatchDecision:
+        """The decision a ledger entry records ("act" is the ledger's name for `alarm`)."""
+        return cls(entry["action"], entry["retrain"], tuple(entry["reasons"]), bool(entry.get("act")),
+                   entry.get("drift_share"), entry.get("domain_auc"), True)
+
+
+def turned_away(action: str, reasons: list[str]) -> BatchDecision:
+    """A batch that was refused unread, or rejected by the checks: nothing of it is used."""
+    return BatchDecision(action, False, tuple(reasons))
+
+
+def decide(inspection: Inspection, screened: Screened, retrains: list[datetime], now: datetime, params: Params,
+           mode: str) -> BatchDecision:
+    """The monitor's action on a measured batch: the retrain decision (drift.retrain_decision),
+    held back when retraining is off, and what follows from it for labelled or unlabelled rows."""
+    alarm, retrain, reasons = drift.retrain_decision(inspection.drift, inspection.prediction, inspection.performance,
+                                                     screened.labelled, retrains, now, params.monitor)
+    retrain = retrain and mode != "off"
+    if alarm and screened.labelled:
+        action = "retrain" if retrain else "append"
+    else:
+        action = "alert" if alarm else "none"
+    return BatchDecision(action, retrain, tuple(reasons), alarm, inspection.drift.share,
+                         (inspection.drift.multivariate or {}).get("roc_auc"), True)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What `d2d monitor` reports for one batch."""
+
+    batch: str
+    decision: BatchDecision
+    warnings: tuple[str, ...] = ()
+    register: Any = None  # the retrain's promotion decision (pipeline.summaries.Registered), in flow mode
+
+
+@dataclass(frozen=True)
+class MonitorRun:
+    batches: tuple[BatchOutcome, ...]
+    retrains: int
+    mode: str
 
 
 def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: Path) -> Path | None:
@@ -382,7 +469,8 @@ def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: P
         return None
     # raw values may mix numbers and text in one column; Parquet needs one type per column.
     # Someone else's rows: readable by the owner only, in a folder only the owner can enter.
-    return io.write_parquet(quarantine.astype(str), root / "data/quarantine/monitor" / f"{key}.parquet", private=True)
+    return io.write_parquet(quarantine.astype(str), stages.path("monitor_quarantine", root) / f"{key}.parquet",
+                            private=True)
 
 
 def stage_append(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, Any]:
@@ -408,7 +496,7 @@ def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[s
     raw = raw_path(params, root)
     current = io.file_md5(raw)
     if current == intent["md5_before"]:
-        os.replace(raw.with_name(intent["staged"]), raw)
+        io.move(raw.with_name(intent["staged"]), raw)
     elif current != intent["md5_after"]:
         raise D2DError(f"{raw} changed while a batch was being appended to it (md5 {current[:8]}, expected "
                        f"{intent['md5_before'][:8]} or {intent['md5_after'][:8]}); restore it with `dvc checkout` "
@@ -421,6 +509,13 @@ def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[s
            if tracked else "not committed")
     return {"path": intent["path"], "md5_before": intent["md5_before"], "md5_after": intent["md5_after"],
             "dvc": dvc, "git": git}
+
+
+def append_abandoned(intent: dict[str, Any], params: Params, root: Path) -> bool:
+    """Whether a recorded append never happened and never can: the raw file is still the
+    version before it, and the next version its run built is gone."""
+    raw = raw_path(params, root)
+    return io.file_md5(raw) == intent["md5_before"] and not raw.with_name(intent["staged"]).is_file()
 
 
 def discard_stale_stages(ledger: dict[str, Any], params: Params, root: Path) -> None:
@@ -469,12 +564,12 @@ def retrain_mode(params: Params, api_url: str | None) -> str:
     return "event" if api_url else "flow"
 
 
-def ledger_entry(batch: Batch, screened: Screened, decision: dict[str, Any], report: Path | None,
+def ledger_entry(batch: Batch, screened: Screened, decision: BatchDecision, report: Path | None,
                  appended: dict[str, str] | None, quarantine: Path | None, root: Path) -> dict[str, Any]:
     return {"file": batch.name, "state": COMPLETE, "log_parts": len(batch.log_parts),
             "processed_at": utc_now().isoformat(timespec="seconds"), "rows": screened.rows,
             "rows_valid": len(screened.valid), "rows_quarantined": len(screened.quarantine),
-            "labelled": screened.labelled, "rejected": screened.rejected, **decision,
+            "labelled": screened.labelled, "rejected": screened.rejected, **decision.record(),
             "report": str(report.relative_to(root)) if report else None,
             "quarantine": str(quarantine.relative_to(root)) if quarantine else None, "appended": appended}
 

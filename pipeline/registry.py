@@ -22,6 +22,7 @@ import pandas as pd
 from pipeline.config import RegisterParams
 from pipeline.data.schema import Schema
 from pipeline.errors import D2DError, ServiceError
+from pipeline.summaries import Evaluated, Registered
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOCK_SUFFIX = ".d2d-gate-lock"  # the sentinel model that is the gate's lock (see gate_lock)
@@ -238,18 +239,16 @@ def _set_champion(client: Any, name: str, version: str, previous: str | None, ta
 
 
 def register_and_gate(
-    metrics: dict[str, Any], params: RegisterParams, task: str, test: pd.DataFrame, schema: Schema
-) -> dict[str, Any]:
-    """Register the evaluated model (once per run), gate it against the champion, move the alias if it passes.
-
-    `metrics` is what the evaluate stage wrote: test metrics, the MLflow run id and model URI.
-    """
+    evaluated: Evaluated, params: RegisterParams, task: str, test: pd.DataFrame, schema: Schema
+) -> Registered:
+    """Register the evaluated model (once per run), gate it against the champion, move the alias if it passes."""
     import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    name, run_id = params.model_name, metrics["mlflow_run_id"]
-    version = version_for_run(client, name, run_id) or mlflow.register_model(metrics["model_uri"], name).version
+    metrics = evaluated.metrics
+    name, run_id = params.model_name, evaluated.mlflow_run_id
+    version = version_for_run(client, name, run_id) or mlflow.register_model(evaluated.model_uri, name).version
     client.set_registered_model_alias(name, CHALLENGER, version)
     run = client.get_run(run_id)
     for key in ("d2d.data_md5", "d2d.data_path", "d2d.params_hash", "git.commit", "prefect.flow_run_id", "d2d.init_from"):
@@ -284,9 +283,9 @@ def register_and_gate(
 
 
 def _decision(name: str, version: str, promoted: bool, champion: str | None, reasons: list[str],
-              compared: dict | None) -> dict[str, Any]:
-    return {"model_name": name, "version": int(version), "promoted": promoted,
-            "champion": int(champion) if champion is not None else None, "reasons": reasons, "champion_metrics": compared}
+              compared: dict | None) -> Registered:
+    return Registered(name, int(version), promoted, int(champion) if champion is not None else None, tuple(reasons),
+                      compared)
 
 
 def promote(name: str, version: str, reason: str) -> dict[str, Any]:

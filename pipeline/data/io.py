@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,25 @@ def read_table(path: Path) -> pd.DataFrame:
     except (ValueError, OSError, pd.errors.ParserError) as e:
         kind = "Parquet" if path.suffix == ".parquet" else "CSV"
         raise DataError(f"{path} is not a valid {kind} file: {str(e).splitlines()[0]}") from None
+
+
+def read_csv(path: Path, **options: Any) -> pd.DataFrame:
+    """A CSV file d2d wrote itself (a report), read with pandas' `options` (e.g. dtype)."""
+    return pd.read_csv(path, **options)
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at `path`: whatever was there is removed first."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def move(source: Path, target: Path) -> Path:
+    """Rename `source` over `target` in one step (same file system): readers see the old file
+    or the new one, never a mix."""
+    os.replace(source, target)
+    return target
 
 
 PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700  # owner only: files that hold rows of someone's data

@@ -1,4 +1,5 @@
-"""The `d2d` command. Heavy libraries are imported inside commands so `d2d --help` stays fast.
+"""The `d2d` command: the app layer, above the flows (flows/) and the library (pipeline/).
+Heavy libraries are imported inside commands so `d2d --help` stays fast.
 
 Errors a user can fix print one line and exit 2; `--debug` (anywhere on the line) shows the traceback.
 """
@@ -17,6 +18,7 @@ import typer
 from rich.console import Console
 
 from pipeline.errors import D2DError
+from pipeline.summaries import TrainingRun
 
 app = typer.Typer(help="d2d: raw data → validated, versioned data → trained, registered model.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
@@ -51,18 +53,20 @@ def _quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(_DropTraceback())
 
 
-def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -> None:
+def print_run_summary(result: TrainingRun, seconds: float, tracking_uri: str | None) -> None:
+    """The table `d2d run` ends with."""
     from rich.table import Table
 
-    data, split, metrics, reg = result["data"], result["split"], result["metrics"], result["register"]
+    data, split, reg = result.data_version, result.split, result.register
+    metrics = result.evaluate.metrics
     table = Table(title=f"d2d run finished in {seconds:.0f} s", show_header=False, title_justify="left")
-    table.add_row("data version", f"{data['md5']}  ({data['path']}; {data['dvc']})")
+    table.add_row("data version", f"{data.md5}  ({data.path}; {data.dvc})")
     table.add_row(
         "rows",
-        f"raw {result['validate']['rows_in']}, quarantined {result['validate']['rows_quarantined']}, "
-        f"removed by cleaning {result['clean']['removed']}",
+        f"raw {result.validate.rows_in}, quarantined {result.validate.rows_quarantined}, "
+        f"removed by cleaning {result.clean.removed}",
     )
-    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in split["sizes"].items()))
+    table.add_row("splits", ", ".join(f"{k} {v}" for k, v in split.sizes.items()))
     if "test_r2" in metrics:
         shown = f"RMSE {metrics['test_rmse']:.4g}, MAE {metrics['test_mae']:.4g}, R² {metrics['test_r2']:.4f}"
     else:
@@ -74,17 +78,17 @@ def _summary(result: dict[str, Any], seconds: float, tracking_uri: str | None) -
     table.add_row("test metrics", shown)
     table.add_row(
         "model",
-        f"{reg['model_name']} version {reg['version']}"
-        + (" → champion" if reg["promoted"] else f" (champion: {reg['champion'] or 'none'})"),
+        f"{reg.model_name} version {reg.version}"
+        + (" → champion" if reg.promoted else f" (champion: {reg.champion or 'none'})"),
     )
-    table.add_row("why", "; ".join(reg["reasons"]))
-    table.add_row("MLflow run", metrics["mlflow_run_id"])
+    table.add_row("why", "; ".join(reg.reasons))
+    table.add_row("MLflow run", result.evaluate.mlflow_run_id)
     table.add_row("MLflow UI", f"open {tracking_uri}" if tracking_uri else "mlflow ui --backend-store-uri sqlite:///mlflow.db  →  http://127.0.0.1:5000")
     console.print(table)
     from pipeline.versioning import push_failed
 
-    if push_failed(data["dvc"]):  # the run is complete; only the remote is behind, and the user must know
-        console.print(f"warning: {data['dvc']}: the data version is in the local DVC cache only; run `dvc push` "
+    if push_failed(data.dvc):  # the run is complete; only the remote is behind, and the user must know
+        console.print(f"warning: {data.dvc}: the data version is in the local DVC cache only; run `dvc push` "
                       "once the remote is reachable", style="yellow")
 
 
@@ -96,17 +100,17 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     overrides = set_ or []
     load_params(params, overrides)  # fail in a second on bad params, before any server starts
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.training import RUN_LOCK, training_flow
-    from pipeline import lock
+    from flows.training import training_flow
+    from pipeline import lock, stages
 
-    with lock.exclusive(Path.cwd() / RUN_LOCK, "a training run"):
+    with lock.exclusive(stages.path("run_lock", Path.cwd()), "a training run"):
         pass  # another run holds it: say so now, before a Prefect server starts; the flow takes it for real
 
     _quiet_user_errors()
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # a team server, else SQLite here
     started = time.perf_counter()
     result = training_flow(params_path=str(params.resolve()), overrides=overrides, root=str(Path.cwd()))
-    _summary(result, time.perf_counter() - started, tracking_uri)
+    print_run_summary(result, time.perf_counter() - started, tracking_uri)
 
 
 @app.command()
@@ -124,24 +128,24 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 
     _quiet_user_errors()
     result = monitor_flow(params_path=str(params.resolve()), overrides=overrides, root=str(Path.cwd()))
-    if not result["batches"]:
+    if not result.batches:
         console.print("no new batches in the inbox")
         return
-    table = Table(title=f"drift monitor: {len(result['batches'])} batch(es), {result['retrains']} retrain(s) "
-                        f"({result['mode']})", title_justify="left")
+    table = Table(title=f"drift monitor: {len(result.batches)} batch(es), {result.retrains} retrain(s) "
+                        f"({result.mode})", title_justify="left")
     for column in ("batch", "drift share", "domain AUC", "action", "new version"):
         table.add_column(column)
-    for b in result["batches"]:
-        auc, reg = b.get("domain_auc"), b.get("register")
-        table.add_row(b["batch"], f"{b['drift_share']:.2f}" if "drift_share" in b else "-",
-                      f"{auc:.3f}" if auc is not None else "-", b["action"],
-                      f"{reg['version']} ({'champion' if reg['promoted'] else 'rejected by the gate'})" if reg else "-")
+    for b in result.batches:
+        share, auc, reg = b.decision.drift_share, b.decision.domain_auc, b.register
+        table.add_row(b.batch, f"{share:.2f}" if share is not None else "-",
+                      f"{auc:.3f}" if auc is not None else "-", b.decision.action,
+                      f"{reg.version} ({'champion' if reg.promoted else 'rejected by the gate'})" if reg else "-")
     console.print(table)
-    for b in result["batches"]:  # the reasons in full, below the table
-        console.print(f"{b['batch']}: " + "; ".join(b["reasons"] + (b["register"]["reasons"] if "register" in b else [])))
-    warnings = [(b["batch"], w) for b in result["batches"] for w in b.get("warnings", [])]
-    for batch, warning in warnings:
-        console.print(f"warning: {batch}: {warning}", style="yellow")
+    for b in result.batches:  # the reasons in full, below the table
+        console.print(f"{b.batch}: " + "; ".join([*b.decision.reasons, *(b.register.reasons if b.register else ())]))
+    for b in result.batches:
+        for warning in b.warnings:
+            console.print(f"warning: {b.batch}: {warning}", style="yellow")
 
 
 def _port_free(host: str, port: int) -> None:
@@ -229,16 +233,20 @@ def stage(
                                        "For a Ray job on a cluster, a folder every node sees.")] = Path("."),
 ) -> None:
     """Run one stage on its own (what `dvc repro` calls, and a Ray job's entrypoint)."""
-    from pipeline.config import load_params
-    from pipeline.stages import STAGES
+    from dataclasses import asdict
 
-    if name not in STAGES:
-        raise D2DError(f"unknown stage '{name}'; choose one of: {', '.join(STAGES)}")
+    from pipeline import stages
+    from pipeline.config import load_params
+
+    if not stages.stage(name).dvc:
+        raise D2DError(f"'{name}' is a step of the flow, not a DVC stage; choose one of: "
+                       + ", ".join(s.name for s in stages.DVC_STAGES))
     if not root.is_dir():
         raise D2DError(f"--root {root}: not a folder")
     cfg = load_params(root / params, set_ or [])
-    summary = STAGES[name](cfg, root.resolve())
-    console.print(f"{name} done: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+    summary = asdict(stages.run(name, cfg, root.resolve()))
+    console.print(f"{name} done: " + ", ".join(f"{k}={v}" for k, v in summary.items()
+                                               if not isinstance(v, (dict, list, tuple)) and v is not None))
 
 
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why; recorded on the version's tags with your user name.")]
@@ -393,9 +401,11 @@ def simulate_drift(
 def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""
     from pipeline.config import load_params
-    from pipeline.stages import make_demo
+    from pipeline.runners import make_demo
+    from pipeline.stages import raw_path
 
-    out = make_demo(load_params(params, set_ or []), Path.cwd())
+    cfg = load_params(params, set_ or [])
+    out = make_demo(cfg, raw_path(cfg, Path.cwd()))
     console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")
     for kind, ids in out["corrupted"].items():
         console.print(f"  corrupted {len(ids):3d} rows: {kind}")
