@@ -294,7 +294,7 @@ def _prefect(args: list[str]) -> Any:
     return subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, timeout=600)
 
 
-def _check_triggers(spec_path: Path, params_path: Path) -> None:
+def check_triggers(spec_path: Path, params_path: Path) -> None:
     """A retrain trigger that names another model than register.model_name would never fire."""
     import yaml
 
@@ -320,7 +320,7 @@ def deploy() -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise D2DError("PREFECT_API_URL is not set: deployments need a Prefect server (`prefect server start`); "
                        "`d2d serve-flows` serves them without one")
-    _check_triggers(Path("prefect.yaml"), Path("params.yaml"))
+    check_triggers(Path("prefect.yaml"), Path("params.yaml"))
     if _prefect(["work-pool", "inspect", POOL]).returncode:
         created = _prefect(["work-pool", "create", POOL, "--type", "process"])
         if created.returncode:
@@ -333,7 +333,7 @@ def deploy() -> None:
     console.print(f"next: prefect worker start --pool {POOL}")
 
 
-def _concurrency(deployment: dict[str, Any]) -> Any:
+def concurrency_limit(deployment: dict[str, Any]) -> Any:
     """prefect.yaml's `concurrency_limit` (a number, or limit + collision_strategy) as `to_deployment` takes it."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
@@ -363,7 +363,7 @@ def serve_flows() -> None:
         crons = [s["cron"] for s in d.get("schedules", []) if s.get("active", True)]
         deployments.append(flows[d["entrypoint"]].to_deployment(
             name=d["name"], parameters=d.get("parameters", {}), cron=crons[0] if crons else None,
-            tags=d.get("tags"), description=d.get("description"), concurrency_limit=_concurrency(d),
+            tags=d.get("tags"), description=d.get("description"), concurrency_limit=concurrency_limit(d),
             triggers=[DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"}) for t in d.get("triggers", [])]))
     console.print(f"serving {', '.join(d.name for d in deployments)}; Ctrl-C stops")
     serve(*deployments)
@@ -402,10 +402,8 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
     """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""
     from pipeline.config import load_params
     from pipeline.runners import make_demo
-    from pipeline.stages import raw_path
 
-    cfg = load_params(params, set_ or [])
-    out = make_demo(cfg, raw_path(cfg, Path.cwd()))
+    out = make_demo(load_params(params, set_ or []), Path.cwd())
     console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")
     for kind, ids in out["corrupted"].items():
         console.print(f"  corrupted {len(ids):3d} rows: {kind}")
@@ -433,7 +431,7 @@ def _raw_in_project(data: Path, root: Path) -> tuple[Path, str | None]:
     """data.raw as init-params writes it: relative to the project folder. A file outside the
     project is never written into params (pipeline.stages.raw_path refuses it); its place in
     the project is written instead, with what to do."""
-    from pipeline.stages import inside_project
+    from pipeline.project import inside_project
 
     lexical = Path(os.path.normpath(os.path.abspath(data)))
     if inside_project(data, root):

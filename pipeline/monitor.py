@@ -38,7 +38,7 @@ from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.errors import D2DError, DataError
-from pipeline.stages import raw_path
+from pipeline.project import raw_path
 
 BATCH_SUFFIXES = (".csv", ".parquet")
 REASON = "reason"

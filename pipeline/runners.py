@@ -18,6 +18,7 @@ from pipeline.data.keys import with_row_key
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.data.split import SPLITS
 from pipeline.errors import DataError
+from pipeline.project import raw_path
 from pipeline.summaries import Cleaned, DataVersion, Evaluated, Registered, SplitSizes, Trained, Validated
 
 if TYPE_CHECKING:
@@ -54,14 +55,14 @@ def data_version(params: Params, files: StageFiles) -> DataVersion:
     return replace(version, dvc=outcome)
 
 
-def make_demo(params: Params, raw: Path) -> dict[str, Any]:
-    """Write the corrupted digits CSV to `raw`; deterministic, so a fresh clone gets the recorded md5."""
+def make_demo(params: Params, root: Path) -> dict[str, Any]:
+    """Write the corrupted digits CSV to data.raw; deterministic, so a fresh clone gets the recorded md5."""
     from pipeline.data.demo import corrupt, digits_frame
 
     schema = schema_from_params(params.data)
     digits = digits_frame(schema).head(params.data.demo.rows)
     df, manifest = corrupt(digits, schema, params.data.demo.corrupt_fraction, params.data.demo.seed)
-    out = io.write_csv(df, raw)
+    out = io.write_csv(df, raw_path(params, root))
     return {"path": str(out), "rows": len(df), "md5": io.file_md5(out), "corrupted": manifest}
 
 

@@ -12,7 +12,6 @@ Read it like Kedro's `pipeline.py`: the wiring, without opening the functions.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from pipeline import runners, summaries
 from pipeline.config import Params
 from pipeline.errors import ConfigError
+from pipeline.project import raw_path
 
 RAW = "raw"  # the one file not in the catalog: params' data.raw (dvc.yaml: ${data.raw})
 
@@ -192,27 +192,3 @@ def run(name: str, params: Params, root: Path, lineage: Mapping[str, str] | None
     """Run one stage in the project at `root` (what `d2d stage NAME` and the flow's tasks call)."""
     s = stage(name)
     return s.run(params, StageFiles(s, params, root, dict(lineage or {})))
-
-
-def inside_project(path: Path, root: Path) -> bool:
-    """Whether `path` stays in the project folder both as written (no `..` or absolute path
-    out of it) and where its symbolic links lead."""
-    lexical = Path(os.path.normpath(os.path.abspath(path)))
-    return lexical.is_relative_to(os.path.abspath(root)) and path.resolve().is_relative_to(root.resolve())
-
-
-def raw_path(params: Params, root: Path) -> Path:
-    """The raw file, relative to the project root. A data.raw that leaves the project (an
-    absolute path, `..`, or a symlink out) is refused unless named on the command line
-    (`--set data.raw=PATH`): a params file, which may be generated or shared, cannot point
-    d2d at a file elsewhere on the machine."""
-    raw = root / params.data.raw
-    if params.raw_named_explicitly:
-        return raw
-    if not inside_project(raw, root):
-        raise ConfigError(
-            f"data.raw '{params.data.raw}' is outside the project folder {os.path.abspath(root)}: copy the file into "
-            f"the project (e.g. data/raw/{raw.name}) and set data.raw to that relative path, or name it explicitly "
-            f"on the command line with --set data.raw={os.path.normpath(os.path.abspath(raw))}"
-        )
-    return raw

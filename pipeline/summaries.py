@@ -80,6 +80,8 @@ class Trained(Summary):
     tuned: Mapping[str, Any] | None = None  # the tuned config, when tune.enabled
     init_from: str | None = None  # the warm start, when train.init_from is set
     init_from_version: str | None = None
+    transferred_tensors: int | None = None
+    fresh_tensors: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.data.io import file_md5
-from pipeline.stages import make_demo
+from pipeline.runners import make_demo
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -69,10 +69,10 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     result = state.result()
 
     assert file_md5(root / "data/raw/digits.csv") == raw_md5  # raw data is never modified
-    assert (root / result["validate"]["data_docs"]).is_file()  # GX Data Docs for every run
+    assert (root / result.validate.data_docs).is_file()  # GX Data Docs for every run
 
     # data version: the md5 DVC records, pushed to the remote
-    assert result["data"]["md5"] == demo["md5"] and result["data"]["dvc"] == "pushed to the DVC remote"
+    assert result.data_version.md5 == demo["md5"] and result.data_version.dvc == "pushed to the DVC remote"
     assert (tmp_path / "remote/files/md5" / demo["md5"][:2] / demo["md5"][2:]).is_file()
 
     # validate: every corrupted row but the duplicates is quarantined, with its reasons
@@ -81,29 +81,29 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     assert set(quarantine["id"]) == set(corrupted["missing_pixel"] + corrupted["out_of_range"] + corrupted["unknown_label"])
     assert quarantine["reason"].str.len().gt(0).all()
     # clean + split: duplicates gone, 70/15/15 of what is left
-    assert result["clean"]["rows_in"] - result["clean"]["rows_out"] == len(corrupted["duplicate"])
-    sizes = result["split"]["sizes"]
-    assert sum(sizes.values()) == result["clean"]["rows_out"]
-    assert abs(sizes["train"] - 0.70 * result["clean"]["rows_out"]) <= 1
+    assert result.clean.rows_in - result.clean.rows_out == len(corrupted["duplicate"])
+    sizes = result.split.sizes
+    assert sum(sizes.values()) == result.clean.rows_out
+    assert abs(sizes["train"] - 0.70 * result.clean.rows_out) <= 1
     # train: per-epoch history from the Ray workers, best weights kept
     history = pd.read_csv(root / "reports/history.csv")
     assert 1 <= len(history) <= 6 and {"train_loss", "val_loss", "val_accuracy"} <= set(history.columns)
-    assert result["train"]["num_workers"] == 2
+    assert result.train.num_workers == 2
 
     # MLflow: the run, its lineage tags and metrics, the registered version and its alias
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = MlflowClient()
-    mlflow_run = client.get_run(result["metrics"]["mlflow_run_id"])
+    mlflow_run = client.get_run(result.evaluate.mlflow_run_id)
     assert mlflow_run.data.tags["d2d.data_md5"] == demo["md5"]
     assert mlflow_run.data.params["train.epochs"] == "6"
-    assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(result["metrics"]["test_accuracy"], abs=1e-6)
+    assert mlflow_run.data.metrics["test_accuracy"] == pytest.approx(result.evaluate.metrics["test_accuracy"], abs=1e-6)
     assert len(client.get_metric_history(mlflow_run.info.run_id, "val_loss")) == len(history)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "reports")}
     assert {"reports/test_predictions.png", "reports/learning_curves.png", "reports/validate.json"} <= artifacts
 
-    registered = result["register"]
-    assert registered["version"] == 1 and registered["promoted"] == (result["metrics"]["test_accuracy"] >= 0.5)
-    assert result["metrics"]["test_accuracy"] >= 0.5, "a CNN on 400 digits should beat chance by far"
+    registered = result.register
+    assert registered.version == 1 and registered.promoted == (result.evaluate.metrics["test_accuracy"] >= 0.5)
+    assert result.evaluate.metrics["test_accuracy"] >= 0.5, "a CNN on 400 digits should beat chance by far"
     champion = client.get_model_version_by_alias("d2d-digits", "champion")
     assert int(champion.version) == 1
     assert champion.tags["d2d.data_md5"] == demo["md5"]
@@ -119,8 +119,8 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     found.raise_for_status()
     by_key = {a["key"]: a for a in found.json()}
     summary = by_key["d2d-run-summary"]["data"]
-    assert "## Promotion" in summary and "version 1" in summary and result["register"]["reasons"][0] in summary
-    assert f"{result['validate']['rows_quarantined']} quarantined" in summary
+    assert "## Promotion" in summary and "version 1" in summary and result.register.reasons[0] in summary
+    assert f"{result.validate.rows_quarantined} quarantined" in summary
     table = by_key["d2d-per-class-metrics"]
     assert table["type"] == "table" and '"class": "9"' in table["data"]
     assert mlflow_run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
@@ -130,8 +130,8 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     assert "up to date" in run(["dvc", "status"], root).stdout
     assert "Running stage" not in run(["dvc", "repro"], root).stdout
     again = training_flow(params_path="params.yaml", root=str(root))
-    assert again["metrics"]["mlflow_run_id"] == result["metrics"]["mlflow_run_id"]
-    assert again["register"]["version"] == 1 and again["train"] == result["train"]
+    assert again.evaluate.mlflow_run_id == result.evaluate.mlflow_run_id
+    assert again.register.version == 1 and again.train == result.train
     assert len(client.search_runs([mlflow_run.info.experiment_id])) == 1
 
     # the champion predicts on raw rows, straight from the CSV
@@ -140,7 +140,7 @@ def test_training_flow_end_to_end(tmp_path, prefect_harness):
     rows = pd.read_csv(root / "data/raw/digits.csv").set_index("id").loc[raw["id"]].reset_index()
     pred = model.predict(rows.drop(columns=["label"]).astype("int64"))
     assert (pred["label"].to_numpy() == rows["label"].to_numpy()).mean() == pytest.approx(
-        result["metrics"]["test_accuracy"], abs=1e-6
+        result.evaluate.metrics["test_accuracy"], abs=1e-6
     )
 
 
@@ -183,7 +183,7 @@ def test_dvc_repro_runs_every_stage_once(tmp_path, prefect_harness):
     timings = yaml.safe_load((root / "reports/timings.json").read_text())
     assert {k: v["how"] for k, v in timings.items() if k != "data-version"} == dict.fromkeys(
         ("validate", "clean", "split", "train", "evaluate", "register"), "reused")
-    assert (root / "reports/metrics.json").read_text() == metrics_before and reused["register"]["version"] == 1
+    assert (root / "reports/metrics.json").read_text() == metrics_before and reused.register.version == 1
 
     # what DVC users look at: the metrics and every declared plot
     shown = run(["dvc", "metrics", "show", "--json"], root).stdout
@@ -251,7 +251,7 @@ def test_bring_your_own_tabular_data(tmp_path, prefect_harness):
     )
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["train"]["epochs_run"] >= 1 and result["register"]["promoted"]
+    assert result.train.epochs_run >= 1 and result.register.promoted
 
     prep = json.loads((tmp_path / "data/split/preprocess.json").read_text())
     train = pd.read_parquet(tmp_path / "data/split/train.parquet")
@@ -287,8 +287,8 @@ def test_regression_end_to_end(tmp_path, prefect_harness):
     state = training_flow(params_path="params.yaml", overrides=["register.min_test_r2=0.3"], root=str(tmp_path), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["metrics"]["test_r2"] > 0.3, "an MLP should explain a good share of diabetes progression"
-    assert result["register"]["promoted"]
+    assert result.evaluate.metrics["test_r2"] > 0.3, "an MLP should explain a good share of diabetes progression"
+    assert result.register.promoted
     assert "val_rmse" in pd.read_csv(tmp_path / "reports/history.csv").columns
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -296,7 +296,7 @@ def test_regression_end_to_end(tmp_path, prefect_harness):
     test = pd.read_parquet(tmp_path / "data/split/test.parquet")
     raw = pd.read_csv(tmp_path / "diabetes.csv").set_index("patient_id").loc[test["patient_id"]].reset_index()
     pred = model.predict(raw.drop(columns="progression"))["prediction"].to_numpy()
-    assert regression_metrics(raw["progression"].to_numpy(dtype=float), pred)["r2"] == pytest.approx(result["metrics"]["test_r2"], abs=1e-4)
+    assert regression_metrics(raw["progression"].to_numpy(dtype=float), pred)["r2"] == pytest.approx(result.evaluate.metrics["test_r2"], abs=1e-4)
 
 
 def iris_without_id(path: Path) -> pd.DataFrame:
@@ -348,7 +348,7 @@ def test_data_without_an_id_column_end_to_end(tmp_path, prefect_harness):
                                                       keys.iloc[142]: f"duplicate of row key {keys.iloc[101]}"}
     splits = {s: pd.read_parquet(tmp_path / f"data/split/{s}.parquet") for s in ("train", "val", "test")}
     assert sum(len(f) for f in splits.values()) == len(raw) - 4 and all(f[ROW_KEY].is_unique for f in splits.values())
-    assert result["split"]["leaked_rows"] == 0 and result["register"]["promoted"]
+    assert result.split.leaked_rows == 0 and result.register.promoted
 
     # the champion scores raw rows, which carry no id
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -377,7 +377,7 @@ def test_thirty_percent_bad_rows_is_the_normal_case(tmp_path, prefect_harness):
                           overrides=["train.epochs=15", "validate.data_docs=false"])
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["validate"]["passed"] and result["validate"]["bad_row_fraction"] > 0.2
+    assert result.validate.passed and result.validate.bad_row_fraction > 0.2
     quarantine = pd.read_parquet(tmp_path / "data/quarantine/validate.parquet")
     by_id = quarantine.set_index("id")["reason"]
     assert set(by_id.index) == set(corrupted["missing_pixel"] + corrupted["out_of_range"] + corrupted["unknown_label"])
@@ -389,5 +389,5 @@ def test_thirty_percent_bad_rows_is_the_normal_case(tmp_path, prefect_harness):
     # a copied row comes before or after its source; the later of the two is removed, naming the first
     pairs = zip(dup["id"], dup["reason"].str.removeprefix("duplicate of id ").astype(int))
     assert len(dup) == len(corrupted["duplicate"]) and all({a, b} & set(corrupted["duplicate"]) for a, b in pairs)
-    assert result["metrics"]["test_accuracy"] >= 0.95, result["metrics"]
-    assert result["register"]["promoted"]
+    assert result.evaluate.metrics["test_accuracy"] >= 0.95, result.evaluate
+    assert result.register.promoted

@@ -22,7 +22,7 @@ from pipeline.data import io
 from pipeline.data.demo import digits_frame
 from pipeline.data.schema import schema_from_params
 from pipeline.data.simulate import simulate_batch
-from pipeline.stages import make_demo
+from pipeline.runners import make_demo
 from tests.integration.test_end_to_end import GIT_ID, run, small_project
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def project(tmp_path_factory, prefect_harness):
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "project"], root)
     trained = training_flow(params_path="params.yaml", root=str(root))
-    assert trained["register"]["promoted"]
+    assert trained.register.promoted
     yield root
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
@@ -81,17 +81,17 @@ def test_no_drift_batches_rarely_retrain_and_a_rerun_does_nothing(project):
     free = [f"monitor.inbox={inbox}", "monitor.state=data/monitor-none", "monitor.cooldown_hours=0",
             "monitor.max_retrains=1000"]
     result = monitor(project, *free)
-    assert len(result["batches"]) == 20
-    alarms = [b for b in result["batches"] if b["action"] != "none"]
-    assert result["retrains"] == len(alarms) <= 2  # false-alarm rate ≤ 10%
-    assert all(b["drift_share"] < 0.5 for b in result["batches"])
+    assert len(result.batches) == 20
+    alarms = [b for b in result.batches if b.decision.action != "none"]
+    assert result.retrains == len(alarms) <= 2  # false-alarm rate ≤ 10%
+    assert all(b.decision.drift_share < 0.5 for b in result.batches)
     ledger = io.read_json(project / "data/monitor-none/ledger.json")
     assert len(ledger["batches"]) == 20 and all((project / e["report"]).is_file() for e in ledger["batches"].values())
 
     # the same inbox again: nothing new, nothing appended, nothing logged twice
     raw_md5, runs = io.file_md5(project / RAW), monitoring_runs(project)
     again = monitor(project, *free)
-    assert again["batches"] == [] and again["retrains"] == 0
+    assert again.batches == () and again.retrains == 0
     assert io.read_json(project / "data/monitor-none/ledger.json") == ledger
     assert io.file_md5(project / RAW) == raw_md5 and monitoring_runs(project) == runs
 
@@ -115,10 +115,10 @@ def test_a_corrupted_batch_is_quarantined_and_not_appended(project):
     raw_md5, dvc_file, n_versions = io.file_md5(project / RAW), (project / f"{RAW}.dvc").read_text(), len(versions(project))
 
     result = monitor(project, "monitor.inbox=data/inbox-bad", "monitor.state=data/monitor-bad")
-    by_batch = {b["batch"]: b for b in result["batches"]}
-    assert by_batch[path.name]["action"] == "rejected" and "max_bad_row_fraction" in by_batch[path.name]["reasons"][0]
-    assert by_batch["truncated.parquet"]["action"] == "rejected" and "not a valid Parquet" in by_batch["truncated.parquet"]["reasons"][0]
-    assert result["retrains"] == 0
+    by_batch = {b.batch: b for b in result.batches}
+    assert by_batch[path.name].decision.action == "rejected" and "max_bad_row_fraction" in by_batch[path.name].decision.reasons[0]
+    assert by_batch["truncated.parquet"].decision.action == "rejected" and "not a valid Parquet" in by_batch["truncated.parquet"].decision.reasons[0]
+    assert result.retrains == 0
     # every row of the rejected batch is kept, each with its reason; the raw data is untouched
     [quarantined] = (project / "data/quarantine/monitor").glob(f"{path.stem}-*.parquet")
     kept = pd.read_parquet(quarantined)
@@ -139,16 +139,16 @@ def test_a_shifted_batch_appends_a_data_version_and_retrains_exactly_once(projec
     old_md5, n_versions = io.file_md5(project / RAW), len(versions(project))
 
     result = monitor(project, "monitor.inbox=data/inbox-shift", "monitor.state=data/monitor-shift")
-    first, second = result["batches"]
-    assert first["batch"] == shifted[0].name and first["action"] == "retrain"
-    assert any(r.startswith("data drift") for r in first["reasons"])
-    assert second["action"] == "append" and "cooldown" in second["reasons"][-1]
-    assert result["retrains"] == 1
+    first, second = result.batches
+    assert first.batch == shifted[0].name and first.decision.action == "retrain"
+    assert any(r.startswith("data drift") for r in first.decision.reasons)
+    assert second.decision.action == "append" and "cooldown" in second.decision.reasons[-1]
+    assert result.retrains == 1
 
     # exactly one new registered version, and the gate decided on it
     assert len(versions(project)) == n_versions + 1
-    registered = first["register"]
-    version = MlflowClient().get_model_version("d2d-digits", str(registered["version"]))
+    registered = first.register
+    version = MlflowClient().get_model_version("d2d-digits", str(registered.version))
     assert version.tags["d2d.decision"] in ("promoted", "rejected") and version.tags["d2d.promotion"]
     assert version.tags["d2d.data_md5"] != old_md5  # trained on the new data version
 
@@ -222,9 +222,9 @@ def test_links_in_the_inbox_are_refused_and_nothing_they_point_at_is_copied(proj
     raw_md5 = io.file_md5(project / RAW)
 
     result = monitor(project, "monitor.inbox=data/inbox-links", "monitor.state=data/monitor-links")
-    by_batch = {b["batch"]: b for b in result["batches"]}
-    assert {b["action"] for b in by_batch.values()} == {"refused"} and set(by_batch) == {"leak.csv", "outside.csv"}
-    assert "symbolic link" in by_batch["leak.csv"]["reasons"][0]
+    by_batch = {b.batch: b for b in result.batches}
+    assert {b.decision.action for b in by_batch.values()} == {"refused"} and set(by_batch) == {"leak.csv", "outside.csv"}
+    assert "symbolic link" in by_batch["leak.csv"].decision.reasons[0]
     # nothing was read: no quarantine file, no report, no append; the link and its target are as they were
     assert not list((project / "data/quarantine/monitor").glob("leak-*")) and not list((project / "reports/monitor").glob("leak-*"))
     assert io.file_md5(project / RAW) == raw_md5 and secret.read_text() == "id,label\n1,hunter2\n"
@@ -292,13 +292,12 @@ def test_a_retrain_that_could_not_run_stays_pending_and_the_next_monitor_runs_it
     """A retrain decided while another training run holds the project's lock fails loudly and
     stays `pending` in the ledger (it used to be recorded as done and lost); the next monitor
     run trains it, once."""
-    from flows.training import RUN_LOCK
-    from pipeline import lock
+    from pipeline import lock, stages
 
     batches(project, "data/inbox-busy", "thicken", 0.8, range(40, 41))
     sets = ["monitor.inbox=data/inbox-busy", "monitor.state=data/monitor-busy", "monitor.cooldown_hours=0"]
     before = len(versions(project))
-    with lock.exclusive(project / RUN_LOCK, "a test's training run"):
+    with lock.exclusive(stages.path("run_lock", project), "a test's training run"):
         with pytest.raises(Exception, match="training run is already in progress"):
             monitor(project, *sets)
     [entry] = io.read_json(project / "data/monitor-busy/ledger.json")["batches"].values()
@@ -306,9 +305,9 @@ def test_a_retrain_that_could_not_run_stays_pending_and_the_next_monitor_runs_it
     assert len(versions(project)) == before
 
     resumed = monitor(project, *sets)
-    assert resumed["retrains"] == 1
+    assert resumed.retrains == 1
     [entry] = io.read_json(project / "data/monitor-busy/ledger.json")["batches"].values()
     assert entry["retrain_state"] == "done" and len(versions(project)) == before + 1
 
     again = monitor(project, *sets)
-    assert again["retrains"] == 0 and len(versions(project)) == before + 1
+    assert again.retrains == 0 and len(versions(project)) == before + 1

@@ -17,7 +17,8 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.data import io
-from pipeline.stages import make_demo, run_clean, run_evaluate, run_register, run_split, run_train, run_validate
+from pipeline import stages
+from pipeline.runners import make_demo
 from tests.conftest import REPO
 from tests.integration.servers import free_port, mlflow_server, postgres
 from tests.integration.test_end_to_end import small_project
@@ -47,8 +48,8 @@ def project(tmp_path_factory) -> Path:
     root = small_project(tmp_path_factory.mktemp("project"))
     params = load_params(root / "params.yaml", FAST)
     make_demo(params, root)
-    for stage in (run_validate, run_clean, run_split, run_train):
-        stage(params, root)
+    for name in ("validate", "clean", "split", "train"):
+        stages.run(name, params, root)
     return root
 
 
@@ -63,12 +64,12 @@ def test_evaluate_and_register_on_a_postgresql_backed_server(server, project):
     from mlflow import MlflowClient
 
     params = load_params(project / "params.yaml", FAST)
-    metrics = run_evaluate(params, project, tags={"prefect.flow_run_id": "test-flow-run"})
-    decision = run_register(params, project)
-    assert decision["version"] == 1 and decision["promoted"], decision
+    metrics = stages.run("evaluate", params, project, {"prefect.flow_run_id": "test-flow-run"})
+    decision = stages.run("register", params, project)
+    assert decision.version == 1 and decision.promoted, decision
 
     client = MlflowClient(server["url"])  # the REST client, as the UI and other tools see it
-    run = client.get_run(metrics["mlflow_run_id"])
+    run = client.get_run(metrics.mlflow_run_id)
     assert {"test_accuracy", "test_f1_macro", "test_roc_auc_ovr", "test_log_loss", "val_log_loss"} <= set(run.data.metrics)
     assert run.data.tags["prefect.flow_run_id"] == "test-flow-run" and "d2d.params_hash" in run.data.tags
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
@@ -179,8 +180,8 @@ def test_a_retried_registration_does_not_add_a_version(server, project):
     from mlflow import MlflowClient
 
     params = load_params(project / "params.yaml", FAST)
-    again = run_register(params, project)
-    assert again["version"] == 1 and again["champion"] == 1
+    again = stages.run("register", params, project)
+    assert again.version == 1 and again.champion == 1
     assert len(MlflowClient(server["url"]).search_model_versions(f"name = '{NAME}'")) == 1
 
 
@@ -188,13 +189,13 @@ def test_a_worse_challenger_stays_registered_but_is_not_champion(server, project
     from mlflow import MlflowClient
 
     weak = load_params(project / "params.yaml", [*FAST, "train.epochs=1", "train.lr=0.00001"])
-    run_train(weak, project)
-    run_evaluate(weak, project)
-    decision = run_register(weak, project)
-    assert decision["version"] == 2 and not decision["promoted"] and decision["champion"] == 1
+    stages.run("train", weak, project)
+    stages.run("evaluate", weak, project)
+    decision = stages.run("register", weak, project)
+    assert decision.version == 2 and not decision.promoted and decision.champion == 1
     # both gates ran: below the threshold, and compared with the champion on the same split
-    assert "is below" in decision["reasons"][0] and "worse beyond the tolerance" in decision["reasons"][1]
-    assert decision["champion_metrics"]["version"] == "1"
+    assert "is below" in decision.reasons[0] and "worse beyond the tolerance" in decision.reasons[1]
+    assert decision.champion_metrics["version"] == "1"
     client = MlflowClient(server["url"])
     v2 = client.get_model_version(NAME, "2")
     assert v2.tags["d2d.decision"] == "rejected" and "challenger" in v2.aliases
@@ -265,7 +266,7 @@ def test_two_gated_registrations_at_once_leave_one_champion_chosen_by_the_gate(s
     roots = [project, tmp_path / "second"]
     shutil.copytree(project, roots[1], ignore=shutil.ignore_patterns("ray", "mlruns", "*.db"))
     params = load_params(project / "params.yaml", FAST)
-    runs = [run_evaluate(params, root)["mlflow_run_id"] for root in roots]  # two candidates, two runs
+    runs = [stages.run("evaluate", params, root).mlflow_run_id for root in roots]  # two candidates, two runs
     assert runs[0] != runs[1]
     client = MlflowClient(server["url"])
     before = {v.version for v in client.search_model_versions(f"name = '{NAME}'")}

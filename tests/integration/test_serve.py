@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_params
-from pipeline.stages import make_demo
+from pipeline.runners import make_demo
 from tests.integration.servers import free_port, stop, wait_http
 from tests.integration.test_end_to_end import small_project
 
@@ -42,9 +42,9 @@ def project(tmp_path_factory, prefect_harness):
     root = small_project(tmp_path_factory.mktemp("serve"))
     make_demo(load_params(root / "params.yaml"), root)
     trained = training_flow(params_path="params.yaml", root=str(root))
-    assert trained["register"]["promoted"] and trained["register"]["version"] == 1
+    assert trained.register.promoted and trained.register.version == 1
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    assert mlflow.register_model(trained["metrics"]["model_uri"], "d2d-digits").version == 2
+    assert mlflow.register_model(trained.evaluate.model_uri, "d2d-digits").version == 2
     return root
 
 
@@ -193,14 +193,14 @@ def test_the_inference_log_is_written_and_the_monitor_reads_it(project, server):
     assert [p.name.startswith("date=") for p in log_dir.iterdir()] == [True] * len(list(log_dir.iterdir()))
 
     result = monitor_flow(params_path="params.yaml", root=str(project), overrides=["monitor.retrain=off"])
-    [batch] = result["batches"]
-    assert batch["batch"] == "inference-log" and batch["action"] in ("none", "alert")  # no labels: never appended
+    [batch] = result.batches
+    assert batch.batch == "inference-log" and batch.decision.action in ("none", "alert")  # no labels: never appended
     ledger = json.loads((project / "data/monitor/ledger.json").read_text())
     [entry] = ledger["batches"].values()
     assert not entry["labelled"] and entry["appended"] is None and entry["rows"] >= 60
     assert len(ledger["log_parts"]) == entry["log_parts"] > 0
     again = monitor_flow(params_path="params.yaml", root=str(project), overrides=["monitor.retrain=off"])
-    assert again["batches"] == []  # every part read once
+    assert again.batches == ()  # every part read once
 
 
 def test_batch_prediction_on_a_small_file(project, tmp_path):

@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.data import io
-from pipeline.stages import make_demo, run_clean, run_evaluate, run_register, run_split, run_train, run_validate
+from pipeline import stages
+from pipeline.runners import make_demo
 from tests.integration.servers import free_port, ray_head
 from tests.integration.test_end_to_end import small_project
 
@@ -32,8 +33,8 @@ def project(tmp_path_factory) -> Path:
     root = small_project(tmp_path_factory.mktemp("project"))
     params = load_params(root / "params.yaml")
     make_demo(params, root)
-    for stage in (run_validate, run_clean, run_split):
-        stage(params, root)
+    for name in ("validate", "clean", "split"):
+        stages.run(name, params, root)
     return root
 
 
@@ -41,7 +42,7 @@ def test_tuning_searches_with_asha_logs_child_runs_and_trains_the_best(project):
     from mlflow import MlflowClient
 
     params = load_params(project / "params.yaml", TUNE)
-    trained = run_train(params, project)
+    trained = stages.run("train", params, project)
     tuned = io.read_json(project / "reports/tune.json")
     trials = pd.read_csv(project / "reports/tune_trials.csv")
 
@@ -55,10 +56,10 @@ def test_tuning_searches_with_asha_logs_child_runs_and_trains_the_best(project):
     assert tuned["best_config"] == best["config"] and set(best["config"]) == set(params.tune.space)
     # the final model trained with the winning config: its history ran at the tuned rate
     history = pd.read_csv(project / "reports/history.csv")
-    assert trained["tuned"] == best["config"]
+    assert trained.tuned == best["config"]
     assert history["lr"].tolist() == pytest.approx([best["config"]["lr"]] * len(history))
 
-    run_evaluate(params, project)
+    stages.run("evaluate", params, project)
     metrics = io.read_json(project / "reports/metrics.json")
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     parent = client.get_run(metrics["mlflow_run_id"])
@@ -77,18 +78,18 @@ def test_warm_start_from_the_champion(project):
     transfers, and the first epoch already scores like the champion, not like a fresh start."""
     base = load_params(project / "params.yaml", ["register.min_test_accuracy=0.3"])
     if not (project / "reports/metrics.json").is_file():  # run on its own (pytest -k): train one first
-        run_train(base, project)
-        run_evaluate(base, project)
-    decision = run_register(base, project)
-    assert decision["promoted"], decision["reasons"]
+        stages.run("train", base, project)
+        stages.run("evaluate", base, project)
+    decision = stages.run("register", base, project)
+    assert decision.promoted, decision.reasons
     # the champion's architecture: the tuned config when the tuning test trained it
     tuned = io.read_json(project / "reports/tune.json").get("best_config", {})
     same = ["train.epochs=1", "train.num_workers=1", *(f"train.{k}={json.dumps(v)}" for k, v in tuned.items())]
-    scratch = run_train(load_params(project / "params.yaml", same), project)
-    warm = run_train(load_params(project / "params.yaml", [*same, "train.init_from=models:/d2d-digits@champion"]), project)
-    assert warm["init_from"] == "models:/d2d-digits@champion" and warm["fresh_tensors"] == []
-    assert warm["transferred_tensors"] > 0
-    assert warm["best_val_loss"] < scratch["best_val_loss"] / 2, (warm, scratch)
+    scratch = stages.run("train", load_params(project / "params.yaml", same), project)
+    warm = stages.run("train", load_params(project / "params.yaml", [*same, "train.init_from=models:/d2d-digits@champion"]), project)
+    assert warm.init_from == "models:/d2d-digits@champion" and warm.fresh_tensors == ()
+    assert warm.transferred_tensors > 0
+    assert warm.best_val_loss < scratch.best_val_loss / 2, (warm, scratch)
 
 
 @pytest.fixture

@@ -82,12 +82,15 @@ def test_validation_gate_failure_keeps_quarantine(project):
 
 
 def test_a_step_that_fails_for_another_reason_is_one_line_and_exit_1(monkeypatch, capsys):
-    from pipeline import cli, stages
+    from app import cli
+    from pipeline import stages
 
-    def broken(params, root):
+    from dataclasses import replace
+
+    def broken(params, files):
         raise RuntimeError("the disk is full\nmore detail")
 
-    monkeypatch.setitem(stages.STAGES, "clean", broken)
+    monkeypatch.setattr(stages, "STAGES", tuple(replace(s, run=broken) if s.name == "clean" else s for s in stages.STAGES))
     monkeypatch.setattr("sys.argv", ["d2d", "stage", "clean", "--params", str(REPO / "params.yaml")])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
@@ -119,7 +122,7 @@ HOSTILE = st.lists(st.one_of(ANY_TEXT, MARKUP), min_size=1, max_size=4).map("".j
 
 
 def main_in_process(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
-    from pipeline import cli
+    from app import cli
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr("sys.argv", ["d2d", *args])

@@ -72,11 +72,11 @@ with lock.exclusive(Path(sys.argv[1]), "a training run"):
 def test_a_second_run_in_the_same_project_is_refused_with_one_line(tmp_path):
     """Two real processes: one holds the project's run lock (as a `d2d run` does for its whole
     flow), the other is `d2d run` in the same project."""
-    from flows.training import RUN_LOCK
+    from pipeline import stages
 
     (tmp_path / "params.yaml").write_bytes((REPO / "params.yaml").read_bytes())
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / RUN_LOCK)], stdout=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(stages.path("run_lock", tmp_path))], stdout=subprocess.PIPE, text=True,
                               env=env)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -109,7 +109,7 @@ def test_each_deployment_runs_one_at_a_time_as_prefect_reads_it():
     from prefect.cli.deploy._models import DeploymentConfig
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from pipeline.cli import _concurrency
+    from app.cli import concurrency_limit
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert {d["name"] for d in spec["deployments"]} == {"training", "drift-monitor"}
@@ -117,7 +117,7 @@ def test_each_deployment_runs_one_at_a_time_as_prefect_reads_it():
         parsed = DeploymentConfig.model_validate(d)  # what `prefect deploy` validates prefect.yaml with
         assert parsed.concurrency_limit.limit == 1 and parsed.concurrency_limit.collision_strategy == "ENQUEUE"
         # `d2d serve-flows` hands the same limit to Prefect
-        assert _concurrency(d) == ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+        assert concurrency_limit(d) == ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
 def run(args: list[str], cwd: Path) -> None:
@@ -157,15 +157,17 @@ def test_no_remote_is_not_a_failure_and_a_working_remote_pushes(dvc_project):
 
 
 def test_the_run_summary_warns_when_the_data_version_was_not_pushed(capsys):
-    from pipeline.cli import _summary
+    from dataclasses import replace
+
+    from app.cli import print_run_summary
     from tests.unit.test_report_and_lock import RESULT
 
     metrics = {f"test_{k}": 0.9 for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc_ovr",
-                                           "log_loss")} | {"mlflow_run_id": "r1"}
-    result = {**RESULT, "metrics": metrics}
-    failed = {**result, "data": {**RESULT["data"], "dvc": "dvc push failed: ERROR: unexpected error"}}
-    _summary(failed, 3.0, None)
+                                           "log_loss")}
+    result = replace(RESULT, evaluate=replace(RESULT.evaluate, metrics=metrics))
+    failed = replace(result, data_version=replace(RESULT.data_version, dvc="dvc push failed: ERROR: unexpected error"))
+    print_run_summary(failed, 3.0, None)
     out = capsys.readouterr().out
     assert "warning: dvc push failed: ERROR: unexpected error" in out and "run `dvc push`" in out
-    _summary(result, 3.0, None)
+    print_run_summary(result, 3.0, None)
     assert "warning" not in capsys.readouterr().out

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline import monitor
-from pipeline.cli import _check_triggers
+from app.cli import check_triggers
 from pipeline.config import MonitorParams, Params
 from pipeline.data import io
 from pipeline.drift import DriftReport, retrain_decision
@@ -189,11 +189,11 @@ def test_the_retrain_mode(project, retrain, api_url, mode):
 
 def test_deploy_refuses_a_trigger_for_another_model(tmp_path):
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    _check_triggers(REPO / "prefect.yaml", REPO / "params.yaml")  # the shipped pair agrees
+    check_triggers(REPO / "prefect.yaml", REPO / "params.yaml")  # the shipped pair agrees
     spec["deployments"][0]["triggers"][0]["match"]["prefect.resource.id"] = "d2d.model.other"
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(D2DError, match="d2d.model.other"):
-        _check_triggers(tmp_path / "prefect.yaml", REPO / "params.yaml")
+        check_triggers(tmp_path / "prefect.yaml", REPO / "params.yaml")
 
 
 def test_a_bare_off_in_yaml_turns_retraining_off(repo_params):

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.errors import ConfigError
-from pipeline.stages import raw_path
+from pipeline.project import raw_path
 from tests.conftest import REPO
 from tests.unit.test_cli import d2d, one_line_error
 

@@ -7,18 +7,21 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.report import per_class_rows, run_summary
+from pipeline.summaries import Cleaned, DataVersion, Evaluated, Registered, SplitSizes, Trained, TrainingRun, Validated
 from pipeline.versioning import lock_mode
 
-RESULT = {
-    "data": {"path": "data/raw/digits.csv", "md5": "abc", "dvc": "pushed to the DVC remote"},
-    "validate": {"passed": True, "expectations": 10, "expectations_failed": 2, "rows_in": 100, "rows_quarantined": 4,
-                 "data_docs": "reports/data_docs/index.html"},
-    "clean": {"removed": 3},
-    "split": {"sizes": {"train": 65, "val": 14, "test": 14}},
-    "metrics": {"test_accuracy": 0.95, "test_f1_macro": 0.94, "val_accuracy": 0.9, "mlflow_run_id": "r1"},
-    "register": {"model_name": "m", "version": 2, "promoted": False, "champion": 1,
-                 "reasons": ["test_accuracy 0.9500 meets register.min_test_accuracy=0.9", "worse beyond the tolerance"]},
-}
+RESULT = TrainingRun(
+    data_version=DataVersion("data/raw/digits.csv", "abc", "abc", True, "pushed to the DVC remote"),
+    validate=Validated(passed=True, reasons=(), rows_in=100, rows_valid=96, rows_quarantined=4, bad_row_fraction=0.04,
+                       expectations=10, expectations_failed=2, data_md5="abc", data_path="data/raw/digits.csv",
+                       data_docs="reports/data_docs/index.html"),
+    clean=Cleaned(rows_in=96, rows_out=93, removed=3),
+    split=SplitSizes({"train": 65, "val": 14, "test": 14}, "stratified", 42, 0, 64),
+    train=Trained(epochs_run=3, best_epoch=2, best_val_loss=0.1, train_seconds=1.0, num_workers=2),
+    evaluate=Evaluated({"test_accuracy": 0.95, "test_f1_macro": 0.94, "val_accuracy": 0.9}, "r1", "models:/m-1"),
+    register=Registered("m", 2, False, 1, ("test_accuracy 0.9500 meets register.min_test_accuracy=0.9",
+                                           "worse beyond the tolerance")),
+)
 
 
 def test_the_summary_has_every_section_and_the_reasons(tmp_path):
