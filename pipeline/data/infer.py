@@ -53,7 +53,7 @@ def _id_like(col: Any) -> bool:
 FLOAT_MAX = float(np.finfo("float64").max)
 
 
-def _numeric_range(x: pd.Series, integral: bool) -> tuple[Any, Any]:
+def numeric_range(x: pd.Series, integral: bool) -> tuple[Any, Any]:
     """The observed range widened by RANGE_MARGIN, as params write it: finite, and strictly
     wider than the data even where a margin of 1 is below the spacing of floats (beyond
     2**53) or the widened bound overflows (near 1.8e308)."""
@@ -102,7 +102,7 @@ def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]
         # float64 "59.0" to int64.
         whole = bool((numbers == np.floor(numbers)).all())
         integral = col.dtype.kind in "iu" or (whole and nullable and col.dtype.kind == "f")
-        lo, hi = _numeric_range(numbers, integral)
+        lo, hi = numeric_range(numbers, integral)
         spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": lo, "max": hi}
     else:
         distinct = values.astype("string").unique()

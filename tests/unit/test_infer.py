@@ -113,8 +113,8 @@ def test_int_only_where_a_reader_yields_ints(values, dtype):
 def test_an_inferred_range_is_finite_and_strictly_wider_than_the_data(values, integral):
     """Found by the Hypothesis test of init-params: these gave an OverflowError, or params
     whose max was not above their min."""
-    from pipeline.data.infer import _numeric_range
+    from pipeline.data.infer import numeric_range
 
-    lo, hi = _numeric_range(pd.Series(values), integral)
+    lo, hi = numeric_range(pd.Series(values), integral)
     assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
     assert lo <= min(values) and hi >= max(values)
