@@ -249,6 +249,22 @@ def stage(
                                                if not isinstance(v, (dict, list, tuple)) and v is not None))
 
 
+@app.command("stages")
+def stages_table() -> None:
+    """Every stage: its runner, the params it takes, what it reads and writes, what it returns."""
+    from rich.table import Table
+
+    from pipeline.stages import describe
+
+    rows = describe()
+    table = Table(title="d2d stages (pipeline/stages.py)", title_justify="left")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
 ReasonOpt = Annotated[str, typer.Option("--reason", "-r", help="Why; recorded on the version's tags with your user name.")]
 
 

@@ -192,3 +192,13 @@ def run(name: str, params: Params, root: Path, lineage: Mapping[str, str] | None
     """Run one stage in the project at `root` (what `d2d stage NAME` and the flow's tasks call)."""
     s = stage(name)
     return s.run(params, StageFiles(s, params, root, dict(lineage or {})))
+
+
+def describe() -> list[dict[str, str]]:
+    """The table in words, one row per stage (what `d2d stages` prints)."""
+
+    def shown(names: tuple[str, ...]) -> str:
+        return ", ".join("${data.raw}" if n == RAW else CATALOG[n] for n in names) or "—"
+
+    return [{"stage": s.name, "runner": f"runners.{s.run.__name__}", "params": ", ".join(s.params) or "—",
+             "reads": shown(s.reads), "writes": shown(s.writes), "returns": s.summary.__name__} for s in STAGES]

@@ -166,3 +166,24 @@ def test_the_private_name_check_sees_both_ways_of_reaching_in(tmp_path):
     probe.write_text("from pipeline import registry\nfrom pipeline.monitor import _aware\nregistry._rescore\n")
     assert _private_attributes(probe, "probe") == [("pipeline.registry._rescore", 3)]
     assert [n for m, names, _ in _imports(probe) for n in names if n.startswith("_")] == ["_aware"]
+
+
+def test_the_architecture_notes_show_the_table_as_the_code_has_it():
+    text = (REPO / "docs/ARCHITECTURE.md").read_text()
+    for row in stages.describe():
+        r = {k: ", ".join(f"`{p}`" for p in v.split(", ")) if k in ("reads", "writes") and v != "—" else v
+             for k, v in row.items()}
+        line = f"| {r['stage']} | `{r['runner']}` | {r['params']} | {r['reads']} | {r['writes']} | `{r['returns']}` |"
+        assert line in text, line
+
+
+def test_d2d_stages_prints_every_stage(capsys, monkeypatch):
+    from app import cli
+
+    monkeypatch.setattr("sys.argv", ["d2d", "stages"])
+    monkeypatch.setattr(cli.console, "width", 400)  # one line per stage, as on a wide terminal
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(s.name in out for s in stages.STAGES) and "data/split/train.parquet" in out
