@@ -12,8 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pipeline.data import io
 
 logger = logging.getLogger("ray.serve")
 
@@ -187,16 +187,9 @@ class InferenceLog:
     def _write(self, day: str, table: pd.DataFrame) -> None:
         """A part under a unique name, written to a hidden temporary file in the same folder and
         renamed into place: a reader never sees half a file, and two writers never share one."""
-        folder = self.folder / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-", suffix=".tmp")
-        os.close(fd)
-        try:
-            table.to_parquet(tmp, index=False)
-            os.replace(tmp, folder / f"part-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # the requests' rows: readable by the owner only
+        io.write_parquet(table, self.folder / f"date={day}" / f"part-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet",
+                         private=True)
 
     def _dead_letter(self, day: str, entry: Entry, error: Exception) -> None:
         """The request's rows as JSON lines, each with the reason, in an owner-only file; when
@@ -205,15 +198,12 @@ class InferenceLog:
         rows = len(entry.frame)
         try:
             inputs, outputs = _records(entry.frame), _records(entry.out)
-            folder = self.folder / DEAD_LETTER / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.folder / DEAD_LETTER, 0o700)
-            path = folder / f"dead-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                for i, row in enumerate(inputs):
-                    f.write(json.dumps({"reason": reason, "timestamp": entry.stamp.isoformat(),
-                                        "model_version": entry.version, "inputs": row,
-                                        "outputs": outputs[i] if i < len(outputs) else None}, allow_nan=False) + "\n")
+            io.private_dir(self.folder / DEAD_LETTER)
+            path = self.folder / DEAD_LETTER / f"date={day}" / f"dead-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            lines = [json.dumps({"reason": reason, "timestamp": entry.stamp.isoformat(), "model_version": entry.version,
+                                 "inputs": row, "outputs": outputs[i] if i < len(outputs) else None}, allow_nan=False)
+                     for i, row in enumerate(inputs)]
+            io.write_text("".join(line + "\n" for line in lines), path, private=True)
         except Exception:
             self._count("lost_rows", rows)
             logger.exception("inference log: %d rows could not be written (%s) nor dead-lettered", rows, reason)
@@ -237,7 +227,7 @@ class InferenceLog:
                 except ValueError:
                     continue  # not ours: left alone
                 if day < oldest and partition.is_dir() and not partition.is_symlink():
-                    shutil.rmtree(partition)
+                    io.remove(partition)
                     removed.append(partition)
         if removed:
             logger.info("inference log: removed %d partitions older than %d days", len(removed), self.retention_days)

@@ -524,7 +524,7 @@ def discard_stale_stages(ledger: dict[str, Any], params: Params, root: Path) -> 
     wanted = {e["append"]["staged"] for e in ledger["batches"].values() if e.get("state") == PENDING and e.get("append")}
     for stale in raw.parent.glob(f".{raw.name}.*.next"):
         if stale.name not in wanted:
-            stale.unlink(missing_ok=True)
+            io.remove(stale)
 
 
 def unfinished(ledger: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -50,6 +50,15 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
+def remove(path: Path) -> None:
+    """Delete a file or a whole folder; nothing when it is already gone. A symbolic link is
+    removed itself, never what it points to."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def move(source: Path, target: Path) -> Path:
     """Rename `source` over `target` in one step (same file system): readers see the old file
     or the new one, never a mix."""
@@ -74,6 +83,14 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def _beside(path: Path, suffix: str) -> Path:
+    """A new, empty, hidden file with a unique name in `path`'s folder (so a rename onto
+    `path` is atomic): `.<name>.<random><suffix>`."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
 @contextmanager
 def _atomic(path: Path, private: bool = False) -> Iterator[Path]:
     """A fresh temporary file beside `path`, renamed over it once written and flushed to
@@ -82,9 +99,7 @@ def _atomic(path: Path, private: bool = False) -> Iterator[Path]:
         private_dir(path.parent)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _beside(path, ".tmp")
     try:
         yield tmp
         # mkstemp makes the file 0600; an ordinary output gets what the umask gives any new file
@@ -122,9 +137,7 @@ def staged_append(rows: pd.DataFrame, path: Path) -> Path:
         missing = [c for c in header if c not in rows.columns]
         if missing:
             raise DataError(f"cannot append to {path}: the new rows lack column(s) {', '.join(missing[:5])}")
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".next", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _beside(path, ".next")
     try:
         if path.suffix == ".parquet":
             frame.to_parquet(tmp, index=False)
@@ -149,8 +162,7 @@ def staged_append(rows: pd.DataFrame, path: Path) -> Path:
 def append_csv(rows: pd.DataFrame, path: Path) -> Path:
     """A new version of a CSV: its old bytes unchanged, then `rows` in the file's own column
     order. Written beside it and renamed into place, so a crash leaves the old version."""
-    os.replace(staged_append(rows, path), path)
-    return path
+    return move(staged_append(rows, path), path)
 
 
 def write_text(text: str, path: Path, private: bool = False) -> Path:
