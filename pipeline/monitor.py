@@ -543,9 +543,9 @@ def push_warnings(appended: dict[str, Any] | None, intent: dict[str, Any] | None
     """A DVC push that failed, in words: the data is safe in the local cache, the remote is behind."""
     from pipeline.versioning import push_failed
 
-    found = [(intent or {}).get("pushed_before"), (appended or {}).get("dvc")]
+    outcomes = [(intent or {}).get("pushed_before"), (appended or {}).get("dvc")]
     return [f"{text}: the version is in the local DVC cache only; run `dvc push` once the remote is reachable"
-            for text in found if text and push_failed(text)]
+            for text in outcomes if text and push_failed(text)]
 
 
 def known_ids(params: Params, root: Path) -> set[str]:

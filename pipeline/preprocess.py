@@ -181,18 +181,18 @@ def check_numbers(x: np.ndarray, numbers: list[dict[str, Any]], text: np.ndarray
                   (nan & ~nullable if text is None else nan & ~text & ~nullable, NULL)]
     if text is not None:
         checks.insert(0, (text, "is not a number"))
-    found: Problems = []
+    problems: Problems = []
     for mask, what in checks:
         if mask.any():
-            found += [(mask[:, j], j, what) for j in np.flatnonzero(mask.any(axis=0))]
-    return found
+            problems += [(mask[:, j], j, what) for j in np.flatnonzero(mask.any(axis=0))]
+    return problems
 
 
-def _messages(n: int, found: list[tuple[np.ndarray, str, str]], value: Any) -> np.ndarray:
+def _messages(n: int, problems: list[tuple[np.ndarray, str, str]], value: Any) -> np.ndarray:
     """One message per row ("" when it passed): its first bad column in the model's order,
-    with the value (found must be in that order)."""
+    with the value (problems must be in that order)."""
     errors = np.full(n, "", dtype=object)
-    for rows, name, what in reversed(found):
+    for rows, name, what in reversed(problems):
         for i in np.flatnonzero(rows):
             shown = "" if what == NULL else f": {_describe(value(i, name))}"
             errors[i] = f"column {name}{shown} {what}"
@@ -219,14 +219,14 @@ def _numeric_frame(x: np.ndarray, spec: list[dict[str, Any]], index: Any = None)
 def check_matrix(x: np.ndarray, spec: list[dict[str, Any]]) -> tuple[pd.DataFrame, np.ndarray]:
     """check_rows for a float64 matrix of numeric inputs only, in the spec's order (serving
     builds one from a request's JSON): no frame is built until the rows have passed."""
-    found = check_numbers(x, spec)
-    if not found:
+    problems = check_numbers(x, spec)
+    if not problems:
         return _numeric_frame(x, spec), np.full(len(x), "", dtype=object)
     names = [s["name"] for s in spec]
     bad = np.zeros(len(x), dtype=bool)
-    for rows, _, _ in found:
+    for rows, _, _ in problems:
         bad |= rows
-    errors = _messages(len(x), [(r, names[j], w) for r, j, w in sorted(found, key=lambda f: f[1])],
+    errors = _messages(len(x), [(r, names[j], w) for r, j, w in sorted(problems, key=lambda f: f[1])],
                        lambda i, name: x[i, names.index(name)])
     return _numeric_frame(x[~bad], spec, np.flatnonzero(~bad)), errors
 
@@ -251,7 +251,7 @@ def check_rows(frame: pd.DataFrame, spec: list[dict[str, Any]]) -> tuple[pd.Data
     numbers = [s for s in spec if s["type"] in NUMBER]
     names = [s["name"] for s in numbers]
     columns: dict[str, np.ndarray] = {}
-    found: list[tuple[np.ndarray, str, str]] = []
+    problems: list[tuple[np.ndarray, str, str]] = []
     if numbers:
         kinds = dict(zip(labels, (t.kind for t in frame.dtypes)))
         if all(kinds[name] in "iuf" for name in names):  # plain numbers: one conversion of the block
@@ -261,7 +261,7 @@ def check_rows(frame: pd.DataFrame, spec: list[dict[str, Any]]) -> tuple[pd.Data
             pairs = [_as_numbers(frame[name]) for name in names]
             x = np.column_stack([p[0] for p in pairs]).reshape(n, len(names))
             text = np.column_stack([p[1] for p in pairs]).reshape(n, len(names))
-        found += [(rows, names[j], what) for rows, j, what in check_numbers(x, numbers, text)]
+        problems += [(rows, names[j], what) for rows, j, what in check_numbers(x, numbers, text)]
         columns |= {name: x[:, j] for j, name in enumerate(names)}
     for s in spec:
         if s["type"] not in NUMBER:
@@ -269,13 +269,13 @@ def check_rows(frame: pd.DataFrame, spec: list[dict[str, Any]]) -> tuple[pd.Data
             columns[s["name"]] = values.to_numpy()
             null = values.isna().to_numpy()
             if not s.get("nullable") and null.any():
-                found.append((null, s["name"], NULL))
+                problems.append((null, s["name"], NULL))
     good = np.ones(n, dtype=bool)
-    for rows, _, _ in found:
+    for rows, _, _ in problems:
         good &= ~rows
     order = {s["name"]: i for i, s in enumerate(spec)}
-    found.sort(key=lambda f: order[f[1]])  # a row names its first bad column in the model's order
-    errors = _messages(n, found, lambda i, name: frame[name].iloc[i])
+    problems.sort(key=lambda f: order[f[1]])  # a row names its first bad column in the model's order
+    errors = _messages(n, problems, lambda i, name: frame[name].iloc[i])
     if len(numbers) == len(spec):
         return _numeric_frame(x[good], spec, frame.index[good]), errors
     kept = {s["name"]: _model_types(columns[s["name"]][good], s) if s["type"] in NUMBER else columns[s["name"]][good]
@@ -293,9 +293,9 @@ def transform(df: pd.DataFrame, state: dict[str, Any]) -> np.ndarray:
     """Raw feature rows → the float32 matrix the network takes. Raises ValueError naming the
     row and column of the first value check_rows refuses, or a missing column."""
     checked, errors = check_rows(df, input_spec(state))
-    found = first_error(errors)
-    if found is not None:
-        raise ValueError(f"row {found[0]}: {found[1]}")
+    problems = first_error(errors)
+    if problems is not None:
+        raise ValueError(f"row {problems[0]}: {problems[1]}")
     df = checked
     num = state["numeric"]
     blocks = []

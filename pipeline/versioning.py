@@ -65,12 +65,6 @@ def commit_dvc_file(path: Path, root: Path, message: str) -> str:
     return f"committed {dvc_file} as {head.stdout.strip()}"
 
 
-# What each stage's function returns is also what it writes here, so a stage DVC reports
-# as up to date can hand back its summary without running.
-SUMMARIES = {"validate": "reports/validate.json", "clean": "reports/clean.json", "split": "reports/split.json",
-             "train": "reports/train.json", "evaluate": "reports/metrics.json", "register": "reports/register.json"}
-
-
 def lock_mode(root: Path, params_file: Path, overrides: list[str]) -> str | None:
     """None when the run can be checked against and recorded in dvc.lock; else why not.
 
