@@ -7,6 +7,7 @@ WORKDIR /opt/d2d
 COPY pyproject.toml constraints.txt README.md ./
 COPY pipeline ./pipeline
 COPY flows ./flows
+COPY app ./app
 # constraints.txt pins the CPU build of torch (+cpu); a GPU image pins a CUDA build instead
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 # psycopg2: the MLflow server's PostgreSQL driver (SQLAlchemy's default for postgresql://); boto3: S3/MinIO
