@@ -35,7 +35,7 @@ EVENT = "d2d.drift.detected"
 
 
 @dataclass(frozen=True)
-class Run:
+class MonitorContext:
     """One monitor run's fixed context: its params, where they came from, the project, the retrain mode."""
 
     params: Params
@@ -133,7 +133,8 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
     project = Path(root).resolve()
     params_file = Path(params_path) if Path(params_path).is_absolute() else project / params_path
     params = load_params(params_file, overrides)
-    run = Run(params, params_file, overrides, project, monitor.retrain_mode(params, get_current_settings().api.url))
+    mode = monitor.retrain_mode(params, get_current_settings().api.url)
+    run = MonitorContext(params, params_file, overrides, project, mode)
     logger.info("retrain mode: %s (monitor.retrain: %s)", run.mode, params.monitor.retrain)
     with monitor.exclusive(params, project):
         ledger = monitor.read_ledger(params, project)
@@ -152,7 +153,7 @@ def monitor_flow(params_path: str = "params.yaml", overrides: list[str] | None =
     return MonitorRun(tuple(outcomes), sum(o.decision.retrain for o in outcomes), run.mode)
 
 
-def finish_previous(ledger: dict[str, Any], run: Run) -> list[BatchOutcome]:
+def finish_previous(ledger: dict[str, Any], run: MonitorContext) -> list[BatchOutcome]:
     """What killed or refused runs left half-done: appends recorded but not completed, then
     retrains decided but never finished."""
     logger = get_run_logger()
@@ -169,7 +170,8 @@ def finish_previous(ledger: dict[str, Any], run: Run) -> list[BatchOutcome]:
     return outcomes
 
 
-def process_batch(batch: monitor.Batch, ledger: dict[str, Any], run: Run, reference: Reference | None) -> BatchOutcome:
+def process_batch(batch: monitor.Batch, ledger: dict[str, Any], run: MonitorContext,
+                  reference: Reference | None) -> BatchOutcome:
     """One new batch: refused unread, rejected by the checks, or measured and decided on; its
     ledger entry is written before anything the decision entails (write-ahead)."""
     params, project = run.params, run.project
@@ -202,13 +204,13 @@ def process_batch(batch: monitor.Batch, ledger: dict[str, Any], run: Run, refere
 
 
 def record_turned_away(batch: monitor.Batch, screened: Screened, decision: BatchDecision, quarantine: Path | None,
-                       ledger: dict[str, Any], run: Run) -> BatchOutcome:
+                       ledger: dict[str, Any], run: MonitorContext) -> BatchOutcome:
     ledger["batches"][batch.md5] = monitor.ledger_entry(batch, screened, decision, None, None, quarantine, run.project)
     monitor.write_ledger(ledger, run.params, run.project)
     return BatchOutcome(batch.name, decision)
 
 
-def complete(md5: str, entry: dict[str, Any], ledger: dict[str, Any], run: Run) -> BatchOutcome | None:
+def complete(md5: str, entry: dict[str, Any], ledger: dict[str, Any], run: MonitorContext) -> BatchOutcome | None:
     """The rest of a batch's transaction, after its entry is in the ledger: the append (when
     the entry holds one), the event, the retrain's place in the rate limit, and the entry's
     completion. Called again by the next run on an entry a killed run left pending. None when
@@ -239,7 +241,7 @@ def complete(md5: str, entry: dict[str, Any], ledger: dict[str, Any], run: Run) 
     return BatchOutcome(entry["file"], decision, tuple(warnings))
 
 
-def retrain(md5: str, done: BatchOutcome, ledger: dict[str, Any], run: Run) -> BatchOutcome:
+def retrain(md5: str, done: BatchOutcome, ledger: dict[str, Any], run: MonitorContext) -> BatchOutcome:
     """Run the retrain a completed batch decided on (in this process in `flow` mode; the
     deployment's trigger runs it in `event` mode). In flow mode the entry's retrain_state
     turns `done` only once the training flow has returned."""
