@@ -171,7 +171,7 @@ def run_clean(params: Params, root: Path) -> dict[str, Any]:
 def run_split(params: Params, root: Path) -> dict[str, Any]:
     """Split, check for leakage, and fit the preprocessing on the train split only."""
     from pipeline import preprocess
-    from pipeline.data.clean import preprocess_spec
+    from pipeline.preprocess import preprocess_spec
     from pipeline.data.split import leaked_ids, leaked_rows, split
 
     paths = Paths(root)
