@@ -60,7 +60,7 @@ def main() -> None:
 
     from pipeline import preprocess
     from pipeline.data import io
-    from pipeline.data.clean import clean, preprocess_spec
+    from pipeline.data.clean import clean
     from pipeline.data.schema import schema_from_params
     from pipeline.data.split import leaked_rows, split
     from pipeline.data.validate import validate
@@ -90,7 +90,7 @@ def main() -> None:
         parts = split(cleaned.clean, schema.target, schema.id_column, p.split)
         # what the split stage also does: the leakage check and fitting the preprocessing on train
         leaked = leaked_rows(parts, schema.feature_names)
-        preprocess.fit(parts.train, preprocess_spec(schema, p.clean, p.preprocess))
+        preprocess.fit(parts.train, preprocess.preprocess_spec(schema, p.clean, p.preprocess))
         times["split"] = time.perf_counter() - t
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -131,6 +131,11 @@ class MissingParams(_Section):
             raise ValueError("median cannot fill a categorical column; use most_frequent or constant")
         return self
 
+    def imputation(self, name: str, kind: str) -> Imputation:
+        """A nullable column's policy: its own entry in `columns`, else its kind's default. The
+        clean stage drops by it and the preprocessing fits by it, so both read it here."""
+        return self.columns.get(name) or (self.numeric if kind == "numeric" else self.categorical)
+
 
 class OutlierParams(_Section):
     method: Literal["none", "range", "iqr"] = "none"  # range: the schema's min/max

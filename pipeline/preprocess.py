@@ -2,17 +2,22 @@
 and the one check of a row's values that every way in shares (a loaded MLflow model,
 `d2d serve`, `d2d predict`).
 
-Self-contained (numpy and pandas, no d2d imports): the fitted state is plain JSON, and this
-file ships inside the MLflow model, so serving transforms raw rows exactly as training did.
+Self-contained (numpy and pandas, no d2d imports at run time): the fitted state is plain JSON,
+and this file ships inside the MLflow model, so serving transforms raw rows exactly as training
+did. `preprocess_spec` runs only in d2d; the d2d types it names are imported for type checkers.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:  # never at run time: a loaded model has no d2d to import
+    from pipeline.config import CleanParams, PreprocessParams
+    from pipeline.data.schema import Column, Schema
 
 
 def as_category_strings(values: pd.Series) -> pd.Series:
@@ -39,6 +44,25 @@ def _fill(values: pd.Series, how: str | None, fill_value: Any) -> Any:
         mode = values.mode(dropna=True)
         return mode.iloc[0] if len(mode) else fill_value
     return fill_value
+
+
+def preprocess_spec(schema: Schema, clean: CleanParams, preprocess: PreprocessParams) -> dict[str, Any]:
+    """What `fit` needs, from the schema and params, as plain values (this file cannot import them)."""
+    def entry(f: Column) -> dict[str, Any]:
+        return {"name": f.name, "min": f.min, "max": f.max, "dtype": f.dtype,
+                "impute": clean.missing.imputation(f.name, f.kind) if f.nullable else None}
+
+    return {
+        "numeric": [entry(f) for f in schema.numeric],
+        "categorical": [entry(f) for f in schema.categorical],
+        "scale": preprocess.scale,
+        "fill_value": clean.missing.fill_value,
+        "max_categories": preprocess.max_categories,
+        "target": schema.target if schema.regression else None,
+        # the id's type in the data is recorded, for serving to check ids against; a derived
+        # row key is d2d's own, not something a client sends
+        "id": None if schema.derived_key else schema.id_column,
+    }
 
 
 def fit(train: pd.DataFrame, spec: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ except ImportError:  # while d2d itself logs the model
     from pipeline.preprocess import transform, unscale_target
 
 
-class RawRowClassifier(mlflow.pyfunc.PythonModel):
+class RawRowModel(mlflow.pyfunc.PythonModel):
     """Applies the preprocessing fitted on the train split, runs the exported network, and
     returns the label, its probability and every class's probability (or, for a regression
     model, the prediction in the target's units)."""
@@ -26,6 +26,7 @@ class RawRowClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         import torch
 
+        # open(), not pipeline.data.io: this runs inside the logged model, where d2d is absent
         with open(context.artifacts["preprocess"]) as f:
             self.state = json.load(f)
         with open(context.artifacts["classes"]) as f:
@@ -46,4 +47,8 @@ class RawRowClassifier(mlflow.pyfunc.PythonModel):
                              **{f"prob_{c}": probs[:, i] for i, c in enumerate(self.classes)}})
 
 
-mlflow.models.set_model(RawRowClassifier())
+# The name before the rename, for code that imports it. Logged versions do not need it: MLflow
+# logs this file as model code (no pickle), so each version loads with its own copy of it.
+RawRowClassifier = RawRowModel
+
+mlflow.models.set_model(RawRowModel())

@@ -15,6 +15,7 @@ from typing import Any, Callable, TypeVar
 import pandas as pd
 
 from pipeline.config import Params
+from pipeline.data import io
 from pipeline.data.schema import Schema
 
 T = TypeVar("T")
@@ -146,7 +147,7 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
 
     raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
     signature = ModelSignature(inputs=MlflowSchema([input_colspec(f) for f in schema.features]))
-    inputs = json.loads(preprocess_path.read_text()).get("inputs")
+    inputs = io.read_json(preprocess_path).get("inputs")
     batch = torch.export.Dim("batch")
     sample = torch.zeros((2, n_inputs), dtype=torch.float32)
     exported = torch.export.export(net, (sample,), dynamic_shapes=({0: batch},))
@@ -154,7 +155,7 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
         network = Path(d) / "network.pt2"
         torch.export.save(exported, network)
         classes = Path(d) / "classes.json"
-        classes.write_text(json.dumps(list(schema.classes)))
+        io.write_text(json.dumps(list(schema.classes)), classes)
         # The output's integer label column makes MLflow warn about missing integers; labels are never missing.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")

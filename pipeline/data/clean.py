@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CleanParams, MissingParams, PreprocessParams
-from pipeline.data.schema import Column, Schema
+from pipeline.config import CleanParams, MissingParams
+from pipeline.data.schema import Schema
 from pipeline.data.validate import REASON
 
 
@@ -68,13 +68,9 @@ def drop_conflicting_labels(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFr
     return _split_off(df, conflict, reason)
 
 
-def imputation(column: Column, missing: MissingParams) -> str:
-    return missing.columns.get(column.name) or (missing.numeric if column.kind == "numeric" else missing.categorical)
-
-
 def drop_missing(df: pd.DataFrame, schema: Schema, missing: MissingParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows with a null in a column whose policy is `drop`."""
-    cols = [f.name for f in schema.features if f.nullable and imputation(f, missing) == "drop"]
+    cols = [f.name for f in schema.features if f.nullable and missing.imputation(f.name, f.kind) == "drop"]
     if not cols:
         return df, _nothing_removed(df)
     nulls = df[cols].isna()
@@ -159,22 +155,3 @@ def clean(valid: pd.DataFrame, schema: Schema, params: CleanParams) -> CleanResu
     removed_all = pd.concat(removed_parts, ignore_index=True)  # missing_drop and outliers always record
     report = {"rows_in": len(valid), "rows_out": len(df), "removed": len(removed_all), "rules": rules}
     return CleanResult(df, removed_all, report)
-
-
-def preprocess_spec(schema: Schema, clean: CleanParams, preprocess: PreprocessParams) -> dict[str, Any]:
-    """What pipeline.preprocess.fit needs, from the schema and params (it cannot import them)."""
-    def entry(f: Column) -> dict[str, Any]:
-        return {"name": f.name, "min": f.min, "max": f.max, "dtype": f.dtype,
-                "impute": imputation(f, clean.missing) if f.nullable else None}
-
-    return {
-        "numeric": [entry(f) for f in schema.numeric],
-        "categorical": [entry(f) for f in schema.categorical],
-        "scale": preprocess.scale,
-        "fill_value": clean.missing.fill_value,
-        "max_categories": preprocess.max_categories,
-        "target": schema.target if schema.regression else None,
-        # the id's type in the data is recorded, for serving to check ids against; a derived
-        # row key is d2d's own, not something a client sends
-        "id": None if schema.derived_key else schema.id_column,
-    }

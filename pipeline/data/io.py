@@ -171,6 +171,11 @@ def write_text(text: str, path: Path, private: bool = False) -> Path:
     return path
 
 
+def touch(path: Path) -> Path:
+    """An empty file (and its folders): a marker whose existence is what it records."""
+    return write_text("", path)
+
+
 def write_json(obj: Any, path: Path, private: bool = False) -> Path:
     with _atomic(path, private) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

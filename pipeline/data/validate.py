@@ -128,29 +128,35 @@ def coerce_numeric(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.D
     return (df.assign(**numbers) if numbers else df), bad
 
 
-def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir: Path | None = None) -> ValidationReport:
-    """Split `df` into valid rows and quarantined rows (with reasons) and decide the dataset gate."""
+def require_columns_and_rows(df: pd.DataFrame, schema: Schema) -> None:
+    """A frame without the schema's columns, or without rows, cannot be validated row by row."""
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(f"the dataset lacks required column(s): {shown}")
     if df.empty:
         raise DataError("the dataset has no rows")
+
+
+def with_identity(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """Every row, valid or quarantined, carries its row key; the index becomes positional,
+    because GX reports failing rows by index, which stays unambiguous even when the id column
+    itself is null or duplicated."""
     if ROW_KEY not in df.columns:
-        df = with_row_key(df, schema)  # every row, valid or quarantined, carries its identity
+        df = with_row_key(df, schema)
+    return df.reset_index(drop=True)
 
-    # Positional index: GX reports failing rows by index, which stays unambiguous even
-    # when the id column itself is null or duplicated.
-    df = df.reset_index(drop=True)
-    coerced, not_number = coerce_numeric(df, schema)
-    gate: list[str] = []
+
+def text_share_reasons(not_number: pd.DataFrame, params: ValidateParams) -> list[str]:
+    """Numeric columns that hold too much text to be numeric at all (validate.max_non_numeric_fraction)."""
     text_share = not_number.mean()
-    for name, share in text_share[text_share > params.max_non_numeric_fraction].items():
-        gate.append(f"column {name} is declared numeric but {share:.0%} of its values are text")
-    if gate:
-        raise DataError("validation failed: " + "; ".join(gate))
+    return [f"column {name} is declared numeric but {share:.0%} of its values are text"
+            for name, share in text_share[text_share > params.max_non_numeric_fraction].items()]
 
-    result = run_suite(coerced, schema, params, docs_dir)
+
+def row_failures(result: Any, not_number: pd.DataFrame) -> pd.DataFrame:
+    """Every failing row's reasons and the GX expectations behind them, joined by "; ", indexed
+    by the row's position."""
     # One entry per (row, failed rule): a readable reason and the GX expectation behind it.
     failures = [
         pd.DataFrame(
@@ -167,18 +173,32 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
             {REASON: names + " is not a number", EXPECTATIONS: "numeric_type(" + names + ")"},
             index=pd.Index(rows, dtype="int64"),
         ))
-    per_row = (
+    return (
         pd.concat(failures).groupby(level=0).agg("; ".join)
         if failures else pd.DataFrame(columns=[REASON, EXPECTATIONS], dtype=str)
     )
+
+
+def quarantine_rows(
+    df: pd.DataFrame, coerced: pd.DataFrame, per_row: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """The valid rows, the quarantined rows with their reasons, and the mask of quarantined rows."""
     bad = df.index.isin(per_row.index)
     # Quarantine keeps the raw values as they were read; valid rows carry the coerced numbers.
-    found = per_row.reindex(df.index[bad])
-    quarantine = df[bad].assign(**{REASON: found[REASON].to_numpy(), EXPECTATIONS: found[EXPECTATIONS].to_numpy()})
-    valid = coerced[~bad].reset_index(drop=True)
+    reasons = per_row.reindex(df.index[bad])
+    quarantine = df[bad].assign(**{REASON: reasons[REASON].to_numpy(), EXPECTATIONS: reasons[EXPECTATIONS].to_numpy()})
+    return coerced[~bad].reset_index(drop=True), quarantine.reset_index(drop=True), bad
 
-    table_failures = [r for r in result.results if not r.success and "unexpected_index_list" not in r.result]
-    for r in table_failures:
+
+def dataset_reasons(
+    result: Any, valid: pd.DataFrame, bad_share: float, schema: Schema, params: ValidateParams
+) -> list[str]:
+    """Why the dataset as a whole fails the gate: table-level expectations, a target with
+    nothing to learn among the valid rows, too many quarantined rows. Empty: it passes."""
+    gate: list[str] = []
+    for r in result.results:
+        if r.success or "unexpected_index_list" in r.result:
+            continue  # a passed rule, or a row-level one (its rows are quarantined)
         cfg = r.expectation_config
         if cfg.type == "expect_table_row_count_to_be_between":
             gate.append(
@@ -191,14 +211,32 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
     if len(labels) < 2:
         what = "distinct value(s)" if schema.regression else "class(es)"
         gate.append(f"target '{schema.target}' has {len(labels)} {what} among valid rows: nothing to learn")
-    bad_share = float(bad.mean())
     if bad_share > params.max_bad_row_fraction:
         gate.append(
             f"{bad_share:.1%} of rows failed row-level expectations, above validate.max_bad_row_fraction="
             f"{params.max_bad_row_fraction:g}"
         )
-    failed_rules = {_reason(r): int(r.result.get("unexpected_count", 0)) for r in result.results if not r.success}
-    failed_rules |= {f"{c} is not a number": int(n) for c, n in not_number.sum().items() if n}
+    return gate
+
+
+def failed_rules(result: Any, not_number: pd.DataFrame) -> dict[str, int]:
+    """Each failed rule's reason and how many values broke it."""
+    counts = {_reason(r): int(r.result.get("unexpected_count", 0)) for r in result.results if not r.success}
+    return counts | {f"{c} is not a number": int(n) for c, n in not_number.sum().items() if n}
+
+
+def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir: Path | None = None) -> ValidationReport:
+    """Split `df` into valid rows and quarantined rows (with reasons) and decide the dataset gate."""
+    require_columns_and_rows(df, schema)
+    df = with_identity(df, schema)
+    coerced, not_number = coerce_numeric(df, schema)
+    text = text_share_reasons(not_number, params)
+    if text:
+        raise DataError("validation failed: " + "; ".join(text))
+    result = run_suite(coerced, schema, params, docs_dir)
+    valid, quarantine, bad = quarantine_rows(df, coerced, row_failures(result, not_number))
+    bad_share = float(bad.mean())
+    gate = dataset_reasons(result, valid, bad_share, schema, params)
     summary = {
         "rows_in": len(df),
         "rows_valid": len(valid),
@@ -206,8 +244,8 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
         "bad_row_fraction": round(bad_share, 6),
         "expectations": len(result.results),
         "expectations_failed": sum(not r.success for r in result.results),
-        "failed_rules": failed_rules,
+        "failed_rules": failed_rules(result, not_number),
         "passed": not gate,
         "reasons": gate,
     }
-    return ValidationReport(not gate, gate, valid, quarantine.reset_index(drop=True), summary)
+    return ValidationReport(not gate, gate, valid, quarantine, summary)

@@ -11,7 +11,9 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.train.models import ModelSpec, build_model
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
 
 STATE_FILE = "state.pt"
 
@@ -76,10 +81,11 @@ def _quiet_report_log() -> None:
 
 def _first_drill(marker: str) -> bool:
     """True once per run: the marker file (beside the run's checkpoints) records the drill."""
+    from pipeline.data import io  # here, not at the top: only a drill needs it (and pandas)
+
     if os.path.exists(marker):
         return False
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
-    open(marker, "w").close()
+    io.touch(Path(marker))
     return True
 
 
@@ -116,23 +122,54 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> 
     return None
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+@dataclass
+class Worker:
+    """What one worker trains with, set up once before its first epoch."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+
+
+@dataclass
+class WorkerData:
+    """The worker's share of the train split, and the whole validation split on its device."""
+
+    loader: DataLoader
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint carries across a restart of the worker group."""
+
+    start_epoch: int = 0
+    best_loss: float = float("inf")
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+
+
+def set_up_worker(config: dict[str, Any], warm_start: bool) -> Worker:
+    """Seed, device, model (warm-started when `warm_start`), optimizer, loss scaler and scheduler.
+    The seeds come first: they fix the model's initial weights on every rank."""
     import ray.train
     import ray.train.torch
 
-    _quiet_report_log()
-    loop_started = time.time()  # with wall_end below: start-up cost and per-epoch wall time
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"])
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
-
-    spec = ModelSpec.from_dict(config["spec"])
-    model = build_model(spec)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("init_state"):  # a warm start; a resume overrides it below
+    model = build_model(ModelSpec.from_dict(config["spec"]))
+    if warm_start and config.get("init_state"):
         model.load_state_dict(config["init_state"], strict=False)
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, config)
@@ -141,19 +178,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"])
     scaler = torch.amp.GradScaler(device.type, enabled=config["precision"] == "fp16")
     scheduler = make_scheduler(optimizer, config)
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), device, model, optimizer, scheduler, scaler, amp_dtype)
 
-    start_epoch, best_loss, bad_epochs, best_state, history, restarts = 0, float("inf"), 0, None, [], 0
-    if checkpoint:  # resuming after a worker failure
-        with checkpoint.as_directory() as d:
-            state = load_state(os.path.join(d, STATE_FILE), device)
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_loss, bad_epochs = state["epoch"] + 1, state["best_loss"], state["bad_epochs"]
-        best_state, history, restarts = state["best_model"], state["history"], state["restarts"] + 1
-        if rank == 0:
-            print(f"resumed from the checkpoint of epoch {start_epoch} (restart {restarts})", flush=True)
+
+def resume(checkpoint: Checkpoint, worker: Worker) -> Progress:
+    """Load a checkpoint this loop wrote into the worker's model, optimizer and scheduler,
+    after a worker failure; returns the progress it recorded, one restart more."""
+    with checkpoint.as_directory() as d:
+        state = load_state(os.path.join(d, STATE_FILE), worker.device)
+    _unwrap(worker.model).load_state_dict(state["model"])
+    worker.optimizer.load_state_dict(state["optimizer"])
+    if worker.scheduler is not None:
+        worker.scheduler.load_state_dict(state["scheduler"])
+    progress = Progress(state["epoch"] + 1, state["best_loss"], state["bad_epochs"], state["best_model"],
+                        state["history"], state["restarts"] + 1)
+    if worker.rank == 0:
+        print(f"resumed from the checkpoint of epoch {progress.start_epoch} (restart {progress.restarts})", flush=True)
+    return progress
+
+
+def worker_data(config: dict[str, Any], device: torch.device) -> WorkerData:
+    """The train split as a shuffled loader that Ray Train shards across ranks; validation stays whole."""
+    import ray.train.torch
 
     x_train = torch.tensor(config["x_train"])
     y_train = torch.tensor(config["y_train"])
@@ -162,86 +208,139 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True)
     )
+    return WorkerData(loader, x_val, y_val)
 
-    for epoch in range(start_epoch, config["epochs"]):
-        if rank == 0 and config.get("fail_at_epoch") == epoch + 1 and _first_drill(config["drill_marker"]):
-            print(f"fault drill: rank 0 exits hard at epoch {epoch + 1}", flush=True)
-            # As a crash mid-epoch would, this leaves the controller a poll to record the last
-            # checkpoint; then the process dies without cleanup, like a lost node.
-            time.sleep(1.0)
-            os._exit(1)
-        if ctx.get_world_size() > 1:
-            loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        model.train()
-        loss_sum, seen = 0.0, 0
-        for xb, yb in loader:
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(xb)
-            loss = loss_fn(out.float(), yb, config["regression"])
-            scaler.scale(loss).backward()
-            if config["grad_clip"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.item() * len(yb)
-            seen += len(yb)
-        loss_sum, seen = _all_sum([loss_sum, seen], device)
-        elapsed = time.perf_counter() - started
-        # Every rank scores the whole validation split with identical weights, so all agree.
-        val_loss, val_metric = evaluate_split(_unwrap(model), x_val, y_val, config["regression"], config["target_scale"])
-        metric_name = "val_rmse" if config["regression"] else "val_accuracy"
-        improved = val_loss < best_loss
-        if improved:
-            best_loss, bad_epochs = val_loss, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-        else:
-            bad_epochs += 1
-        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
-        elif scheduler is not None:
-            scheduler.step()
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / seen,
-            "val_loss": val_loss,
-            metric_name: val_metric,
-            "lr": lr,
-            "samples_per_s": seen / elapsed,
-            "epoch_s": elapsed,
-            "restarts": restarts,
-            "loop_started": loop_started,
-            "wall_end": time.time(),
-        }
-        history.append(row)
-        stop = _stop_everywhere(bad_epochs >= config["patience"], device)
 
-        if rank == 0:
-            print(
-                f"epoch {epoch + 1}/{config['epochs']}  train_loss {row['train_loss']:.4f}  "
-                f"val_loss {val_loss:.4f}  {metric_name} {val_metric:.4f}" + ("  *" if improved else ""),
-                flush=True,
-            )
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(
-                    {
-                        "model": _unwrap(model).state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "epoch": epoch,
-                        "best_loss": best_loss,
-                        "bad_epochs": bad_epochs,
-                        "best_model": best_state,
-                        "history": history,
-                        "restarts": restarts,
-                    },
-                    os.path.join(d, STATE_FILE),
-                )
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(row)
-        if stop:
+def fault_drill(config: dict[str, Any], rank: int, epoch: int) -> None:
+    """The configured fault drill: rank 0 exits hard at the start of epoch `fail_at_epoch`, once per run."""
+    if rank == 0 and config.get("fail_at_epoch") == epoch + 1 and _first_drill(config["drill_marker"]):
+        print(f"fault drill: rank 0 exits hard at epoch {epoch + 1}", flush=True)
+        # As a crash mid-epoch would, this leaves the controller a poll to record the last
+        # checkpoint; then the process dies without cleanup, like a lost node.
+        time.sleep(1.0)
+        os._exit(1)
+
+
+def train_epoch(worker: Worker, loader: DataLoader, epoch: int, config: dict[str, Any]) -> tuple[float, float, float]:
+    """One pass over this rank's shard; returns the mean train loss and the samples seen, both
+    summed over every rank, and the epoch's seconds."""
+    model, optimizer, scaler = worker.model, worker.optimizer, worker.scaler
+    if worker.world_size > 1:
+        loader.sampler.set_epoch(epoch)
+    started = time.perf_counter()
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for xb, yb in loader:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(worker.device.type, dtype=worker.amp_dtype, enabled=worker.amp_dtype is not None):
+            out = model(xb)
+        loss = loss_fn(out.float(), yb, config["regression"])
+        scaler.scale(loss).backward()
+        if config["grad_clip"]:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.item() * len(yb)
+        seen += len(yb)
+    loss_sum, seen = _all_sum([loss_sum, seen], worker.device)
+    return loss_sum / seen, seen, time.perf_counter() - started
+
+
+def track_best(worker: Worker, progress: Progress, val_loss: float) -> bool:
+    """Record an epoch's validation loss for early stopping; True when it is the best so far,
+    whose weights are then kept."""
+    if val_loss < progress.best_loss:
+        progress.best_loss, progress.bad_epochs = val_loss, 0
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(worker.model).state_dict().items()}
+        return True
+    progress.bad_epochs += 1
+    return False
+
+
+def step_scheduler(scheduler: Any, val_loss: float) -> None:
+    """Advance the learning-rate schedule once per epoch; the plateau schedule watches validation loss."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def checkpoint_state(worker: Worker, progress: Progress, epoch: int) -> dict[str, Any]:
+    """What `resume` needs: tensors, state dicts and plain values only (see load_state)."""
+    return {
+        "model": _unwrap(worker.model).state_dict(),
+        "optimizer": worker.optimizer.state_dict(),
+        "scheduler": worker.scheduler.state_dict() if worker.scheduler is not None else None,
+        "epoch": epoch,
+        "best_loss": progress.best_loss,
+        "bad_epochs": progress.bad_epochs,
+        "best_model": progress.best_state,
+        "history": progress.history,
+        "restarts": progress.restarts,
+    }
+
+
+def report_epoch(row: dict[str, Any], worker: Worker, progress: Progress, epoch: int, improved: bool,
+                 config: dict[str, Any]) -> None:
+    """Every rank reports the epoch (a barrier); rank 0 also prints it and attaches the checkpoint."""
+    import ray.train
+
+    if worker.rank != 0:
+        ray.train.report(row)
+        return
+    metric_name = "val_rmse" if config["regression"] else "val_accuracy"
+    print(
+        f"epoch {epoch + 1}/{config['epochs']}  train_loss {row['train_loss']:.4f}  "
+        f"val_loss {row['val_loss']:.4f}  {metric_name} {row[metric_name]:.4f}" + ("  *" if improved else ""),
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(checkpoint_state(worker, progress, epoch), os.path.join(d, STATE_FILE))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def run_epoch(worker: Worker, data: WorkerData, progress: Progress, epoch: int, config: dict[str, Any],
+              loop_started: float) -> bool:
+    """Train one epoch, score it on validation, step the schedule, report; True when every
+    rank is to stop early."""
+    train_loss, seen, elapsed = train_epoch(worker, data.loader, epoch, config)
+    # Every rank scores the whole validation split with identical weights, so all agree.
+    val_loss, val_metric = evaluate_split(_unwrap(worker.model), data.x_val, data.y_val, config["regression"],
+                                          config["target_scale"])
+    improved = track_best(worker, progress, val_loss)
+    lr = worker.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+    step_scheduler(worker.scheduler, val_loss)
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_rmse" if config["regression"] else "val_accuracy": val_metric,
+        "lr": lr,
+        "samples_per_s": seen / elapsed,
+        "epoch_s": elapsed,
+        "restarts": progress.restarts,
+        "loop_started": loop_started,
+        "wall_end": time.time(),
+    }
+    progress.history.append(row)
+    stop = _stop_everywhere(progress.bad_epochs >= config["patience"], worker.device)
+    report_epoch(row, worker, progress, epoch, improved, config)
+    return stop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: set up, resume from the latest checkpoint if the worker
+    group restarted, then train epoch by epoch until the budget ends or early stopping does."""
+    import ray.train
+
+    _quiet_report_log()
+    loop_started = time.time()  # with wall_end in each row: start-up cost and per-epoch wall time
+    checkpoint = ray.train.get_checkpoint()
+    worker = set_up_worker(config, warm_start=checkpoint is None)  # a resume overrides a warm start
+    progress = resume(checkpoint, worker) if checkpoint else Progress()
+    data = worker_data(config, worker.device)
+    for epoch in range(progress.start_epoch, config["epochs"]):
+        fault_drill(config, worker.rank, epoch)
+        if run_epoch(worker, data, progress, epoch, config, loop_started):
             break

@@ -66,6 +66,17 @@ def test_missing_drop_only_hits_drop_columns(nullable_schema):
     assert result.clean["f1"].isna().sum() == 1 and result.clean["color"].isna().sum() == 1  # imputed later
 
 
+def test_the_preprocessing_spec_imputes_by_the_same_policy_that_clean_drops_by(nullable_schema):
+    from pipeline.config import PreprocessParams
+    from pipeline.preprocess import preprocess_spec
+
+    params = CleanParams(missing={"numeric": "constant", "fill_value": -1, "columns": {"f0": "drop"}})
+    spec = preprocess_spec(nullable_schema, params, PreprocessParams())
+    assert [(c["name"], c["impute"]) for c in spec["numeric"] + spec["categorical"]] == [
+        ("f0", "drop"), ("f1", "constant"), ("color", "most_frequent")]
+    assert spec["fill_value"] == -1 and spec["target"] is None and spec["id"] == "id"
+
+
 @pytest.mark.parametrize("action, rows_out, f0_max", [("clip", 10, 9.0), ("drop", 9, 9.0)])
 def test_iqr_outliers(nullable_schema, action, rows_out, f0_max):
     df = nullable_frame()

@@ -19,6 +19,8 @@ SPEC = {
     "fill_value": 0,
     "max_categories": 50,
 }
+SPEC_A = {"numeric": [{"name": "a", "min": 0, "max": 10, "impute": None}], "categorical": [], "scale": "standard",
+          "fill_value": 0, "max_categories": 50}
 TRAIN = pd.DataFrame({"a": [1.0, 2.0, 3.0, np.nan], "b": [0, 2, 4, 2], "c": ["x", "y", "x", None]})
 
 
@@ -204,3 +206,30 @@ def test_an_existing_output_needs_force(tmp_path):
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(D2DError, match="is a folder"):
         check_output(tmp_path / "d.csv", force=True)
+
+
+def test_the_file_that_ships_in_the_model_imports_and_fits_without_d2d(tmp_path):
+    """A logged model loads preprocess.py by itself: its d2d types must stay type-checking only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import importlib.util, json, sys\n"
+        "sys.modules['pipeline'] = None  # any import of d2d's code now fails\n"
+        f"spec = importlib.util.spec_from_file_location('preprocess', {str(Path(preprocess.__file__))!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "import pandas as pd\n"
+        f"print(json.dumps(module.fit(pd.DataFrame({{'a': [1.0, 3.0]}}), {SPEC_A!r})['numeric']['center']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[2.0]"
+
+
+def test_touch_writes_an_empty_marker_and_its_folders(tmp_path):
+    from pipeline.data import io
+
+    marker = tmp_path / "run" / "fault_drill.done"
+    assert io.touch(marker) == marker
+    assert marker.read_bytes() == b"" and [p.name for p in marker.parent.iterdir()] == ["fault_drill.done"]
