@@ -104,7 +104,6 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
 def split(params: Params, files: StageFiles) -> SplitSizes:
     """Split, check for leakage, and fit the preprocessing on the train split only."""
     from pipeline import preprocess
-    from pipeline.data.clean import preprocess_spec
     from pipeline.data.split import leaked_ids, leaked_rows, split as assign
 
     schema = schema_from_params(params.data)
@@ -118,7 +117,7 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
         )
     for name in SPLITS:
         io.write_parquet(getattr(splits, name), files[name])
-    state = preprocess.fit(splits.train, preprocess_spec(schema, params.clean, params.preprocess))
+    state = preprocess.fit(splits.train, preprocess.preprocess_spec(schema, params.clean, params.preprocess))
     io.write_json(state, files["preprocess"])
     per_class = {} if schema.regression else {
         name: getattr(splits, name)[schema.target].astype(str).value_counts().sort_index().to_dict() for name in SPLITS

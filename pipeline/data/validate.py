@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -190,11 +190,18 @@ def quarantine_rows(
     return coerced[~bad].reset_index(drop=True), quarantine.reset_index(drop=True), bad
 
 
-def dataset_reasons(
+class Gate(NamedTuple):
+    """The validation gate's decision: whether the dataset may go on, and every reason it may not."""
+
+    passed: bool
+    reasons: list[str]
+
+
+def validation_gate(
     result: Any, valid: pd.DataFrame, bad_share: float, schema: Schema, params: ValidateParams
-) -> list[str]:
-    """Why the dataset as a whole fails the gate: table-level expectations, a target with
-    nothing to learn among the valid rows, too many quarantined rows. Empty: it passes."""
+) -> Gate:
+    """The dataset as a whole fails on table-level expectations, a target with nothing to
+    learn among the valid rows, or too many quarantined rows."""
     gate: list[str] = []
     for r in result.results:
         if r.success or "unexpected_index_list" in r.result:
@@ -216,7 +223,7 @@ def dataset_reasons(
             f"{bad_share:.1%} of rows failed row-level expectations, above validate.max_bad_row_fraction="
             f"{params.max_bad_row_fraction:g}"
         )
-    return gate
+    return Gate(not gate, gate)
 
 
 def failed_rules(result: Any, not_number: pd.DataFrame) -> dict[str, int]:
@@ -236,7 +243,7 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
     result = run_suite(coerced, schema, params, docs_dir)
     valid, quarantine, bad = quarantine_rows(df, coerced, row_failures(result, not_number))
     bad_share = float(bad.mean())
-    gate = dataset_reasons(result, valid, bad_share, schema, params)
+    gate = validation_gate(result, valid, bad_share, schema, params)
     summary = {
         "rows_in": len(df),
         "rows_valid": len(valid),
@@ -245,7 +252,7 @@ def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir:
         "expectations": len(result.results),
         "expectations_failed": sum(not r.success for r in result.results),
         "failed_rules": failed_rules(result, not_number),
-        "passed": not gate,
-        "reasons": gate,
+        "passed": gate.passed,
+        "reasons": gate.reasons,
     }
-    return ValidationReport(not gate, gate, valid, quarantine, summary)
+    return ValidationReport(gate.passed, gate.reasons, valid, quarantine, summary)
