@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import monitor
 from app.cli import check_triggers
-from pipeline.config import MonitorParams, Params
+from pipeline import monitor
+from pipeline.config import MonitorParams, Params, load_params
 from pipeline.data import io
 from pipeline.drift import DriftReport, retrain_decision
 from pipeline.errors import D2DError, DataError
@@ -32,6 +32,34 @@ def report(drifted: bool) -> DriftReport:
 DECAYED = {"decayed": True, "reason": "f1_macro on the batch 0.50 vs 0.95"}
 HELD = {"decayed": False, "reason": "f1_macro on the batch 0.95 vs 0.95"}
 MOVED = {"drifted": True, "test": "jensen_shannon", "score": 0.3, "threshold": 0.1}
+
+
+def screened(labelled: bool) -> monitor.Screened:
+    return monitor.Screened(3, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), labelled, [])
+
+
+@pytest.mark.parametrize("drifted, labelled, mode, action, retrain", [
+    (True, True, "flow", "retrain", True),
+    (True, True, "event", "retrain", True),
+    (True, True, "off", "append", False),  # drift with labels: the rows join the dataset, no retrain
+    (True, False, "flow", "alert", False),  # drift without labels: nothing to learn from
+    (False, True, "flow", "none", False),
+    (False, False, "flow", "none", False),
+])
+def test_the_monitor_action_follows_the_retrain_decision_labels_and_mode(drifted, labelled, mode, action, retrain):
+    inspection = monitor.Inspection(report(drifted), {"drifted": False}, None)
+    params = load_params(REPO / "params.yaml")
+    decision = monitor.decide(inspection, screened(labelled), [], NOW, params, mode)
+    assert (decision.action, decision.retrain, decision.alarm) == (action, retrain, drifted)
+    assert decision.reasons and decision.drift_share == float(drifted)
+    # what the ledger records, and what a later run reads back from it
+    entry = {**decision.record(), "act": decision.alarm}
+    assert monitor.BatchDecision.from_entry(entry) == decision
+
+
+def test_a_batch_turned_away_records_only_its_action_and_reasons():
+    decision = monitor.turned_away("rejected", ["3 rows left after quarantine"])
+    assert decision.record() == {"action": "rejected", "retrain": False, "reasons": ["3 rows left after quarantine"]}
 
 
 @pytest.mark.parametrize("drifted, prediction, performance, on_prediction, act, retrain", [
