@@ -161,7 +161,7 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     from pipeline import registry, tracking
     from pipeline.config import load_params
     from pipeline.serve import build_app, settings
-    from pipeline.train.trainer import ray_session
+    from pipeline.ray_runtime import ray_session
 
     cfg = load_params(params, set_ or [])
     root = Path.cwd()

@@ -135,7 +135,7 @@ def run_predict(params: Any, root: Path, source: Path, output: Path, force: bool
     """Score `source` (a file or folder) with models:/<name>@<serve.alias>, write `output`
     (an existing one only with `force`)."""
     from pipeline import registry, tracking
-    from pipeline.train.trainer import ray_session
+    from pipeline.ray_runtime import ray_session
 
     check_output(output, force)
     files = input_files(source)

@@ -208,8 +208,9 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
     train.init_from when set, and train with Ray Train."""
     import pandas as pd
 
+    from pipeline.ray_runtime import cpus_for_training, ray_session
     from pipeline.train.models import save_model
-    from pipeline.train.trainer import ray_session, train
+    from pipeline.train.trainer import train
 
     paths = Paths(root)
     schema = schema_from_params(params.data)
@@ -224,7 +225,7 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
         tracking.configure(root)
         pinned = tracking.pin_version(params.train.init_from)
         init_state = tracking.network_weights(pinned)
-    with ray_session(params.train, cpus_needed=_cpus_needed(params)):
+    with ray_session(params.train, cpus_needed=cpus_for_training(params)):
         if params.tune.enabled:
             from pipeline.train.tune import tune
 
@@ -254,14 +255,6 @@ def run_train(params: Params, root: Path) -> dict[str, Any]:
     }
     io.write_json(report, paths.report("train.json"))
     return report
-
-
-def _cpus_needed(params: Params) -> int:
-    """Logical CPUs a local Ray needs: the training run's workers, or the concurrent trials'
-    (each trial's driver takes one CPU on top of its workers), plus this driver."""
-    run = params.train.num_workers * params.train.cpus_per_worker
-    trials = params.tune.max_concurrent * (params.tune.workers_per_trial * params.train.cpus_per_worker + 1)
-    return max(run, trials if params.tune.enabled else 0) + 1
 
 
 def run_evaluate(params: Params, root: Path, tags: dict[str, str] | None = None) -> dict[str, Any]:
