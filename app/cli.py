@@ -164,8 +164,8 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     GET /metadata, and MLflow's POST /invocations); follows the alias when it moves. Ctrl-C stops."""
     from pipeline import registry, tracking
     from pipeline.config import load_params
-    from pipeline.serve import build_app, settings
-    from pipeline.train.trainer import ray_session
+    from pipeline.ray_runtime import ray_session
+    from pipeline.serve import ServeSettings, build_app
 
     cfg = load_params(params, set_ or [])
     root = Path.cwd()
@@ -181,7 +181,7 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     with ray_session(cfg.train, cpus_needed=int(replicas * cfg.serve.cpus_per_replica) + 1):
         ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         # no access log line per request on the console: the inference log keeps every request
-        ray_serve.run(build_app(settings(cfg, uri, root)), name="d2d", route_prefix="/",
+        ray_serve.run(build_app(ServeSettings.from_params(cfg, uri, root)), name="d2d", route_prefix="/",
                       logging_config={"enable_access_log": False})
         console.print(f"serving {name}@{alias} on http://{cfg.serve.host}:{cfg.serve.port} "
                       f"(POST /predict, POST /invocations, GET /health, GET /metadata); Ctrl-C stops")

@@ -33,7 +33,7 @@ from typing import Annotated, Any, Literal
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
-from pipeline import drift, lock, registry, stages
+from pipeline import drift, lock, registry, scoring, stages
 from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
@@ -278,7 +278,7 @@ def load_reference(params: Params, root: Path) -> Reference:
         notes.append(f"the reference is the current train split (raw md5 {split_md5[:8]}); the champion "
                      f"(version {champion['version']}) was trained on raw md5 {champion['data_md5'][:8]}")
     model = tracking.reachable(lambda: mlflow.pyfunc.load_model(champion["uri"]))
-    return Reference(champion, model, frame, registry.predict_raw(model, frame, schema), notes)
+    return Reference(champion, model, frame, scoring.predict_raw(model, frame, schema), notes)
 
 
 @dataclass
@@ -357,7 +357,7 @@ def inspect_batch(screened: Screened, reference: Reference, params: Params) -> I
     its performance on the batch against its own test metric."""
     schema = schema_from_params(params.data)
     report = drift.drift_report(reference.frame, screened.valid, schema, params.drift)
-    out = registry.predict_raw(reference.model, screened.valid, schema)
+    out = scoring.predict_raw(reference.model, screened.valid, schema)
     column = "prediction" if schema.regression else "label"
     prediction = drift.prediction_drift(reference.predictions[column].astype(str) if not schema.regression
                                         else reference.predictions[column], out[column] if schema.regression
@@ -365,7 +365,7 @@ def inspect_batch(screened: Screened, reference: Reference, params: Params) -> I
     performance = None
     champion = reference.champion
     if screened.labelled and champion["test_metric"] is not None:
-        batch_metric = registry.prediction_metrics(out, screened.valid, schema)[champion["metric"]]
+        batch_metric = scoring.prediction_metrics(out, screened.valid, schema)[champion["metric"]]
         performance = drift.performance_drift(batch_metric, champion["test_metric"], params.monitor.performance_tolerance,
                                               champion["metric"].removeprefix("test_"))
     return Inspection(report, prediction, performance)

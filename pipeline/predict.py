@@ -36,10 +36,10 @@ def input_files(path: Path) -> list[Path]:
     return files
 
 
-def output_types(inner: Any) -> dict[str, Any]:
+def output_types(python_model: Any) -> dict[str, Any]:
     """The columns a d2d model returns and the types they keep in every batch, also one whose
     rows all failed the check (so that every batch writes the same schema)."""
-    state, classes = getattr(inner, "state", None), getattr(inner, "classes", None)
+    state, classes = getattr(python_model, "state", None), getattr(python_model, "classes", None)
     if not isinstance(state, dict) or classes is None:
         return {}
     if state.get("target"):
@@ -55,18 +55,15 @@ class Scorer:
     def __init__(self, model_uri: str, tracking_uri: str, version: str, id_column: str | None) -> None:
         import mlflow
 
-        from pipeline.serve import model_id, model_inputs
+        from pipeline.scoring import model_id, model_inputs, python_model_of
 
         mlflow.set_tracking_uri(tracking_uri)
         self.model = mlflow.pyfunc.load_model(model_uri)
-        try:
-            self.inner = self.model.unwrap_python_model()
-        except Exception:  # another flavor: MLflow's own predict
-            self.inner = None
-        self.inputs = model_inputs(self.model, self.inner)
-        found = model_id(self.inner, id_column)
+        self.python_model = python_model_of(self.model)  # None for another flavor: MLflow's own predict
+        self.inputs = model_inputs(self.model, self.python_model)
+        found = model_id(self.python_model, id_column)
         self.id_column = found["name"] if found else None
-        self.outputs = output_types(self.inner)
+        self.outputs = output_types(self.python_model)
         self.version = version
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -83,7 +80,8 @@ class Scorer:
         out["error"] = pd.Series(errors, dtype="string")
         scored = pd.DataFrame(index=checked.index)
         if len(checked):  # the rows check_rows passed, as the model takes them; it checks them once more
-            scored = self.inner.predict(None, checked) if self.inner is not None else self.model.predict(checked)
+            scored = (self.python_model.predict(None, checked) if self.python_model is not None
+                      else self.model.predict(checked))
             scored.index = checked.index
         for column in dict.fromkeys([*self.outputs, *scored.columns]):
             values = scored[column] if column in scored else pd.Series(np.nan, index=scored.index)
@@ -135,7 +133,7 @@ def run_predict(params: Any, root: Path, source: Path, output: Path, force: bool
     """Score `source` (a file or folder) with models:/<name>@<serve.alias>, write `output`
     (an existing one only with `force`)."""
     from pipeline import registry, tracking
-    from pipeline.train.trainer import ray_session
+    from pipeline.ray_runtime import ray_session
 
     check_output(output, force)
     files = input_files(source)

@@ -2,7 +2,7 @@
 
 A candidate becomes a new version with alias `challenger`. It takes the `champion` alias
 only if it meets the absolute thresholds in params and is not worse than the current
-champion, re-scored on the same current test split, by more than `register.tolerance`.
+champion, re-scored (pipeline.scoring) on the same current test split, by more than `register.tolerance`.
 Every decision is written to the version's tags with its reasons.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline import scoring
 from pipeline.config import RegisterParams
 from pipeline.data.schema import Schema
 from pipeline.errors import D2DError, ServiceError
@@ -131,45 +132,6 @@ def promotion_decision(
     return meets and holds, reasons
 
 
-def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str, float]:
-    """A registered model's test metrics, computed the same way as the challenger's, from
-    its own raw-row predictions (its own preprocessing) on the current test split."""
-    import mlflow
-
-    return prediction_metrics(predict_raw(mlflow.pyfunc.load_model(model_uri), test, schema), test, schema)
-
-
-def prediction_metrics(out: pd.DataFrame, test: pd.DataFrame, schema: Schema) -> dict[str, float]:
-    """test_* metrics of a pyfunc's raw-row predictions `out` against the labels in `test`."""
-    from pipeline.evaluate import classification_metrics, regression_metrics
-
-    if schema.regression:
-        return {f"test_{k}": v for k, v in regression_metrics(test[schema.target].to_numpy("float64"),
-                                                               out["prediction"].to_numpy("float64")).items()}
-    classes = [str(c) for c in schema.classes]
-    proba = out[[f"prob_{c}" for c in classes]].to_numpy("float64")
-    index = {c: i for i, c in enumerate(classes)}
-    y = test[schema.target].astype(str).map(index).to_numpy("int64")
-    return {f"test_{k}": v for k, v in classification_metrics(y, proba).items()}
-
-
-def predict_raw(model: Any, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    """A loaded pyfunc's predictions for raw rows. A d2d model is called directly: it checks
-    the rows itself (preprocess.check_rows), and MLflow's enforcement of its `any` columns
-    costs 50 µs a row. Another model is fed the types its own signature declares (an older
-    champion may have been logged with other column types than the current schema gives)."""
-    try:
-        inner = model.unwrap_python_model()
-    except Exception:  # not a python model
-        inner = None
-    if isinstance(getattr(inner, "state", None), dict):
-        return inner.predict(None, frame[schema.feature_names])
-    declared = model.metadata.get_input_schema()
-    types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in frame and hasattr(c.type, "to_numpy")}
-             if declared is not None else {f.name: f.numpy_dtype for f in schema.features})
-    return model.predict(frame[schema.feature_names].astype(types))
-
-
 def champion_card(name: str, metric: str) -> dict[str, Any] | None:
     """The champion now, pinned to its version: URI, the data it was trained on and its test
     `metric` as recorded at registration; None when there is no champion."""
@@ -190,7 +152,7 @@ def _rescore(model_uri: str, version: str, test: pd.DataFrame, schema: Schema) -
     from pipeline.tracking import unreachable
 
     try:
-        return {"version": version, "metrics": score_model(model_uri, test, schema)}
+        return {"version": version, "metrics": scoring.score_model(model_uri, test, schema)}
     except (MlflowException, KeyError, ValueError, TypeError) as e:
         if unreachable(e):  # an outage is not a champion that cannot score: fail, retry later
             raise

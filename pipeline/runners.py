@@ -138,7 +138,8 @@ def train(params: Params, files: StageFiles) -> Trained:
     """Tune first when tune.enabled (the best config then trains), warm-start from
     train.init_from when set, and train with Ray Train."""
     from pipeline.train.models import save_model
-    from pipeline.train.trainer import ray_session, train as fit
+    from pipeline.ray_runtime import cpus_for_training, ray_session
+    from pipeline.train.trainer import train as fit
 
     schema = schema_from_params(params.data)
     train_df, val_df = io.read_table(files["train"]), io.read_table(files["val"])
@@ -152,7 +153,7 @@ def train(params: Params, files: StageFiles) -> Trained:
         tracking.configure(files.root)
         pinned = tracking.pin_version(params.train.init_from)
         init_state = tracking.network_weights(pinned)
-    with ray_session(params.train, cpus_needed=cpus_needed(params)):
+    with ray_session(params.train, cpus_needed=cpus_for_training(params)):
         if params.tune.enabled:
             from pipeline.train.tune import tune
 
@@ -182,14 +183,6 @@ def train(params: Params, files: StageFiles) -> Trained:
     }
     io.write_json(report, files["train_report"])
     return Trained.from_report(report)
-
-
-def cpus_needed(params: Params) -> int:
-    """Logical CPUs a local Ray needs: the training run's workers, or the concurrent trials'
-    (each trial's driver takes one CPU on top of its workers), plus this driver."""
-    run = params.train.num_workers * params.train.cpus_per_worker
-    trials = params.tune.max_concurrent * (params.tune.workers_per_trial * params.train.cpus_per_worker + 1)
-    return max(run, trials if params.tune.enabled else 0) + 1
 
 
 def evaluate(params: Params, files: StageFiles) -> Evaluated:

@@ -8,16 +8,16 @@ signature before they reach it: a bad one gets a 4xx JSON error naming the probl
 500. Scored rows go to the inference log through a queue; a background thread writes them.
 """
 
-# No `from __future__ import annotations`: Ray ships the deployment class to the replicas by
-# value, and FastAPI must see the handlers' annotations (Request) as objects, not strings.
+# No `from __future__ import annotations`: FastAPI must see the handlers' annotations (Request)
+# as objects, not strings.
 import asyncio
 import hmac
-import io
 import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,13 @@ import numpy as np
 import pandas as pd
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from ray import serve
 
-from pipeline.preprocess import check_matrix, check_rows, first_error, input_spec
-
+from pipeline.config import Params
 from pipeline.inference_log import InferenceLog
+from pipeline.preprocess import check_matrix, check_rows, first_error
+from pipeline.registry import resolve_alias
+from pipeline.scoring import LoadedVersion, load_version
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,6 +83,12 @@ def load_json(body: bytes) -> Any:
         raise RequestError(422, f"an integer in the body is out of range for any column ({str(e)[:80]})") from None
 
 
+def _check_size(size: int, shown: str, limit: int) -> None:
+    """413 when a body of `size` bytes (`shown` as the message tells it) is over serve.max_body_bytes."""
+    if size > limit:
+        raise RequestError(413, f"body of {shown} bytes; the limit is serve.max_body_bytes={limit}")
+
+
 async def read_body(request: Any, limit: int) -> bytes:
     """The body, read as a stream and stopped at `limit` bytes (413): a chunked body has no
     Content-Length to check first."""
@@ -87,42 +96,18 @@ async def read_body(request: Any, limit: int) -> bytes:
     if declared is not None:
         if not declared.strip().isdigit():
             raise RequestError(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
-        if int(declared) > limit:
-            raise RequestError(413, f"body of {declared} bytes; the limit is serve.max_body_bytes={limit}")
+        _check_size(int(declared), declared, limit)
     from starlette.requests import ClientDisconnect
 
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"body of more than {limit} bytes; the limit is serve.max_body_bytes={limit}")
+            _check_size(size, f"more than {limit}", limit)
             chunks.append(chunk)
     except ClientDisconnect:  # the client's problem: no answer reaches it, and the replica carries on
         raise RequestError(400, "the client disconnected before the whole body arrived") from None
     return b"".join(chunks)
-
-
-def model_inputs(model: Any, inner: Any) -> list[dict[str, Any]]:
-    """The inputs a loaded model checks rows against: a d2d model's own (the state its
-    preprocessing was fitted with); another pyfunc's from its signature."""
-    state = getattr(inner, "state", None)
-    if isinstance(state, dict) and "numeric" in state:
-        return input_spec(state)
-    declared = model.metadata.get_input_schema()
-    if declared is None:
-        raise ValueError("the model has no input signature; log it with one to serve it")
-    return [{"name": c.name, "type": str(getattr(c.type, "name", c.type)), "nullable": not c.required}
-            for c in declared.inputs]
-
-
-def model_id(inner: Any, id_column: str | None) -> dict[str, Any] | None:
-    """The id a request may carry: the one the model was trained with, and its type in the
-    data (a model fitted before ids were recorded: params' id column, of either type)."""
-    state = getattr(inner, "state", None)
-    if isinstance(state, dict) and "id" in state:
-        return state["id"]
-    return {"name": id_column, "type": None} if id_column else None
 
 
 def _check_id(rows: list[dict[str, Any]], id_spec: dict[str, Any]) -> None:
@@ -271,68 +256,58 @@ def responses(out: pd.DataFrame, frame: pd.DataFrame, version: str, id_column: s
 
 
 @dataclass(frozen=True)
-class Loaded:
-    version: str
-    model: Any
-    inputs: list[dict[str, Any]]  # what parse_rows checks a request against (preprocess.input_spec)
-    id: dict[str, Any] | None  # the id a request may carry, and its type
-    data_md5: str | None
-    inner: Any  # the python model inside the pyfunc, or None
+class ServeSettings:
+    """What a replica needs, as plain values: Ray ships them to replicas built in other
+    processes, maybe on other nodes, as the deployment's init argument."""
 
-    @property
-    def names(self) -> list[str]:
-        return [c["name"] for c in self.inputs]
+    tracking_uri: str
+    model_name: str
+    alias: str
+    poll_s: float
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_body_bytes: int
+    max_rows: int
+    id_column: str | None
+    log_dir: str  # empty: no inference log
+    log_flush_s: float
+    log_max_queued_rows: int
+    log_retention_days: int | None
+    deployment: dict[str, Any]  # @serve.deployment's options: resources, replicas or autoscaling
+    auth_token_env: str | None
+    # read where `d2d serve` runs, and shipped with the app: the replicas may run on cluster
+    # nodes that do not have the variable; kept out of the repr so that a log never shows it
+    auth_token: str = field(repr=False)
 
-    def predict(self, raw: pd.DataFrame) -> pd.DataFrame:
-        """Rows parse_rows already checked: the python model is called directly, as MLflow's
-        schema enforcement would only repeat checks (half the time of a 1-row prediction). A
-        request checked against the version before a swap is checked again by this one's
-        preprocessing (check_rows), so a difference between their inputs is still caught."""
-        if self.inner is None:
-            return self.model.predict(raw)
-        return self.inner.predict(None, raw)
+    @classmethod
+    def from_params(cls, params: Params, tracking_uri: str, root: Path) -> "ServeSettings":
+        """The settings for `params`, with serve.log_dir resolved against the project `root`."""
+        serve_params = params.serve
+        deployment: dict[str, Any] = {"ray_actor_options": {"num_cpus": serve_params.cpus_per_replica,
+                                                            **({"num_gpus": 1} if serve_params.use_gpu else {})},
+                                      "max_ongoing_requests": max(2 * serve_params.max_batch_size, 16)}
+        if serve_params.autoscaling is not None:
+            deployment["autoscaling_config"] = serve_params.autoscaling.model_dump()
+        else:
+            deployment["num_replicas"] = serve_params.num_replicas
+        token_env = serve_params.auth_token_env
+        return cls(tracking_uri=tracking_uri, model_name=params.register_.model_name, alias=serve_params.alias,
+                   poll_s=serve_params.poll_s, max_batch_size=serve_params.max_batch_size,
+                   batch_wait_timeout_s=serve_params.batch_wait_timeout_s, max_body_bytes=serve_params.max_body_bytes,
+                   max_rows=serve_params.max_rows, id_column=params.data.id_column,
+                   log_dir=str((root / serve_params.log_dir).resolve()) if serve_params.log_dir else "",
+                   log_flush_s=serve_params.log_flush_s, log_max_queued_rows=serve_params.log_max_queued_rows,
+                   log_retention_days=serve_params.log_retention_days, deployment=deployment,
+                   auth_token_env=token_env, auth_token=os.environ.get(token_env, "") if token_env else "")
 
 
-def load_version(name: str, alias: str, id_column: str | None = None) -> Loaded:
+def load_alias(name: str, alias: str, id_column: str | None) -> LoadedVersion:
     """The version the alias points at now, loaded."""
-    import mlflow
-
-    from pipeline.registry import resolve_alias
-
     found = resolve_alias(name, alias)
     if found is None:
         raise LookupError(f"models:/{name}@{alias} does not exist")
     version, tags = found
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    try:
-        inner = model.unwrap_python_model()
-    except Exception:  # a model of another flavor: MLflow's own predict path
-        inner = None
-    return Loaded(version, model, model_inputs(model, inner), model_id(inner, id_column), tags.get("d2d.data_md5"),
-                  inner)
-
-
-def settings(params: Any, tracking_uri: str, root: Path) -> dict[str, Any]:
-    """What the replicas need, as plain values: they are built in other processes."""
-    serve = params.serve
-    deployment: dict[str, Any] = {"ray_actor_options": {"num_cpus": serve.cpus_per_replica,
-                                                        **({"num_gpus": 1} if serve.use_gpu else {})},
-                                  "max_ongoing_requests": max(2 * serve.max_batch_size, 16)}
-    if serve.autoscaling is not None:
-        deployment["autoscaling_config"] = serve.autoscaling.model_dump()
-    else:
-        deployment["num_replicas"] = serve.num_replicas
-    return {"tracking_uri": tracking_uri, "model_name": params.register_.model_name, "alias": serve.alias,
-            "poll_s": serve.poll_s, "max_batch_size": serve.max_batch_size,
-            "batch_wait_timeout_s": serve.batch_wait_timeout_s, "max_body_bytes": serve.max_body_bytes,
-            "max_rows": serve.max_rows, "id_column": params.data.id_column,
-            "log_dir": str((root / serve.log_dir).resolve()) if serve.log_dir else "",
-            "log_flush_s": serve.log_flush_s, "log_max_queued_rows": serve.log_max_queued_rows,
-            "log_retention_days": serve.log_retention_days, "deployment": deployment,
-            # read here, where `d2d serve` runs, and shipped with the app: the replicas may run
-            # on cluster nodes that do not have the variable
-            "auth_token_env": serve.auth_token_env,
-            "auth_token": os.environ.get(serve.auth_token_env, "") if serve.auth_token_env else ""}
+    return load_version(name, version, tags.get("d2d.data_md5"), id_column)
 
 
 # A load balancer or Kubernetes probes this without credentials (as Prefect's server leaves
@@ -363,134 +338,139 @@ def bearer_auth(api: FastAPI, token: str) -> None:
         return await call_next(request)
 
 
-def build_app(settings: dict[str, Any]) -> Any:
-    """The Serve application for `settings` (plain values, so they travel to the replicas)."""
-    from ray import serve
+class ChampionServer:
+    """A replica: scores requests with the version the alias points at, and swaps to the next
+    one when the alias moves. Its HTTP routes are built on the replica, from its settings."""
 
-    from pipeline.registry import resolve_alias
+    def __init__(self, settings: ServeSettings) -> None:
+        import mlflow
 
-    api = FastAPI(title="d2d", description="the registry's champion, served by Ray Serve")
-    bearer_auth(api, settings["auth_token"])
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        self.settings = settings
+        self.name, self.alias = settings.model_name, settings.alias
+        self.loaded = load_alias(self.name, self.alias, settings.id_column)
+        self._score.set_max_batch_size(settings.max_batch_size)
+        self._score.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.log = InferenceLog(Path(settings.log_dir), settings.log_flush_s, settings.log_max_queued_rows,
+                                settings.log_retention_days) if settings.log_dir else None
+        if not settings.auth_token:
+            # open is the laptop default; say so where an operator looks
+            unset = f"{settings.auth_token_env} is not set" if settings.auth_token_env else "serve.auth_token_env is null"
+            logger.warning("no bearer token (%s): every route is open to whoever reaches this server", unset)
+        self.stopping = threading.Event()
+        threading.Thread(target=self._follow_alias, name="follow-alias", daemon=True).start()
+        logger.info("serving %s version %s", self.name, self.loaded.version)
 
-    @serve.deployment(name="d2d-model", **settings["deployment"])
-    @serve.ingress(api)
-    class ChampionServer:
-        def __init__(self) -> None:
-            import mlflow
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The HTTP routes (Ray Serve calls this on the replica after __init__): built here, not
+        at import, so that the bearer check guarding them has this server's token."""
+        api = FastAPI(title="d2d", description="the registry's champion, served by Ray Serve")
+        bearer_auth(api, self.settings.auth_token)
+        api.post("/predict")(self.predict)
+        api.post("/invocations")(self.invocations)
+        api.get("/health")(self.health)
+        api.get("/metadata")(self.metadata)
+        return api
 
-            mlflow.set_tracking_uri(settings["tracking_uri"])
-            self.name, self.alias = settings["model_name"], settings["alias"]
-            self.loaded = load_version(self.name, self.alias, settings["id_column"])
-            self._score.set_max_batch_size(settings["max_batch_size"])
-            self._score.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
-            self.log = InferenceLog(Path(settings["log_dir"]), settings["log_flush_s"], settings["log_max_queued_rows"],
-                                    settings["log_retention_days"]) if settings["log_dir"] else None
-            if not settings["auth_token"]:
-                # open is the laptop default; say so where an operator looks
-                unset = f"{settings['auth_token_env']} is not set" if settings["auth_token_env"] else "serve.auth_token_env is null"
-                logger.warning("no bearer token (%s): every route is open to whoever reaches this server", unset)
-            self.stopping = threading.Event()
-            threading.Thread(target=self._follow_alias, name="follow-alias", daemon=True).start()
-            logger.info("serving %s version %s", self.name, self.loaded.version)
-
-        def _follow_alias(self) -> None:
-            """Swap to the version the alias points at, whenever it moves; the new version is
-            loaded beside the old one, then a single assignment swaps them."""
-            while not self.stopping.wait(settings["poll_s"]):
-                try:
-                    found = resolve_alias(self.name, self.alias)
-                    if found is not None and found[0] != self.loaded.version:
-                        new = load_version(self.name, self.alias, settings["id_column"])
-                        old, self.loaded = self.loaded.version, new
-                        logger.info("%s@%s moved: version %s → %s", self.name, self.alias, old, new.version)
-                except Exception as e:  # the registry unreachable: keep serving what is loaded
-                    logger.warning("could not check %s@%s: %s", self.name, self.alias, str(e).splitlines()[0])
-
-        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
-        async def _score(self, frames: list[pd.DataFrame]) -> list[tuple[Loaded, pd.DataFrame]]:
-            loaded = self.loaded  # the whole batch is answered by one version
-            names = loaded.names
-            features = [f if list(f.columns) == names else f[names] for f in frames]
-            raw = features[0] if len(features) == 1 else pd.concat(features, ignore_index=True)
-            out = await asyncio.to_thread(loaded.predict, raw)
-            bounds = [0, *pd.Series([len(f) for f in frames]).cumsum().tolist()]
-            return [(loaded, out.iloc[a:b].reset_index(drop=True)) for a, b in zip(bounds, bounds[1:])]
-
-        async def _answer(self, request: Request, rows_of: Any) -> tuple[Loaded, pd.DataFrame, pd.DataFrame]:
-            """Read, check, score and log one request; `rows_of` turns its JSON into row objects.
-            Every refusal is a RequestError (4xx); the model's own ValueError (a version swapped
-            in meanwhile checks the rows again) is a 422 too."""
-            body = await read_body(request, settings["max_body_bytes"])
-            loaded = self.loaded
-            frame = frame_from_rows(rows_of(load_json(body)), loaded.inputs, loaded.id, settings["max_rows"])
+    def _follow_alias(self) -> None:
+        """Swap to the version the alias points at, whenever it moves; the new version is
+        loaded beside the old one, then a single assignment swaps them."""
+        while not self.stopping.wait(self.settings.poll_s):
             try:
-                scored_by, out = await self._score(frame)
-            except ValueError as e:
-                raise RequestError(422, str(e)) from None
-            if self.log is not None:
-                self.log.add(frame, out, scored_by.version)
-            return scored_by, frame, out
+                found = resolve_alias(self.name, self.alias)
+                if found is not None and found[0] != self.loaded.version:
+                    new = load_alias(self.name, self.alias, self.settings.id_column)
+                    old, self.loaded = self.loaded.version, new
+                    logger.info("%s@%s moved: version %s → %s", self.name, self.alias, old, new.version)
+            except Exception as e:  # the registry unreachable: keep serving what is loaded
+                logger.warning("could not check %s@%s: %s", self.name, self.alias, str(e).splitlines()[0])
 
-        async def _guarded(self, request: Request, rows_of: Any, answer: Any, error: Any) -> Any:
-            """A request problem is a 4xx naming it; anything else is logged and answered 500
-            as JSON, and the replica stays up for the next request."""
-            try:
-                return answer(*await self._answer(request, rows_of))
-            except RequestError as e:
-                return JSONResponse(error(str(e), e.status), status_code=e.status)
-            except Exception as e:  # a fault of the server, not of the request
-                logger.exception("scoring failed")
-                return JSONResponse(error(f"internal error: {type(e).__name__}", 500), status_code=500)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _score(self, frames: list[pd.DataFrame]) -> list[tuple[LoadedVersion, pd.DataFrame]]:
+        loaded = self.loaded  # the whole batch is answered by one version
+        names = loaded.names
+        features = [f if list(f.columns) == names else f[names] for f in frames]
+        raw = features[0] if len(features) == 1 else pd.concat(features, ignore_index=True)
+        out = await asyncio.to_thread(loaded.predict, raw)
+        bounds = [0, *pd.Series([len(f) for f in frames]).cumsum().tolist()]
+        return [(loaded, out.iloc[a:b].reset_index(drop=True)) for a, b in zip(bounds, bounds[1:])]
 
-        @api.post("/predict")
-        async def predict(self, request: Request) -> Any:
-            def answer(loaded: Loaded, frame: pd.DataFrame, out: pd.DataFrame) -> dict[str, Any]:
-                id_column = loaded.id["name"] if loaded.id else None
-                return {"model_name": self.name, "model_version": loaded.version,
-                        "predictions": responses(out, frame, loaded.version, id_column)}
+    async def _answer(self, request: Request, rows_of: Any) -> tuple[LoadedVersion, pd.DataFrame, pd.DataFrame]:
+        """Read, check, score and log one request; `rows_of` turns its JSON into row objects.
+        Every refusal is a RequestError (4xx); the model's own ValueError (a version swapped
+        in meanwhile checks the rows again) is a 422 too."""
+        body = await read_body(request, self.settings.max_body_bytes)
+        loaded = self.loaded
+        frame = frame_from_rows(rows_of(load_json(body)), loaded.inputs, loaded.id, self.settings.max_rows)
+        try:
+            scored_by, out = await self._score(frame)
+        except ValueError as e:
+            raise RequestError(422, str(e)) from None
+        if self.log is not None:
+            self.log.add(frame, out, scored_by.version)
+        return scored_by, frame, out
 
-            return await self._guarded(request, predict_rows, answer, lambda message, status: {"error": message})
+    async def _guarded(self, request: Request, rows_of: Any, answer: Any, error: Any) -> Any:
+        """A request problem is a 4xx naming it; anything else is logged and answered 500
+        as JSON, and the replica stays up for the next request."""
+        try:
+            return answer(*await self._answer(request, rows_of))
+        except RequestError as e:
+            return JSONResponse(error(str(e), e.status), status_code=e.status)
+        except Exception as e:  # a fault of the server, not of the request
+            logger.exception("scoring failed")
+            return JSONResponse(error(f"internal error: {type(e).__name__}", 500), status_code=500)
 
-        @api.post("/invocations")
-        async def invocations(self, request: Request) -> Any:
-            """MLflow's scoring protocol, as `mlflow models serve` answers it, with the same
-            checks, errors and inference log as /predict."""
-            from mlflow.pyfunc.scoring_server import CONTENT_TYPE_JSON, predictions_to_json
+    async def predict(self, request: Request) -> Any:
+        def answer(loaded: LoadedVersion, frame: pd.DataFrame, out: pd.DataFrame) -> dict[str, Any]:
+            id_column = loaded.id["name"] if loaded.id else None
+            return {"model_name": self.name, "model_version": loaded.version,
+                    "predictions": responses(out, frame, loaded.version, id_column)}
 
-            def answer(loaded: Loaded, frame: pd.DataFrame, out: pd.DataFrame) -> Response:
-                text = io.StringIO()
-                predictions_to_json(out, text)
-                return Response(text.getvalue(), media_type="application/json",
-                                headers={"X-Model-Version": loaded.version})
+        return await self._guarded(request, predict_rows, answer, lambda message, status: {"error": message})
 
-            def error(message: str, status: int) -> dict[str, Any]:  # MLflow's error fields, and /predict's
-                code = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
-                return {"error_code": code, "message": message, "error": message}
+    async def invocations(self, request: Request) -> Any:
+        """MLflow's scoring protocol, as `mlflow models serve` answers it, with the same
+        checks, errors and inference log as /predict."""
+        from mlflow.pyfunc.scoring_server import CONTENT_TYPE_JSON, predictions_to_json
 
-            kind = request.headers.get("content-type", CONTENT_TYPE_JSON).split(";")[0].strip()
-            if kind not in (CONTENT_TYPE_JSON, ""):  # MLflow's CSV and Parquet bodies are not taken here
-                message = f"Content-Type {kind[:60]} is not supported here; send {CONTENT_TYPE_JSON}"
-                return JSONResponse(error(message, 415), status_code=415)
-            return await self._guarded(request, mlflow_rows, answer, error)
+        def answer(loaded: LoadedVersion, frame: pd.DataFrame, out: pd.DataFrame) -> Response:
+            text = StringIO()
+            predictions_to_json(out, text)
+            return Response(text.getvalue(), media_type="application/json",
+                            headers={"X-Model-Version": loaded.version})
 
-        @api.get("/health")
-        async def health(self) -> dict[str, Any]:
-            # the log's counters: rows dropped on a full queue and parts set aside are visible here
-            return {"status": "ok", "model_version": self.loaded.version,
-                    "inference_log": self.log.stats() if self.log is not None else None}
+        def error(message: str, status: int) -> dict[str, Any]:  # MLflow's error fields, and /predict's
+            code = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
+            return {"error_code": code, "message": message, "error": message}
 
-        @api.get("/metadata")
-        async def metadata(self) -> dict[str, Any]:
-            signature = self.loaded.model.metadata.signature
-            return {"model_name": self.name, "alias": self.alias, "model_version": self.loaded.version,
-                    "data_version": self.loaded.data_md5,
-                    "signature": {"inputs": json.loads(signature.inputs.to_json()),
-                                  "outputs": json.loads(signature.outputs.to_json()) if signature.outputs else None}}
+        kind = request.headers.get("content-type", CONTENT_TYPE_JSON).split(";")[0].strip()
+        if kind not in (CONTENT_TYPE_JSON, ""):  # MLflow's CSV and Parquet bodies are not taken here
+            message = f"Content-Type {kind[:60]} is not supported here; send {CONTENT_TYPE_JSON}"
+            return JSONResponse(error(message, 415), status_code=415)
+        return await self._guarded(request, mlflow_rows, answer, error)
 
-        def __del__(self) -> None:  # Serve's graceful shutdown: write what is queued
-            if getattr(self, "stopping", None) is not None:
-                self.stopping.set()
-            if getattr(self, "log", None) is not None:
-                self.log.close()
+    async def health(self) -> dict[str, Any]:
+        # the log's counters: rows dropped on a full queue and parts set aside are visible here
+        return {"status": "ok", "model_version": self.loaded.version,
+                "inference_log": self.log.stats() if self.log is not None else None}
 
-    return ChampionServer.bind()
+    async def metadata(self) -> dict[str, Any]:
+        signature = self.loaded.model.metadata.signature
+        return {"model_name": self.name, "alias": self.alias, "model_version": self.loaded.version,
+                "data_version": self.loaded.data_md5,
+                "signature": {"inputs": json.loads(signature.inputs.to_json()),
+                              "outputs": json.loads(signature.outputs.to_json()) if signature.outputs else None}}
+
+    def __del__(self) -> None:  # Serve's graceful shutdown: write what is queued
+        if getattr(self, "stopping", None) is not None:
+            self.stopping.set()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+
+
+def build_app(settings: ServeSettings) -> Any:
+    """The Serve application: ChampionServer with the deployment options in `settings`, which
+    travel to each replica as its init argument."""
+    deployment = serve.deployment(serve.ingress()(ChampionServer), name="d2d-model", **settings.deployment)
+    return deployment.bind(settings)

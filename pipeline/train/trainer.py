@@ -1,13 +1,12 @@
-"""The driver side of training: connect to Ray, build ScalingConfig/RunConfig, fit, and
-read the best model and the per-epoch history back from the last checkpoint."""
+"""The driver side of training: build ScalingConfig/RunConfig, fit on the Ray that
+pipeline.ray_runtime connected to, and read the best model and the per-epoch history back
+from the last checkpoint."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ import pandas as pd
 
 from pipeline.config import TrainParams
 from pipeline.data.schema import Schema
-from pipeline.errors import D2DError, ServiceError
+from pipeline.errors import D2DError
 
 if TYPE_CHECKING:
     from pipeline.train.models import ModelSpec
@@ -31,57 +30,6 @@ class TrainResult:
     best_epoch: int
     seconds: float
     transfer: dict = field(default_factory=dict)  # warm start: what was initialised from init_from
-
-
-@contextmanager
-def ray_session(params: TrainParams, cpus_needed: int | None = None) -> Iterator[None]:
-    """Use the Ray that is already up, the cluster in train.ray_address or RAY_ADDRESS, or
-    start a local one with room for `cpus_needed` (default: the workers plus the driver).
-
-    Only a Ray instance started or connected here is shut down on exit.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = params.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ServiceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from e
-    else:
-        # Logical CPUs: a 2-core laptop can still host the driver and two 1-CPU workers.
-        needed = cpus_needed or params.num_workers * params.cpus_per_worker + 1
-        # address="local": a new instance even when `ray start` left a cluster address behind;
-        # a cluster is used only when asked for.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds when nothing listens at a cluster address; ray.init retries for minutes."""
-    import socket
-    from urllib.parse import urlsplit
-
-    if address in ("auto", "local"):
-        return
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host, port = None, None
-    if not host or not port:
-        raise D2DError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        raise ServiceError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[np.ndarray, np.ndarray]:

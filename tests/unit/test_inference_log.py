@@ -214,7 +214,7 @@ def test_the_right_token_passes_and_health_stays_open():
 
 def test_settings_read_the_token_from_the_variable_params_name(monkeypatch, tmp_path):
     from pipeline.config import ServeParams
-    from pipeline.serve import settings
+    from pipeline.serve import ServeSettings
 
     class Params:
         serve = ServeParams(auth_token_env="MY_TOKEN")
@@ -222,9 +222,9 @@ def test_settings_read_the_token_from_the_variable_params_name(monkeypatch, tmp_
         data = type("D", (), {"id_column": "id"})
 
     monkeypatch.setenv("MY_TOKEN", "abc")
-    assert settings(Params, "sqlite://", tmp_path)["auth_token"] == "abc"
+    assert ServeSettings.from_params(Params, "sqlite://", tmp_path).auth_token == "abc"
     monkeypatch.delenv("MY_TOKEN")
-    assert settings(Params, "sqlite://", tmp_path)["auth_token"] == ""
+    assert ServeSettings.from_params(Params, "sqlite://", tmp_path).auth_token == ""
     with pytest.raises(ValueError, match="auth_token_env"):
         ServeParams(auth_token_env="not a name")
     assert os.environ.get("MY_TOKEN") is None

@@ -11,7 +11,8 @@ import torch
 from pipeline.config import SearchDim, TrainParams, TuneParams, load_params
 from pipeline.errors import ConfigError, D2DError
 from pipeline.train.models import ModelSpec, build_model
-from pipeline.train.trainer import _check_reachable, ray_session, storage_location, transferable
+from pipeline.ray_runtime import check_reachable, ray_session
+from pipeline.train.trainer import storage_location, transferable
 from pipeline.train.tune import search_space, trial_params
 from tests.conftest import REPO
 
@@ -90,12 +91,12 @@ def test_a_cluster_address_with_nothing_listening_fails_fast():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         with pytest.raises(D2DError, match=f"cannot connect to the Ray cluster at 127.0.0.1:{port}"):
-            _check_reachable(f"127.0.0.1:{port}")
+            check_reachable(f"127.0.0.1:{port}")
         with pytest.raises(D2DError, match="cannot connect"):
-            _check_reachable(f"ray://127.0.0.1:{port}")
+            check_reachable(f"ray://127.0.0.1:{port}")
     with pytest.raises(D2DError, match="expected host:port"):
-        _check_reachable("just-a-name")
-    _check_reachable("auto")  # left to Ray: it finds the local cluster and its token itself
+        check_reachable("just-a-name")
+    check_reachable("auto")  # left to Ray: it finds the local cluster and its token itself
 
 
 def test_ray_address_from_the_environment_is_checked_too(monkeypatch):

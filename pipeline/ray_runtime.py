@@ -1,0 +1,71 @@
+"""The Ray runtime that training, tuning, serving and batch predict run on: connect to the
+cluster params name, or start a local instance sized for the work, and stop only what was
+started here."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pipeline.config import Params, TrainParams
+from pipeline.errors import D2DError, ServiceError
+
+
+@contextmanager
+def ray_session(params: TrainParams, cpus_needed: int | None = None) -> Iterator[None]:
+    """Use the Ray that is already up, the cluster in train.ray_address or RAY_ADDRESS, or
+    start a local one with room for `cpus_needed` (default: the workers plus the driver).
+
+    Only a Ray instance started or connected here is shut down on exit.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = params.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ServiceError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from e
+    else:
+        # Logical CPUs: a 2-core laptop can still host the driver and two 1-CPU workers.
+        needed = cpus_needed or params.num_workers * params.cpus_per_worker + 1
+        # address="local": a new instance even when `ray start` left a cluster address behind;
+        # a cluster is used only when asked for.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a cluster address; ray.init retries for minutes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise D2DError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ServiceError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
+
+
+def cpus_for_training(params: Params) -> int:
+    """Logical CPUs a local Ray needs: the training run's workers, or the concurrent trials'
+    (each trial's driver takes one CPU on top of its workers), plus this driver."""
+    run = params.train.num_workers * params.train.cpus_per_worker
+    trials = params.tune.max_concurrent * (params.tune.workers_per_trial * params.train.cpus_per_worker + 1)
+    return max(run, trials if params.tune.enabled else 0) + 1
