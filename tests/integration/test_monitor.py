@@ -231,7 +231,7 @@ def test_links_in_the_inbox_are_refused_and_nothing_they_point_at_is_copied(proj
     assert (inbox / "leak.csv").is_symlink() and os.readlink(inbox / "leak.csv") == str(secret)
     ledger = io.read_json(project / "data/monitor-links/ledger.json")
     assert sorted(e["action"] for e in ledger["batches"].values()) == ["refused", "refused"]
-    assert monitor(project, "monitor.inbox=data/inbox-links", "monitor.state=data/monitor-links")["batches"] == []
+    assert monitor(project, "monitor.inbox=data/inbox-links", "monitor.state=data/monitor-links").batches == ()
 
 
 def test_a_corrupt_ledger_stops_the_monitor_with_one_line_and_is_kept(project):
