@@ -147,7 +147,13 @@ _MLMODEL_VARYING = [
     (re.compile(r"m-[0-9a-f]{32}"), "m-<id>"),
     # log_model stages network.pt2 and classes.json in a fresh temporary folder
     (re.compile(re.escape(tempfile.gettempdir()) + r"/tmp\w{8}/"), "<tmpdir>/"),
+    # the artifacts' total size, which includes the shipped code (SHIPPED_CODE)
+    (re.compile(r"^model_size_bytes: .*$", re.M), "model_size_bytes: <size>"),
 ]
+
+# The logged model ships copies of these project files (MLflow's code paths), so a change to
+# the code changes them: each must equal its own checkout's file, not the other run's copy.
+SHIPPED_CODE = {"model/raw_model.py": "pipeline/raw_model.py", "model/code/preprocess.py": "pipeline/preprocess.py"}
 
 
 def mlmodel_without_ids(data: bytes, project: Path) -> object:
@@ -274,6 +280,11 @@ def compare_file(item: str, a: FileRef | None, b: FileRef | None) -> Row:
         return Row(item, a.md5 if a else NOT_THERE, b.md5 if b else NOT_THERE, "DIFFERS")
     if a.md5 == b.md5:
         return Row(item, a.md5, b.md5, "same")
+    if item in SHIPPED_CODE:
+        source = SHIPPED_CODE[item]
+        if all(f.path.read_bytes() == (f.project / source).read_bytes() for f in (a, b)):
+            return Row(item, a.md5, b.md5, f"differs (the code: each is its own checkout's {source})")
+        return Row(item, a.md5, b.md5, f"DIFFERS (not the checkout's {source})")
     known = allowed_variation(item)
     if known is None:
         return Row(item, a.md5, b.md5, "DIFFERS")
