@@ -219,9 +219,9 @@ def predict(
     _quiet_user_errors()
     result = predict_flow(input=str(input_.resolve()), output=str(output.resolve()), params_path=str(params.resolve()),
                           overrides=overrides, root=str(Path.cwd()), force=force)
-    console.print(f"scored {result['rows']} rows from {result['files']} file(s) with {result['model']} → "
-                  f"{result['output']}" + (f" ({result['errors']} rows could not be scored; see the error column)"
-                                          if result["errors"] else ""))
+    console.print(f"scored {result.rows} rows from {result.files} file(s) with {result.model} → "
+                  f"{result.output}" + (f" ({result.errors} rows could not be scored; see the error column)"
+                                        if result.errors else ""))
 
 
 @app.command()

@@ -4,27 +4,25 @@ through Ray Data (pipeline.predict), retried when a service fails."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 from flows.retry import retry_worthwhile, with_retries
 from pipeline.config import Params, load_params
+from pipeline.predict import Predicted, run_predict
 
 
 @task(name="batch-predict", retry_condition_fn=retry_worthwhile)
-def score(params: Params, root: Path, source: Path, output: Path, force: bool = False) -> dict[str, Any]:
-    from pipeline.predict import run_predict
-
+def score(params: Params, root: Path, source: Path, output: Path, force: bool = False) -> Predicted:
     result = run_predict(params, root, source, output, force)
-    get_run_logger().info("scored %d rows from %d file(s) with %s → %s (%d rows with errors)", result["rows"],
-                          result["files"], result["model"], result["output"], result["errors"])
+    get_run_logger().info("scored %d rows from %d file(s) with %s → %s (%d rows with errors)", result.rows,
+                          result.files, result.model, result.output, result.errors)
     return result
 
 
 @flow(name="d2d-batch-predict")
 def predict_flow(input: str, output: str, params_path: str = "params.yaml", overrides: list[str] | None = None,
-                 root: str = ".", force: bool = False) -> dict[str, Any]:
+                 root: str = ".", force: bool = False) -> Predicted:
     """input (file or folder) → the champion, via Ray Data → output file (an existing one is
     replaced only with `force`)."""
     project = Path(root).resolve()

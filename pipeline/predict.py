@@ -9,11 +9,13 @@ input order, to a temporary file that is renamed into place at the end.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from pipeline.config import Params
 from pipeline.errors import D2DError
 
 SUFFIXES = (".csv", ".parquet")
@@ -129,7 +131,19 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
     return rows, errors
 
 
-def run_predict(params: Any, root: Path, source: Path, output: Path, force: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Predicted:
+    """What a batch-predict job scored, with which version, and where it wrote."""
+
+    files: int
+    rows: int
+    errors: int  # rows that failed the model's checks: kept, with an `error`
+    output: str
+    model: str  # models:/NAME/VERSION, pinned when the job started
+    model_version: str
+
+
+def run_predict(params: Params, root: Path, source: Path, output: Path, force: bool = False) -> Predicted:
     """Score `source` (a file or folder) with models:/<name>@<serve.alias>, write `output`
     (an existing one only with `force`)."""
     from pipeline import registry, tracking
@@ -140,15 +154,14 @@ def run_predict(params: Any, root: Path, source: Path, output: Path, force: bool
     uri = tracking.configure(root)
     tracking.reachable(tracking.ping)
     name, alias = params.register_.model_name, params.serve.alias
-    found = tracking.reachable(lambda: registry.resolve_alias(name, alias))
-    if found is None:
+    pinned = tracking.reachable(lambda: registry.resolve_alias(name, alias))
+    if pinned is None:
         raise D2DError(f"models:/{name}@{alias} does not exist" + (": run `d2d run` first" if alias == "champion" else ""))
-    version = found[0]
+    version = pinned[0]
     with ray_session(params.train, cpus_needed=params.serve.predict_concurrency + 1):
         rows, errors = predict_files(files, f"models:/{name}/{version}", version, uri, params.data.id_column,
                              params.serve.predict_batch_size, params.serve.predict_concurrency, output)
-    return {"files": len(files), "rows": rows, "errors": errors, "output": str(output),
-            "model": f"models:/{name}/{version}", "model_version": version}
+    return Predicted(len(files), rows, errors, str(output), f"models:/{name}/{version}", version)
 
 
 def check_output(output: Path, force: bool) -> None:
