@@ -163,8 +163,31 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema,
     return DriftReport(table, share, multivariate, verdict, reasons)
 
 
+@dataclass(frozen=True)
+class PredictionDrift:
+    """The champion's outputs on the batch against its outputs on the reference."""
+
+    test: str
+    score: float
+    threshold: float
+    drifted: bool
+    psi: float
+
+
+@dataclass(frozen=True)
+class PerformanceDrift:
+    """The champion's metric on a labelled batch against its own test metric."""
+
+    metric: str
+    batch: float
+    test: float
+    tolerance: float
+    decayed: bool
+    reason: str
+
+
 def prediction_drift(reference_labels: pd.Series, current_labels: pd.Series, params: DriftParams,
-                     numeric: bool = False) -> dict[str, Any]:
+                     numeric: bool = False) -> PredictionDrift:
     """Has the champion's output distribution moved? The same test as a feature of the output's
     type, on its predictions (labels, or values for regression) for the reference and the batch."""
     small = len(reference_labels) <= params.small_reference_rows
@@ -180,16 +203,15 @@ def prediction_drift(reference_labels: pd.Series, current_labels: pd.Series, par
         index = float(psi(ref, cur, params.psi_bins)[0])
     else:
         test, score, threshold, drifted, index = categorical_drift(reference_labels, current_labels, small, params)
-    return {"test": test, "score": round(score, 6), "threshold": threshold, "drifted": bool(drifted), "psi": round(index, 6)}
+    return PredictionDrift(test, round(score, 6), threshold, bool(drifted), round(index, 6))
 
 
-def performance_drift(batch_metric: float, test_metric: float, tolerance: float, name: str) -> dict[str, Any]:
+def performance_drift(batch_metric: float, test_metric: float, tolerance: float, name: str) -> PerformanceDrift:
     """The champion's metric on a labelled batch against its own test metric (higher is better)."""
-    decayed = batch_metric < test_metric - tolerance
-    return {"metric": name, "batch": round(batch_metric, 6), "test": round(test_metric, 6), "tolerance": tolerance,
-            "decayed": decayed,
-            "reason": f"{name} on the batch {batch_metric:.4f} vs {test_metric:.4f} on the test split "
-                      f"({batch_metric - test_metric:+.4f}; tolerance {tolerance:g})"}
+    return PerformanceDrift(name, round(batch_metric, 6), round(test_metric, 6), tolerance,
+                            batch_metric < test_metric - tolerance,
+                            f"{name} on the batch {batch_metric:.4f} vs {test_metric:.4f} on the test split "
+                            f"({batch_metric - test_metric:+.4f}; tolerance {tolerance:g})")
 
 
 class RetrainDecision(NamedTuple):
@@ -203,17 +225,17 @@ class RetrainDecision(NamedTuple):
 
 
 def retrain_decision(
-    drift: DriftReport, prediction: dict[str, Any] | None, performance: dict[str, Any] | None, labelled: bool,
+    drift: DriftReport, prediction: PredictionDrift | None, performance: PerformanceDrift | None, labelled: bool,
     retrains: list[datetime], now: datetime, params: MonitorParams,
 ) -> RetrainDecision:
     """Whether the batch raises an alarm and whether a retrain may run now, with the reasons."""
     signals = []
     if drift.drifted:
         signals.append("data drift: " + "; ".join(drift.reasons))
-    if performance is not None and performance["decayed"]:
-        signals.append("performance decay: " + performance["reason"])
-    if prediction is not None and prediction["drifted"] and params.retrain_on_prediction_drift:
-        signals.append(f"prediction drift: {prediction['test']} {prediction['score']:.4g} (threshold {prediction['threshold']:g})")
+    if performance is not None and performance.decayed:
+        signals.append("performance decay: " + performance.reason)
+    if prediction is not None and prediction.drifted and params.retrain_on_prediction_drift:
+        signals.append(f"prediction drift: {prediction.test} {prediction.score:.4g} (threshold {prediction.threshold:g})")
     if not signals:
         return RetrainDecision(False, False, ["no drift and no decay: " + "; ".join(drift.reasons)])
     reasons = list(signals)
@@ -260,7 +282,7 @@ def _histogram_png(ref: pd.Series, cur: pd.Series, title: str) -> str:
 
 
 def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame, top: int = 6,
-                prediction: dict[str, Any] | None = None, performance: dict[str, Any] | None = None,
+                prediction: PredictionDrift | None = None, performance: PerformanceDrift | None = None,
                 notes: list[str] | None = None) -> str:
     """One self-contained page: the verdict and its reasons, the champion's prediction and
     performance drift, overlaid histograms of the most drifted features, and every feature's
@@ -279,10 +301,10 @@ def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFr
         for r in report.features.itertuples())
     lines = list(report.reasons)
     if prediction is not None:
-        lines.append(f"champion's predictions: {prediction['test']} {prediction['score']:.4g} (threshold "
-                     f"{prediction['threshold']:g}, PSI {prediction['psi']:.3f}): {'drifted' if prediction['drifted'] else 'stable'}")
+        lines.append(f"champion's predictions: {prediction.test} {prediction.score:.4g} (threshold "
+                     f"{prediction.threshold:g}, PSI {prediction.psi:.3f}): {'drifted' if prediction.drifted else 'stable'}")
     if performance is not None:
-        lines.append(("performance decayed: " if performance["decayed"] else "performance held: ") + performance["reason"])
+        lines.append(("performance decayed: " if performance.decayed else "performance held: ") + performance.reason)
     lines += notes or []
     reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in lines)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>d2d drift report</title><style>

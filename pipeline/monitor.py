@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -348,8 +348,8 @@ class Inspection:
     """A screened batch measured against the reference."""
 
     drift: drift.DriftReport
-    prediction: dict[str, Any]  # the champion's prediction drift (drift.prediction_drift)
-    performance: dict[str, Any] | None  # with labels: the champion's metric on the batch against its test metric
+    prediction: drift.PredictionDrift  # the champion's outputs on the batch against the reference's
+    performance: drift.PerformanceDrift | None  # with labels: its metric on the batch against its test metric
 
 
 def inspect_batch(screened: Screened, reference: Reference, params: Params) -> Inspection:
@@ -379,8 +379,8 @@ def write_reports(key: str, inspection: Inspection, reference: Reference, screen
     html = folder / "drift.html"
     io.write_text(drift.report_html(report, reference.frame, screened.valid, prediction=inspection.prediction,
                                     performance=inspection.performance, notes=reference.notes), html)
-    summary = {**report.summary(), "prediction_drift": inspection.prediction,
-               "performance": inspection.performance, "features": report.features.to_dict("records"),
+    summary = {**report.summary(), "prediction_drift": asdict(inspection.prediction),
+               "performance": asdict(inspection.performance) if inspection.performance else None, "features": report.features.to_dict("records"),
                "reference_notes": reference.notes, **extra}
     return html, io.write_json(summary, folder / "drift.json")
 
@@ -389,12 +389,12 @@ def drift_metrics(inspection: Inspection, screened: Screened) -> dict[str, float
     """The batch's figures as MLflow metrics of its monitoring run."""
     report = inspection.drift
     metrics = {"drift_share": report.share, "drifted_features": float(report.features["drifted"].sum()),
-               "prediction_drift_score": inspection.prediction["score"], "prediction_psi": inspection.prediction["psi"],
+               "prediction_drift_score": inspection.prediction.score, "prediction_psi": inspection.prediction.psi,
                "rows": float(screened.rows), "rows_quarantined": float(len(screened.quarantine))}
     if report.multivariate:
         metrics["domain_auc"] = report.multivariate["roc_auc"]
     if inspection.performance:
-        metrics[f"batch_{inspection.performance['metric']}"] = inspection.performance["batch"]
+        metrics[f"batch_{inspection.performance.metric}"] = inspection.performance.batch
     return metrics
 
 

@@ -118,8 +118,8 @@ def test_the_html_report_has_the_verdict_the_histograms_and_every_feature():
 
 def test_prediction_and_performance_drift():
     labels = pd.Series(np.random.default_rng(0).integers(0, 3, 2000))
-    assert not prediction_drift(labels, labels.sample(frac=1, random_state=1), DriftParams())["drifted"]
-    assert prediction_drift(labels, pd.Series([0] * 500), DriftParams())["drifted"]
-    assert not performance_drift(0.96, 0.97, 0.02, "accuracy")["decayed"]
+    assert not prediction_drift(labels, labels.sample(frac=1, random_state=1), DriftParams()).drifted
+    assert prediction_drift(labels, pd.Series([0] * 500), DriftParams()).drifted
+    assert not performance_drift(0.96, 0.97, 0.02, "accuracy").decayed
     decayed = performance_drift(0.90, 0.97, 0.02, "accuracy")
-    assert decayed["decayed"] and "-0.0700" in decayed["reason"]
+    assert decayed.decayed and "-0.0700" in decayed.reason

@@ -18,7 +18,7 @@ from app.cli import check_triggers
 from pipeline import monitor
 from pipeline.config import MonitorParams, Params, load_params
 from pipeline.data import io
-from pipeline.drift import DriftReport, retrain_decision
+from pipeline.drift import DriftReport, PerformanceDrift, PredictionDrift, retrain_decision
 from pipeline.errors import D2DError, DataError
 from tests.conftest import REPO, make_frame
 
@@ -29,9 +29,9 @@ def report(drifted: bool) -> DriftReport:
     return DriftReport(pd.DataFrame({"drifted": [drifted]}), float(drifted), None, drifted, ["1 of 1 features drifted"])
 
 
-DECAYED = {"decayed": True, "reason": "f1_macro on the batch 0.50 vs 0.95"}
-HELD = {"decayed": False, "reason": "f1_macro on the batch 0.95 vs 0.95"}
-MOVED = {"drifted": True, "test": "jensen_shannon", "score": 0.3, "threshold": 0.1}
+DECAYED = PerformanceDrift("f1_macro", 0.5, 0.95, 0.02, True, "f1_macro on the batch 0.50 vs 0.95")
+HELD = PerformanceDrift("f1_macro", 0.95, 0.95, 0.02, False, "f1_macro on the batch 0.95 vs 0.95")
+MOVED = PredictionDrift("jensen_shannon", 0.3, 0.1, True, 0.5)
 
 
 def screened(labelled: bool) -> monitor.Screened:
@@ -47,7 +47,7 @@ def screened(labelled: bool) -> monitor.Screened:
     (False, False, "flow", "none", False),
 ])
 def test_the_monitor_action_follows_the_retrain_decision_labels_and_mode(drifted, labelled, mode, action, retrain):
-    inspection = monitor.Inspection(report(drifted), {"drifted": False}, None)
+    inspection = monitor.Inspection(report(drifted), PredictionDrift("chi2", 0.9, 0.05, False, 0.0), None)
     params = load_params(REPO / "params.yaml")
     decision = monitor.decide(inspection, screened(labelled), [], NOW, params, mode)
     assert (decision.action, decision.retrain, decision.alarm) == (action, retrain, drifted)
