@@ -233,8 +233,6 @@ def stage(
                                        "For a Ray job on a cluster, a folder every node sees.")] = Path("."),
 ) -> None:
     """Run one stage on its own (what `dvc repro` calls, and a Ray job's entrypoint)."""
-    from dataclasses import asdict
-
     from pipeline import stages
     from pipeline.config import load_params
 
@@ -244,9 +242,8 @@ def stage(
     if not root.is_dir():
         raise D2DError(f"--root {root}: not a folder")
     cfg = load_params(root / params, set_ or [])
-    summary = asdict(stages.run(name, cfg, root.resolve()))
-    console.print(f"{name} done: " + ", ".join(f"{k}={v}" for k, v in summary.items()
-                                               if not isinstance(v, (dict, list, tuple)) and v is not None))
+    summary = stages.run(name, cfg, root.resolve()).shown()
+    console.print(f"{name} done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 @app.command("stages")

@@ -12,7 +12,6 @@ to do, and a `d2d run` after `dvc repro` reuses its outputs: one record, kept by
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,7 @@ def run_or_reuse(name: str, params: Params, root: Path, why_unrecorded: str | No
         else:  # dvc commit would pair these outputs with params they were not made with
             logger.warning("%s: params.yaml changed during the run; dvc.lock not updated", name)
     record_time(root, name, "ran", started, ran, checked)
-    shown = {k: v for k, v in asdict(summary).items() if not isinstance(v, (dict, list, tuple)) and v is not None}
-    logger.info("%s: %s (%.1f s)", name, shown, ran - checked)
+    logger.info("%s: %s (%.1f s)", name, summary.shown(), ran - checked)
     return summary
 
 

@@ -27,6 +27,18 @@ class Summary:
                 raise KeyError(f"{cls.__name__}: the report has no '{f.name}'")
         return cls(**values)
 
+    def shown(self) -> dict[str, Any]:
+        """The fields a one-line summary prints: the set ones, with a mapping of numbers (the
+        metrics, the split sizes) spread into its entries; lists and nested records left out."""
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping) and all(isinstance(v, (int, float)) for v in value.values()):
+                out |= dict(value)
+            elif value is not None and not isinstance(value, (Mapping, list, tuple)):
+                out[f.name] = value
+        return out
+
 
 @dataclass(frozen=True)
 class DataVersion(Summary):

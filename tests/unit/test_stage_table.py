@@ -187,3 +187,18 @@ def test_d2d_stages_prints_every_stage(capsys, monkeypatch):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(s.name in out for s in stages.STAGES) and "data/split/train.parquet" in out
+
+
+def test_a_summary_reads_back_from_its_report_and_its_one_line_shows_the_numbers():
+    from pipeline.summaries import Evaluated, Trained
+
+    report = {"test_accuracy": 0.9, "val_log_loss": 0.2, "mlflow_run_id": "r1", "model_uri": "models:/m-1"}
+    evaluated = Evaluated.from_report(report)
+    assert evaluated.metrics == {"test_accuracy": 0.9, "val_log_loss": 0.2} and evaluated.test() == {"accuracy": 0.9}
+    assert evaluated.shown() == {"test_accuracy": 0.9, "val_log_loss": 0.2, "mlflow_run_id": "r1", "model_uri": "models:/m-1"}
+    trained = Trained.from_report({"epochs_run": 3, "best_epoch": 2, "best_val_loss": 0.1, "train_seconds": 1.5,
+                                   "num_workers": 2, "best_val_accuracy": 0.9, "fresh_tensors": ["head.weight"]})
+    assert trained.fresh_tensors == ("head.weight",) and trained.init_from is None
+    assert "fresh_tensors" not in trained.shown() and trained.shown()["epochs_run"] == 3
+    with pytest.raises(KeyError, match="Trained: the report has no 'num_workers'"):
+        Trained.from_report({"epochs_run": 3, "best_epoch": 2, "best_val_loss": 0.1, "train_seconds": 1.5})
