@@ -168,6 +168,21 @@ def test_any_data_path_is_one_line_and_exit_2(monkeypatch, capsys, project, text
     assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "validate", f"--set=data.raw={text}"))
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=HOSTILE.filter(lambda t: t not in ("validate", "clean", "split", "train", "evaluate", "register")
+                           and not t.startswith("-")))
+def test_any_stage_name_is_one_line_and_exit_2(monkeypatch, capsys, project, text):
+    """The name is looked up in the stage table; any other is refused with the table's choices
+    (data-version, the flow's own step, is not a DVC stage either)."""
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", text),
+                    "choose one of: validate, clean, split, train, evaluate, register")
+
+
+def test_the_flows_own_step_is_not_a_dvc_stage(monkeypatch, capsys, project):
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "data-version"),
+                    "'data-version' is a step of the flow, not a DVC stage")
+
+
 @pytest.mark.parametrize("name", ["a" * 300 + ".yaml", "x/" * 3000 + "p.yaml"])
 def test_an_impossible_params_path_is_a_plain_error(monkeypatch, capsys, tmp_path, name):
     assert_one_line(*main_in_process(monkeypatch, capsys, tmp_path, "stage", "validate", f"--params={name}"))
