@@ -24,6 +24,7 @@ from pipeline.summaries import Cleaned, DataVersion, Evaluated, Registered, Spli
 if TYPE_CHECKING:
     from pipeline.evaluate import Scored
     from pipeline.stages import StageFiles
+    from pipeline.train.trainer import TrainResult
 
 RAW = "raw"  # pipeline.stages.RAW: the raw file's name in a StageFiles
 
@@ -137,52 +138,67 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
 def train(params: Params, files: StageFiles) -> Trained:
     """Tune first when tune.enabled (the best config then trains), warm-start from
     train.init_from when set, and train with Ray Train."""
-    from pipeline.train.models import save_model
     from pipeline.ray_runtime import cpus_for_training, ray_session
+    from pipeline.train.models import save_model
     from pipeline.train.trainer import train as fit
 
     schema = schema_from_params(params.data)
     train_df, val_df = io.read_table(files["train"]), io.read_table(files["val"])
     state = io.read_json(files["preprocess"])
-    train_params, tuned = params.train, {"enabled": False}
-    trials = pd.DataFrame(columns=["trial", "epoch", "val_loss"])  # a DVC out either way
-    init_state, pinned = None, None
-    if params.train.init_from:
-        from pipeline import tracking
-
-        tracking.configure(files.root)
-        pinned = tracking.pin_version(params.train.init_from)
-        init_state = tracking.network_weights(pinned)
+    pinned, init_state = _warm_start(params, files.root)
     with ray_session(params.train, cpus_needed=cpus_for_training(params)):
-        if params.tune.enabled:
-            from pipeline.train.tune import tune
-
-            found = tune(train_df, val_df, schema, state, params.train, params.tune, files["ray_storage"])
-            trials = found.trials
-            train_params = params.train.model_copy(update=found.best_config)
-            tuned = {"enabled": True, "best_config": found.best_config, "best_trial": found.best_trial,
-                     "best_val_loss": found.best_val_loss, "trials": found.summary, "seconds": round(found.seconds, 2)}
+        tuned, trials = _tune(params, train_df, val_df, schema, state, files["ray_storage"])
+        train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train
         result = fit(train_df, val_df, schema, state, train_params, files["ray_storage"], init_state)
     io.write_json(tuned, files["tune_report"])
     io.write_csv(trials, files["tune_trials"])
     files["model"].parent.mkdir(parents=True, exist_ok=True)
     save_model(result.model, result.spec, str(files["model"]))
     io.write_csv(result.history, files["history"])
+    report = _train_report(result, train_params.num_workers, tuned, pinned)
+    io.write_json(report, files["train_report"])
+    return Trained.from_report(report)
+
+
+def _warm_start(params: Params, root: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """train.init_from pinned to its version now, and that version's network weights; (None, None) when unset."""
+    if not params.train.init_from:
+        return None, None
+    from pipeline import tracking
+
+    tracking.configure(root)
+    pinned = tracking.pin_version(params.train.init_from)
+    return pinned, tracking.network_weights(pinned)
+
+
+def _tune(params: Params, train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict[str, Any],
+          storage: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The search (when tune.enabled): what tune.json records, and every trial's epochs (a
+    DVC out either way, so empty when tuning is off)."""
+    if not params.tune.enabled:
+        return {"enabled": False}, pd.DataFrame(columns=["trial", "epoch", "val_loss"])
+    from pipeline.train.tune import tune
+
+    found = tune(train_df, val_df, schema, state, params.train, params.tune, storage)
+    return {"enabled": True, "best_config": found.best_config, "best_trial": found.best_trial,
+            "best_val_loss": found.best_val_loss, "trials": found.summary, "seconds": round(found.seconds, 2)}, found.trials
+
+
+def _train_report(result: TrainResult, num_workers: int, tuned: dict[str, Any], pinned: str | None) -> dict[str, Any]:
+    """train.json: the best epoch's validation figures, the time, and where the weights came from."""
     best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
-    report = {
+    return {
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "best_val_loss": float(best["val_loss"]),
         **{f"best_{k}": float(best[k]) for k in ("val_accuracy", "val_rmse") if k in best},
         "train_seconds": round(result.seconds, 2),
-        "num_workers": train_params.num_workers,
+        "num_workers": num_workers,
         **({"tuned": tuned["best_config"]} if tuned["enabled"] else {}),
         **({"init_from": result.transfer["init_from"], "init_from_version": pinned,
             "transferred_tensors": result.transfer["transferred"], "fresh_tensors": result.transfer["fresh"]}
            if result.transfer else {}),
     }
-    io.write_json(report, files["train_report"])
-    return Trained.from_report(report)
 
 
 def evaluate(params: Params, files: StageFiles) -> Evaluated:
