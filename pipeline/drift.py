@@ -69,10 +69,10 @@ def psi(ref: np.ndarray, cur: np.ndarray, bins: int = 10, eps: float = 1e-4, pre
     """Population stability index per column, on the reference's quantile bins. Bin counts
     come from binary searches of the bin edges in the sorted columns."""
     ref_s, cur_s = (ref, cur) if presorted else (np.sort(ref, axis=0), np.sort(cur, axis=0))
-    inner = _quantiles(ref_s, np.linspace(0, 1, bins + 1)[1:-1])  # (bins-1) × columns
+    cuts = _quantiles(ref_s, np.linspace(0, 1, bins + 1)[1:-1])  # (bins-1) × columns
     out = np.empty(ref_s.shape[1])
     for j in range(ref_s.shape[1]):
-        edges = np.unique(inner[:, j])
+        edges = np.unique(cuts[:, j])
         expected = np.diff(np.r_[0, np.searchsorted(ref_s[:, j], edges, side="right"), len(ref_s)]) / len(ref_s)
         actual = np.diff(np.r_[0, np.searchsorted(cur_s[:, j], edges, side="right"), len(cur_s)]) / len(cur_s)
         expected, actual = np.clip(expected, eps, None), np.clip(actual, eps, None)
