@@ -414,7 +414,7 @@ def simulate_drift(
 def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""
     from pipeline.config import load_params
-    from pipeline.runners import make_demo
+    from pipeline.runners.data import make_demo
 
     out = make_demo(load_params(params, set_ or []), Path.cwd())
     console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")

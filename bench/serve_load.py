@@ -24,6 +24,8 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from pipeline import stages
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="serve.* overrides for d2d serve")
     args = parser.parse_args()
 
-    test = pd.read_parquet("data/split/test.parquet")
+    test = pd.read_parquet(stages.path("test", Path.cwd()))
     features = [c for c in test.columns if c.startswith("pixel_")]
     port = free_port()
     extra = [x for s in args.set for x in ("--set", s)] + ["--set", "serve.log_dir=reports/serve_load_log"]

@@ -114,9 +114,7 @@ def append_batch(intent: dict[str, Any], params: Params, root: Path) -> dict[str
 
 @task(name="emit-drift-event", cache_policy=NO_CACHE)
 def emit_drift(key: str, params: Params, decision: BatchDecision, retrain_by: str) -> None:
-    """`d2d.drift.detected` on the model's resource. Its `d2d.retrain` label says who retrains:
-    `automation` is what the training deployment's trigger matches; `in-process` and `no` are
-    recorded for the event feed only."""
+    """`d2d.drift.detected` on the model's resource, labelled with who retrains (monitor.retrain_by)."""
     from prefect.events import emit_event
 
     emit_event(event=EVENT,
@@ -165,8 +163,7 @@ def finish_previous(ledger: dict[str, Any], run: MonitorContext) -> list[BatchOu
             outcomes.append(retrain(md5, done, ledger, run))
     for md5, entry in monitor.retrains_pending(ledger):
         logger.warning("%s: the retrain decided by a previous run did not finish; running it now", entry["file"])
-        decision = BatchDecision(entry["action"], True, tuple(entry["reasons"]))
-        outcomes.append(retrain(md5, BatchOutcome(entry["file"], decision), ledger, run))
+        outcomes.append(retrain(md5, BatchOutcome(entry["file"], BatchDecision.from_entry(entry)), ledger, run))
     return outcomes
 
 
@@ -189,12 +186,8 @@ def process_batch(batch: monitor.Batch, ledger: dict[str, Any], run: MonitorCont
                                   ledger, run)
     decision = monitor.decide(inspection, screened, monitor.retrain_times(ledger), monitor.utc_now(), params, run.mode)
     report = with_retries(publish, params)(batch, screened, inspection, decision, reference, params, project)
-    entry = monitor.ledger_entry(batch, screened, decision, report, None, quarantine, project)
-    # write-ahead: what must follow (event, retrain, and for labelled rows the raw file's
-    # next version, built but not yet swapped in) is recorded before any of it happens
-    entry |= {"key": batch.key, "act": decision.alarm, "state": monitor.PENDING if decision.alarm else monitor.COMPLETE}
-    if decision.alarm and screened.labelled:
-        entry["append"] = monitor.stage_append(screened.raw_valid, params, project)
+    # write-ahead: what must follow is recorded before any of it happens
+    entry = monitor.open_entry(batch, screened, decision, report, quarantine, params, project)
     ledger["batches"][batch.md5] = entry
     monitor.write_ledger(ledger, params, project)
     done = complete(batch.md5, entry, ledger, run)
@@ -225,16 +218,12 @@ def complete(md5: str, entry: dict[str, Any], ledger: dict[str, Any], run: Monit
             return None
         entry["appended"] = with_retries(append_batch, params)(intent, params, project)
     decision = BatchDecision.from_entry(entry)
-    key = entry.get("key") or entry["file"]
     if decision.alarm:
-        emit_drift(key, params, decision, ("automation" if run.mode == "event" else "in-process") if decision.retrain else "no")
-    if decision.retrain:
-        ledger["retrains"].append({"at": monitor.utc_now().isoformat(timespec="seconds"), "batch": key, "by": run.mode})
+        emit_drift(entry.get("key") or entry["file"], params, decision, monitor.retrain_by(decision, run.mode))
     warnings = monitor.push_warnings(entry.get("appended"), intent)
     for warning in warnings:
         get_run_logger().warning("%s: %s", entry["file"], warning)
-    entry |= {"state": monitor.COMPLETE, "warnings": warnings,
-              **({"retrain_state": monitor.PENDING} if decision.retrain and run.mode == "flow" else {})}
+    monitor.close_entry(ledger, entry, decision, warnings, run.mode)
     # recorded before the retrain runs: a failed retrain must not make the batch count twice,
     # and its retrain_state (pending until the training flow returns) makes the next run retry it
     monitor.write_ledger(ledger, params, project)
@@ -255,6 +244,6 @@ def retrain(md5: str, done: BatchOutcome, ledger: dict[str, Any], run: MonitorCo
         return done
     logger.info("%s: retraining on the new data version", done.batch)
     trained = training_flow(params_path=str(run.params_file), overrides=run.overrides, root=str(run.project))
-    ledger["batches"][md5]["retrain_state"] = "done"
+    monitor.retrain_done(ledger, md5)
     monitor.write_ledger(ledger, run.params, run.project)
     return replace(done, register=trained.register)

@@ -194,9 +194,11 @@ def plot_learning_curves(history: pd.DataFrame, path: Path, best_epoch: int | No
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    from pipeline.data import io
+
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with io.atomic(path) as tmp:  # the format from the name, as the temporary file's is .tmp
+        fig.savefig(tmp, dpi=110, format=path.suffix.removeprefix("."))
     plt.close(fig)
     return path
 

@@ -573,3 +573,41 @@ def ledger_entry(batch: Batch, screened: Screened, decision: BatchDecision, repo
             "report": str(report.relative_to(root)) if report else None,
             "quarantine": str(quarantine.relative_to(root)) if quarantine else None, "appended": appended}
 
+
+# --- the ledger's transitions: what the flow records at each step of a batch's transaction ---
+
+
+def open_entry(batch: Batch, screened: Screened, decision: BatchDecision, report: Path, quarantine: Path | None,
+               params: Params, root: Path) -> dict[str, Any]:
+    """A measured batch's entry, written ahead of what its decision entails: pending when it
+    raised an alarm (the event, the retrain and, for labelled rows, the raw file's next
+    version, built here but not swapped in yet), complete otherwise. "act" is `alarm`."""
+    entry = ledger_entry(batch, screened, decision, report, None, quarantine, root)
+    entry |= {"key": batch.key, "act": decision.alarm, "state": PENDING if decision.alarm else COMPLETE}
+    if decision.alarm and screened.labelled:
+        entry["append"] = stage_append(screened.raw_valid, params, root)
+    return entry
+
+
+def retrain_by(decision: BatchDecision, mode: str) -> str:
+    """Who retrains, as the drift event's `d2d.retrain` label: `automation` is what the training
+    deployment's trigger matches; `in-process` and `no` are for the event feed only."""
+    if not decision.retrain:
+        return "no"
+    return "automation" if mode == "event" else "in-process"
+
+
+def close_entry(ledger: dict[str, Any], entry: dict[str, Any], decision: BatchDecision, warnings: list[str],
+                mode: str) -> None:
+    """The batch's transaction is done: a retrain takes its place in the rate limit, and in
+    flow mode stays `pending` until the training flow has returned."""
+    if decision.retrain:
+        ledger["retrains"].append({"at": utc_now().isoformat(timespec="seconds"),
+                                   "batch": entry.get("key") or entry["file"], "by": mode})
+    entry |= {"state": COMPLETE, "warnings": warnings,
+              **({"retrain_state": PENDING} if decision.retrain and mode == "flow" else {})}
+
+
+def retrain_done(ledger: dict[str, Any], md5: str) -> None:
+    ledger["batches"][md5]["retrain_state"] = "done"
+

@@ -63,8 +63,8 @@ class Scorer:
         self.model = mlflow.pyfunc.load_model(model_uri)
         self.python_model = python_model_of(self.model)  # None for another flavor: MLflow's own predict
         self.inputs = model_inputs(self.model, self.python_model)
-        found = model_id(self.python_model, id_column)
-        self.id_column = found["name"] if found else None
+        id_spec = model_id(self.python_model, id_column)
+        self.id_column = id_spec["name"] if id_spec else None
         self.outputs = output_types(self.python_model)
         self.version = version
 

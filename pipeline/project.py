@@ -8,6 +8,8 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.errors import ConfigError
 
+RAW = "raw"  # the raw file (params' data.raw) among a stage's files (pipeline.stages)
+
 
 def inside_project(path: Path, root: Path) -> bool:
     """Whether `path` stays in the project folder both as written (no `..` or absolute path

@@ -176,18 +176,18 @@ def resolve_alias(name: str, alias: str) -> tuple[str, dict[str, str]] | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        found = MlflowClient().get_model_version_by_alias(name, alias)
+        current = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-    return str(found.version), dict(found.tags)
+    return str(current.version), dict(current.tags)
 
 
 def version_for_run(client: Any, name: str, run_id: str) -> str | None:
     """The version already registered from this run, so a retried registration reuses it."""
-    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    return min((v.version for v in found), key=int) if found else None
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min((v.version for v in versions), key=int) if versions else None
 
 
 def _set_champion(client: Any, name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:

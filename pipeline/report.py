@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import io
+from pipeline.stages import CATALOG
 from pipeline.summaries import TrainingRun
 
 
@@ -27,7 +28,7 @@ def run_summary(result: TrainingRun, root: Path, tracking_uri: str) -> str:
         f"- {'passed' if val.passed else 'FAILED'}: {val.expectations - val.expectations_failed}"
         f"/{val.expectations} expectations met",
         f"- rows: {val.rows_in} in, {val.rows_quarantined} quarantined "
-        f"(`data/quarantine/validate.parquet`, with reasons), {clean.removed} removed by cleaning",
+        f"(`{CATALOG['quarantine']}`, with reasons), {clean.removed} removed by cleaning",
         f"- Data Docs: `{root / val.data_docs}`" if val.data_docs else "- Data Docs: off",
         "",
         "## Splits",

@@ -189,9 +189,9 @@ def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_s
         i, name = where
         raise RequestError(422, f"row {i}: column {name}: a {len(str(abs(rows[i][name])))}-digit integer is out of "
                                 f"range for a double") from None
-    found = first_error(errors)
-    if found is not None:
-        raise RequestError(422, f"row {found[0]}: {found[1]}")
+    problem = first_error(errors)
+    if problem is not None:
+        raise RequestError(422, f"row {problem[0]}: {problem[1]}")
     if id_column and any(id_column in row for row in rows):
         checked.insert(0, id_column, [row.get(id_column) for row in rows])
     return checked
@@ -303,10 +303,10 @@ class ServeSettings:
 
 def load_alias(name: str, alias: str, id_column: str | None) -> LoadedVersion:
     """The version the alias points at now, loaded."""
-    found = resolve_alias(name, alias)
-    if found is None:
+    target = resolve_alias(name, alias)
+    if target is None:
         raise LookupError(f"models:/{name}@{alias} does not exist")
-    version, tags = found
+    version, tags = target
     return load_version(name, version, tags.get("d2d.data_md5"), id_column)
 
 
@@ -377,8 +377,8 @@ class ChampionServer:
         loaded beside the old one, then a single assignment swaps them."""
         while not self.stopping.wait(self.settings.poll_s):
             try:
-                found = resolve_alias(self.name, self.alias)
-                if found is not None and found[0] != self.loaded.version:
+                target = resolve_alias(self.name, self.alias)
+                if target is not None and target[0] != self.loaded.version:
                     new = load_alias(self.name, self.alias, self.settings.id_column)
                     old, self.loaded = self.loaded.version, new
                     logger.info("%s@%s moved: version %s → %s", self.name, self.alias, old, new.version)

@@ -1,6 +1,6 @@
 """The stage table: every stage of the pipeline, declared once.
 
-Each stage names its runner (pipeline.runners: read the inputs, call the pure step, write the
+Each stage names its runner (pipeline/runners/: read the inputs, call the pure step, write the
 outputs), the files it reads and writes, the params sections it takes, the code it depends
 on and the summary it returns. Everything else derives from this table: the paths every
 module uses (`path`), the DVC bookkeeping (`dvc.yaml` must declare exactly these deps, params,
@@ -16,12 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import runners, summaries
+from pipeline import summaries
 from pipeline.config import Params
 from pipeline.errors import ConfigError
-from pipeline.project import raw_path
+from pipeline.project import RAW, raw_path
+from pipeline.runners import data, evaluation, registration, training
 
-RAW = "raw"  # the one file not in the catalog: params' data.raw (dvc.yaml: ${data.raw})
+# RAW ("raw") is the one file not in the catalog: params' data.raw (dvc.yaml: ${data.raw})
 
 # Every file or folder a stage reads or writes, by name, relative to the project root.
 CATALOG: Mapping[str, str] = {
@@ -94,35 +95,35 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "data-version", runners.data_version, summaries.DataVersion, report="",
+        "data-version", data.data_version, summaries.DataVersion, report="",
         reads=(RAW,), service=True, dvc=False,
     ),
     Stage(
-        "validate", runners.validate, summaries.Validated, report="validate_report",
+        "validate", data.validate, summaries.Validated, report="validate_report",
         params=("data", "validate"),
         reads=(RAW,),
         outs=("valid", "quarantine", "data_docs"),
         metrics=("validate_report",),
-        code=("pipeline/data/validate.py", "pipeline/data/schema.py"),
+        code=("pipeline/runners/data.py", "pipeline/data/validate.py", "pipeline/data/schema.py"),
     ),
     Stage(
-        "clean", runners.clean, summaries.Cleaned, report="clean_report",
+        "clean", data.clean, summaries.Cleaned, report="clean_report",
         params=("data", "clean"),
         reads=("valid",),
         outs=("clean", "removed"),
         metrics=("clean_report",),
-        code=("pipeline/data/clean.py",),
+        code=("pipeline/runners/data.py", "pipeline/data/clean.py"),
     ),
     Stage(
-        "split", runners.split, summaries.SplitSizes, report="split_report",
+        "split", data.split, summaries.SplitSizes, report="split_report",
         params=("data", "clean.missing", "split", "preprocess"),
         reads=("clean",),
         outs=("train", "val", "test", "preprocess"),
         metrics=("split_report",),
-        code=("pipeline/data/split.py", "pipeline/preprocess.py"),
+        code=("pipeline/runners/data.py", "pipeline/data/split.py", "pipeline/preprocess.py"),
     ),
     Stage(
-        "train", runners.train, summaries.Trained, report="train_report",
+        "train", training.train, summaries.Trained, report="train_report",
         params=("data", "train", "tune"),
         reads=("train", "val", "preprocess"),
         outs=("model",),
@@ -131,26 +132,29 @@ STAGES: tuple[Stage, ...] = (
         plots=("history",),
         scratch=("ray_storage",),
         # tracking: a warm start reads train.init_from's weights
-        code=("pipeline/train", "pipeline/preprocess.py", "pipeline/tracking.py"),
+        code=("pipeline/runners/training.py", "pipeline/train", "pipeline/ray_runtime.py", "pipeline/preprocess.py",
+              "pipeline/tracking.py"),
         service=True,
     ),
     Stage(
-        "evaluate", runners.evaluate, summaries.Evaluated, report="metrics",
+        "evaluate", evaluation.evaluate, summaries.Evaluated, report="metrics",
         params=("data", "tune", "evaluate"),
         reads=("model", "history", "train_report", "tune_report", "tune_trials", "validate_report", "clean_report",
                "split_report", "valid", "train", "val", "test", "preprocess", "data_docs"),
         metrics=("metrics",),
         plots=("test_predictions", "learning_curves", "per_class_f1", "roc_curves", "attributions", "per_class",
                "slices"),
-        code=("pipeline/evaluate.py", "pipeline/tracking.py", "pipeline/raw_model.py"),
+        code=("pipeline/runners/evaluation.py", "pipeline/evaluate.py", "pipeline/tracking.py", "pipeline/raw_model.py"),
         service=True,
     ),
     Stage(
-        "register", runners.register, summaries.Registered, report="register_report",
+        "register", registration.register, summaries.Registered, report="register_report",
         params=("data", "register"),
         reads=("metrics", "test"),  # the champion is re-scored on the test split
         uncached=("register_report",),
-        code=("pipeline/registry.py", "pipeline/evaluate.py", "pipeline/tracking.py"),
+        # scoring: the champion's re-score; summaries: register.json is the Registered record
+        code=("pipeline/runners/registration.py", "pipeline/registry.py", "pipeline/scoring.py", "pipeline/summaries.py",
+              "pipeline/evaluate.py", "pipeline/tracking.py"),
         service=True,
     ),
 )
@@ -200,5 +204,5 @@ def describe() -> list[dict[str, str]]:
     def shown(names: tuple[str, ...]) -> str:
         return ", ".join("${data.raw}" if n == RAW else CATALOG[n] for n in names) or "—"
 
-    return [{"stage": s.name, "runner": f"runners.{s.run.__name__}", "params": ", ".join(s.params) or "—",
+    return [{"stage": s.name, "runner": f"{s.run.__module__.removeprefix('pipeline.')}.{s.run.__name__}", "params": ", ".join(s.params) or "—",
              "reads": shown(s.reads), "writes": shown(s.writes), "returns": s.summary.__name__} for s in STAGES]

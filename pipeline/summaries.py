@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 
 class Summary:
     """`from_report` picks the fields by name; a list in the report becomes a tuple."""
+
+    SPREAD: ClassVar[tuple[str, ...]] = ()  # mappings of numbers that a one-line summary spreads out
 
     @classmethod
     def from_report(cls, report: Mapping[str, Any]) -> Self:
@@ -28,12 +30,12 @@ class Summary:
         return cls(**values)
 
     def shown(self) -> dict[str, Any]:
-        """The fields a one-line summary prints: the set ones, with a mapping of numbers (the
-        metrics, the split sizes) spread into its entries; lists and nested records left out."""
+        """The fields a one-line summary prints: the set ones, with the SPREAD mappings (the
+        metrics, the split sizes) spread into their entries; lists and other mappings left out."""
         out: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if isinstance(value, Mapping) and all(isinstance(v, (int, float)) for v in value.values()):
+            if f.name in self.SPREAD:
                 out |= dict(value)
             elif value is not None and not isinstance(value, (Mapping, list, tuple)):
                 out[f.name] = value
@@ -75,6 +77,8 @@ class Cleaned(Summary):
 
 @dataclass(frozen=True)
 class SplitSizes(Summary):
+    SPREAD = ("sizes",)
+
     sizes: Mapping[str, int]
     strategy: str
     seed: int
@@ -89,6 +93,8 @@ class Trained(Summary):
     best_val_loss: float
     train_seconds: float
     num_workers: int
+    best_val_accuracy: float | None = None  # classification
+    best_val_rmse: float | None = None  # regression
     tuned: Mapping[str, Any] | None = None  # the tuned config, when tune.enabled
     init_from: str | None = None  # the warm start, when train.init_from is set
     init_from_version: str | None = None
@@ -99,6 +105,8 @@ class Trained(Summary):
 @dataclass(frozen=True)
 class Evaluated(Summary):
     """Val and test metrics, the MLflow run and the logged raw-row model."""
+
+    SPREAD = ("metrics",)
 
     metrics: Mapping[str, float]
     mlflow_run_id: str

@@ -88,9 +88,9 @@ def _experiment(name: str, root: Path) -> str:
     """The experiment's id; a new local one keeps its artifacts in <root>/mlruns."""
     import mlflow
 
-    found = mlflow.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
     local = mlflow.get_tracking_uri().startswith("sqlite:")
     location = (root / "mlruns").resolve().as_uri() if local else None
     return mlflow.create_experiment(name, artifact_location=location)

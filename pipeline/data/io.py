@@ -92,7 +92,7 @@ def _beside(path: Path, suffix: str) -> Path:
 
 
 @contextmanager
-def _atomic(path: Path, private: bool = False) -> Iterator[Path]:
+def atomic(path: Path, private: bool = False) -> Iterator[Path]:
     """A fresh temporary file beside `path`, renamed over it once written and flushed to
     disk; removed if the write fails. `private`: readable by the owner only."""
     if private:
@@ -113,13 +113,13 @@ def _atomic(path: Path, private: bool = False) -> Iterator[Path]:
 
 
 def write_parquet(df: pd.DataFrame, path: Path, private: bool = False) -> Path:
-    with _atomic(path, private) as tmp:
+    with atomic(path, private) as tmp:
         df.to_parquet(tmp, index=False)
     return path
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
-    with _atomic(path) as tmp:
+    with atomic(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
     return path
 
@@ -166,7 +166,7 @@ def append_csv(rows: pd.DataFrame, path: Path) -> Path:
 
 
 def write_text(text: str, path: Path, private: bool = False) -> Path:
-    with _atomic(path, private) as tmp:
+    with atomic(path, private) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path
 
@@ -177,7 +177,7 @@ def touch(path: Path) -> Path:
 
 
 def write_json(obj: Any, path: Path, private: bool = False) -> Path:
-    with _atomic(path, private) as tmp:
+    with atomic(path, private) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
@@ -185,7 +185,7 @@ def write_json(obj: Any, path: Path, private: bool = False) -> Path:
 def read_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"{path} not found: run the stage that writes it first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_bytes())  # bytes: JSON's own encoding detection (UTF-8, with or without a BOM)
 
 
 def file_md5(path: Path) -> str:
@@ -218,7 +218,7 @@ def write_batches(batches: Any, path: Path) -> int:
     import pyarrow.parquet as pq
 
     rows, writer = 0, None
-    with _atomic(path) as tmp:
+    with atomic(path) as tmp:
         with tmp.open("wb") as f:
             for batch in batches:
                 if path.suffix == ".parquet":

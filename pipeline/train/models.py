@@ -152,7 +152,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def save_model(model: nn.Module, spec: ModelSpec, path: str) -> None:
-    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict()}, path)
+    from pathlib import Path
+
+    from pipeline.data import io
+
+    with io.atomic(Path(path)) as tmp:  # a crash never leaves half a model.pt
+        torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict()}, tmp)
 
 
 def load_model(path: str) -> tuple[nn.Module, ModelSpec]:

@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.data.io import file_md5
-from pipeline.runners import make_demo
+from pipeline.runners.data import make_demo
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

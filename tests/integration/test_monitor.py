@@ -22,7 +22,7 @@ from pipeline.data import io
 from pipeline.data.demo import digits_frame
 from pipeline.data.schema import schema_from_params
 from pipeline.data.simulate import simulate_batch
-from pipeline.runners import make_demo
+from pipeline.runners.data import make_demo
 from tests.integration.test_end_to_end import GIT_ID, run, small_project
 
 pytestmark = pytest.mark.integration

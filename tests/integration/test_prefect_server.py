@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_params
-from pipeline.runners import make_demo
+from pipeline.runners.data import make_demo
 from tests.conftest import REPO
 from tests.integration import servers
 from tests.integration.test_end_to_end import run, small_project

@@ -18,7 +18,7 @@ import pytest
 from pipeline.config import load_params
 from pipeline.data import io
 from pipeline import stages
-from pipeline.runners import make_demo
+from pipeline.runners.data import make_demo
 from tests.conftest import REPO
 from tests.integration.servers import free_port, mlflow_server, postgres
 from tests.integration.test_end_to_end import small_project

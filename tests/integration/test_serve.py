@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_params
-from pipeline.runners import make_demo
+from pipeline.runners.data import make_demo
 from tests.integration.servers import free_port, stop, wait_http
 from tests.integration.test_end_to_end import small_project
 

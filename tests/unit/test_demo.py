@@ -7,7 +7,7 @@ from pipeline.config import ValidateParams
 from pipeline.data import io
 from pipeline.data.clean import drop_duplicates
 from pipeline.data.validate import validate
-from pipeline.runners import make_demo
+from pipeline.runners.data import make_demo
 from tests.conftest import REPO
 
 

@@ -385,3 +385,22 @@ def test_stale_next_versions_are_discarded_but_a_pending_one_is_kept(project, ti
     monitor.discard_stale_stages(ledger, params, root)
     assert raw.with_name(kept["staged"]).is_file() and not raw.with_name(stale["staged"]).exists()
     assert monitor.unfinished(ledger) == [("m", ledger["batches"]["m"])]
+
+
+@pytest.mark.parametrize("retrain, mode, label, state", [
+    (True, "flow", "in-process", "pending"),  # pending until the training flow returns
+    (True, "event", "automation", None),  # the deployment's trigger retrains
+    (False, "flow", "no", None),
+])
+def test_closing_an_entry_records_the_retrain_once_and_who_runs_it(retrain, mode, label, state):
+    decision = monitor.BatchDecision("retrain" if retrain else "append", retrain, ("data drift",), True)
+    ledger = {"batches": {}, "retrains": [], "log_parts": []}
+    entry = {"file": "b.csv", "key": "b-1234abcd", "state": monitor.PENDING}
+    assert monitor.retrain_by(decision, mode) == label
+    monitor.close_entry(ledger, entry, decision, ["a warning"], mode)
+    assert entry["state"] == monitor.COMPLETE and entry["warnings"] == ["a warning"]
+    assert entry.get("retrain_state") == state
+    assert [r["batch"] for r in ledger["retrains"]] == (["b-1234abcd"] if retrain else [])
+    if state:
+        monitor.retrain_done({"batches": {"m": entry}}, "m")
+        assert entry["retrain_state"] == "done"

@@ -135,7 +135,9 @@ def test_no_module_imports_another_modules_private_name():
     """`from pipeline.x import _name` (or `from pipeline import _x`) couples to what a module
     keeps to itself; what others need is public."""
     wrong = []
-    for name, path in [*MODULES.items(), *{p.stem: p for p in (REPO / "tests").rglob("*.py")}.items()]:
+    tests = {str(p.relative_to(REPO).with_suffix("")).replace("/", "."): p for p in (REPO / "tests").rglob("*.py")}
+    assert {"tests.conftest", "tests.unit.test_monitor", "tests.integration.test_monitor"} <= set(tests)
+    for name, path in [*MODULES.items(), *tests.items()]:
         for module, names, line in _imports(path):
             if module.split(".")[0] in PACKAGES and module != name:
                 wrong += [f"{path.relative_to(REPO)}:{line} imports {module}.{n}" for n in names
@@ -202,3 +204,16 @@ def test_a_summary_reads_back_from_its_report_and_its_one_line_shows_the_numbers
     assert "fresh_tensors" not in trained.shown() and trained.shown()["epochs_run"] == 3
     with pytest.raises(KeyError, match="Trained: the report has no 'num_workers'"):
         Trained.from_report({"epochs_run": 3, "best_epoch": 2, "best_val_loss": 0.1, "train_seconds": 1.5})
+
+
+def test_a_training_run_has_one_field_per_stage_of_the_stages_summary_type():
+    """flows/training.py builds TrainingRun from the table's stages by name: a stage added to the
+    table without its field here would fail only at the end of a real run."""
+    import dataclasses
+    import typing
+
+    from pipeline.summaries import TrainingRun
+
+    hints = typing.get_type_hints(TrainingRun)
+    assert [f.name for f in dataclasses.fields(TrainingRun)] == [s.name.replace("-", "_") for s in stages.STAGES]
+    assert all(hints[s.name.replace("-", "_")] is s.summary for s in stages.STAGES)

@@ -1,0 +1,82 @@
+"""The train stage's runner: warm start, tuning and Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from pipeline.config import Params
+from pipeline.data import io
+from pipeline.data.schema import Schema, schema_from_params
+from pipeline.summaries import Trained
+
+if TYPE_CHECKING:
+    from pipeline.stages import StageFiles
+    from pipeline.train.trainer import TrainResult
+
+
+def train(params: Params, files: StageFiles) -> Trained:
+    """Tune first when tune.enabled (the best config then trains), warm-start from
+    train.init_from when set, and train with Ray Train."""
+    from pipeline.ray_runtime import cpus_for_training, ray_session
+    from pipeline.train.models import save_model
+    from pipeline.train.trainer import train as fit
+
+    schema = schema_from_params(params.data)
+    train_df, val_df = io.read_table(files["train"]), io.read_table(files["val"])
+    state = io.read_json(files["preprocess"])
+    pinned, init_state = _warm_start(params, files.root)
+    with ray_session(params.train, cpus_needed=cpus_for_training(params)):
+        tuned, trials = _tune(params, train_df, val_df, schema, state, files["ray_storage"])
+        train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train
+        result = fit(train_df, val_df, schema, state, train_params, files["ray_storage"], init_state)
+    io.write_json(tuned, files["tune_report"])
+    io.write_csv(trials, files["tune_trials"])
+    save_model(result.model, result.spec, str(files["model"]))
+    io.write_csv(result.history, files["history"])
+    report = _train_report(result, train_params.num_workers, tuned, pinned)
+    io.write_json(report, files["train_report"])
+    return Trained.from_report(report)
+
+
+def _warm_start(params: Params, root: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """train.init_from pinned to its version now, and that version's network weights; (None, None) when unset."""
+    if not params.train.init_from:
+        return None, None
+    from pipeline import tracking
+
+    tracking.configure(root)
+    pinned = tracking.pin_version(params.train.init_from)
+    return pinned, tracking.network_weights(pinned)
+
+
+def _tune(params: Params, train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict[str, Any],
+          storage: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The search (when tune.enabled): what tune.json records, and every trial's epochs (a
+    DVC out either way, so empty when tuning is off)."""
+    if not params.tune.enabled:
+        return {"enabled": False}, pd.DataFrame(columns=["trial", "epoch", "val_loss"])
+    from pipeline.train.tune import tune
+
+    search = tune(train_df, val_df, schema, state, params.train, params.tune, storage)
+    return {"enabled": True, "best_config": search.best_config, "best_trial": search.best_trial,
+            "best_val_loss": search.best_val_loss, "trials": search.summary, "seconds": round(search.seconds, 2)}, search.trials
+
+
+def _train_report(result: TrainResult, num_workers: int, tuned: dict[str, Any], pinned: str | None) -> dict[str, Any]:
+    """train.json: the best epoch's validation figures, the time, and where the weights came from."""
+    best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
+    return {
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_val_loss": float(best["val_loss"]),
+        **{f"best_{k}": float(best[k]) for k in ("val_accuracy", "val_rmse") if k in best},
+        "train_seconds": round(result.seconds, 2),
+        "num_workers": num_workers,
+        **({"tuned": tuned["best_config"]} if tuned["enabled"] else {}),
+        **({"init_from": result.transfer["init_from"], "init_from_version": pinned,
+            "transferred_tensors": result.transfer["transferred"], "fresh_tensors": result.transfer["fresh"]}
+           if result.transfer else {}),
+    }
