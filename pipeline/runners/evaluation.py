@@ -13,7 +13,7 @@ from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.data.split import SPLITS
-from pipeline.summaries import Evaluated, Trained
+from pipeline.summaries import Evaluated, Trained, Validated
 
 if TYPE_CHECKING:
     from pipeline.evaluate import Scored
@@ -41,10 +41,10 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
                                       files["attributions"]))
     metrics |= _slice_metrics(frames["test"], test, schema, params, files["slices"])
     history = io.read_csv(files["history"])
-    train_report = io.read_json(files["train_report"])
-    plots.append(ev.plot_learning_curves(history, files["learning_curves"], train_report["best_epoch"]))
+    trained = Trained.from_report(io.read_json(files["train_report"]))
+    plots.append(ev.plot_learning_curves(history, files["learning_curves"], trained.best_epoch))
     run_id, model_uri = _log_run(params, files, metrics, history, plots, model, spec.n_features, schema, frames,
-                                 train_report)
+                                 trained)
     report = {**{k: round(v, 6) for k, v in metrics.items()}, "mlflow_run_id": run_id, "model_uri": model_uri}
     io.write_json(report, files["metrics"])
     return Evaluated.from_report(report)
@@ -105,12 +105,12 @@ REPORTS_LOGGED = ("validate_report", "clean_report", "split_report", "train_repo
 
 def _log_run(params: Params, files: StageFiles, metrics: dict[str, float], history: pd.DataFrame, plots: list[Path],
              model: Any, n_inputs: int, schema: Schema, frames: dict[str, pd.DataFrame],
-             train_report: dict[str, Any]) -> tuple[str, str]:
+             trained: Trained) -> tuple[str, str]:
     """One MLflow run: params, curves, metrics, plots and reports, the splits as datasets, the
     Data Docs and the raw-row model, tagged with the data version and the weights' lineage."""
     from pipeline import tracking
 
-    validation = io.read_json(files["validate_report"])
+    validated = Validated.from_report(io.read_json(files["validate_report"]))
     tracking.configure(files.root)
     tracking.reachable(tracking.ping)
     reports = [files[n] for n in REPORTS_LOGGED if files[n].is_file()]
@@ -125,8 +125,8 @@ def _log_run(params: Params, files: StageFiles, metrics: dict[str, float], histo
         preprocess_path=files["preprocess"],
         example=io.read_table(files["valid"]).head(5),
         schema=schema,
-        tags={"d2d.data_md5": validation["data_md5"], "d2d.data_path": validation["data_path"],
-              **_training_tags(Trained.from_report(train_report), files), **files.lineage},
+        tags={"d2d.data_md5": validated.data_md5, "d2d.data_path": validated.data_path,
+              **_training_tags(trained, files), **files.lineage},
         trials=io.read_csv(files["tune_trials"]) if params.tune.enabled else None,
         datasets=frames,
         data_docs=files["data_docs"] if files["data_docs"].is_dir() else None,
