@@ -112,6 +112,24 @@ def atomic(path: Path, private: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_named(path: Path) -> Iterator[Path]:
+    """`atomic` for a writer that records the file's own name inside it (torch.save names its
+    archive's folder after the file): the temporary file has `path`'s name, in a hidden folder
+    beside it, so the bytes are what a direct write would give."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = folder / path.name
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_parquet(df: pd.DataFrame, path: Path, private: bool = False) -> Path:
     with atomic(path, private) as tmp:
         df.to_parquet(tmp, index=False)

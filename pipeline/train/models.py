@@ -156,7 +156,7 @@ def save_model(model: nn.Module, spec: ModelSpec, path: str) -> None:
 
     from pipeline.data import io
 
-    with io.atomic(Path(path)) as tmp:  # a crash never leaves half a model.pt
+    with io.atomic_named(Path(path)) as tmp:  # a crash never leaves half a model.pt
         torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict()}, tmp)
 
 

@@ -60,3 +60,18 @@ def test_a_new_architecture_registers_by_name():
 def test_unknown_model_names_the_zoo():
     with pytest.raises(ValueError, match="unknown model 'resnet'.*cnn"):
         build_model(ModelSpec("resnet", 5, 2, None, (), (), 0.0))
+
+
+def test_the_saved_model_is_renamed_into_place_with_the_bytes_a_direct_save_gives(tmp_path):
+    """torch.save names its archive after the file: the temporary file keeps model.pt's name,
+    so the DVC-tracked bytes stay deterministic (a run's model.pt is byte-identical to the last)."""
+    import torch
+
+    torch.manual_seed(0)
+    spec = ModelSpec("mlp", 4, 3, None, (8,), (8,), 0.0)
+    model = build_model(spec)
+    save_model(model, spec, str(tmp_path / "a/model.pt"))
+    (tmp_path / "b").mkdir()
+    torch.save({"spec": spec.to_dict(), "state_dict": model.state_dict()}, tmp_path / "b/model.pt")
+    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/model.pt").read_bytes()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["model.pt"]  # no temporary left behind
