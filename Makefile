@@ -1,10 +1,20 @@
 # The README's two commands: `make run` and `make test`. Both create the environment if it
-# is missing and install the pinned set (constraints.txt) first.
+# is missing and install the pinned set (constraints.txt) first, with the torch build the
+# machine can use (D2D_TORCH below).
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# torch: the CUDA build of the pinned version where an NVIDIA driver answers (`nvidia-smi -L`),
+# the CPU build (constraints.txt's +cpu) elsewhere; `make install D2D_TORCH=cuda` (or cpu) decides
+# instead. The CUDA build is PyPI's plain torch wheel of the same version, with its CUDA
+# libraries as dependencies; nothing else in the pinned set changes.
+D2D_TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+ifeq ($(filter $(D2D_TORCH),cpu cuda),)
+$(error D2D_TORCH=$(D2D_TORCH): expected cpu or cuda)
+endif
+CONSTRAINTS := $(if $(filter cuda,$(D2D_TORCH)),$(VENV)/constraints-cuda.txt,constraints.txt)
+STAMP := $(VENV)/.installed-$(D2D_TORCH)
 RAW := data/raw/digits.csv
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
@@ -25,7 +35,11 @@ endif
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	set -o pipefail; $(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location"
+ifeq ($(D2D_TORCH),cuda)
+	sed 's/^torch==\(.*\)+cpu$$/torch==\1/' constraints.txt > $(CONSTRAINTS)
+endif
+	set -o pipefail; $(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location"
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -236,3 +237,34 @@ def test_every_package_the_image_installs_is_pinned():
                 names = {e["name"]: e for e in container.get("env", [])}
                 if "RAY_AUTH_TOKEN" in names:
                     assert names.get("RAY_AUTH_MODE", {}).get("value") == "token", (name, container["name"])
+
+
+def _install_commands(path: str, *args: str) -> subprocess.CompletedProcess:
+    """What `make install` would run (a dry run, every step forced), with `path` as PATH."""
+    return subprocess.run(["make", "-n", "-B", "install", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PATH": path}, timeout=60)
+
+
+def test_make_install_picks_the_cuda_build_of_the_same_torch_where_an_nvidia_driver_answers(tmp_path):
+    """No GPU here: a stand-in `nvidia-smi` that answers as a driver would is the only thing
+    mocked; what is checked is the install command the Makefile then runs."""
+    base = f"/usr/bin:/bin:{Path(sys.executable).parent}"
+    cpu = _install_commands(base)
+    assert cpu.returncode == 0, cpu.stderr
+    assert "-c constraints.txt" in cpu.stdout and "constraints-cuda" not in cpu.stdout
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    gpu = _install_commands(f"{tmp_path}:{base}")
+    assert gpu.returncode == 0, gpu.stderr
+    assert "-c .venv/constraints-cuda.txt" in gpu.stdout and ".installed-cuda" in gpu.stdout
+    # the same version, PyPI's CUDA build: only the +cpu local tag goes
+    sed = next(line for line in gpu.stdout.splitlines() if line.startswith("sed "))
+    out = subprocess.run(["bash", "-c", sed.split(" > ")[0]], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    pinned = (REPO / "constraints.txt").read_text().splitlines()
+    assert [line for line in out.splitlines() if line.startswith("torch==")] == ["torch==2.13.0"]
+    assert [a for a, b in zip(pinned, out.splitlines()) if a != b] == ["torch==2.13.0+cpu"]
+    # and the variable decides over the detection, both ways
+    assert "constraints-cuda" in _install_commands(base, "D2D_TORCH=cuda").stdout
+    assert "-c constraints.txt" in _install_commands(f"{tmp_path}:{base}", "D2D_TORCH=cpu").stdout
+    bad = _install_commands(base, "D2D_TORCH=rocm")
+    assert bad.returncode != 0 and "D2D_TORCH=rocm: expected cpu or cuda" in bad.stderr
