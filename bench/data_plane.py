@@ -1,0 +1,199 @@
+"""The data plane end to end at scale: N rows × 64 features through validate → clean → split
+→ train (1 epoch) → evaluate → register → batch predict, each stage as its own `d2d`
+process in a fresh project, with the peak memory of the whole process tree.
+
+    .venv/bin/python bench/data_plane.py --rows 1000000 [--workdir /tmp/data-plane] [--keep]
+
+The data is generated in chunks of --chunk rows and written as it is made (one Parquet file
+with a row group per chunk, or --parts files), so the generator never holds the dataset.
+Memory is sampled every 0.2 s: the RSS summed over this process's tree (the `d2d` process,
+Ray's processes it starts, their workers) and the system's used memory plus /dev/shm (Ray's
+object store), each as its peak above the start. The training throughput is compared with a
+bare PyTorch loop that reads the same train split with pyarrow in one process (same model,
+batch size and optimizer, as many threads as d2d has workers), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from pipeline.config import Params
+
+FEATURES = 64
+CLASSES = 4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def generate(path: Path, rows: int, chunk: int, parts: int, seed: int = 0) -> None:
+    """Gaussian features whose class (one of CLASSES) shifts 8 of them: learnable, not trivial."""
+    rng = np.random.default_rng(seed)
+    names = [f"f{i}" for i in range(FEATURES)]
+    writer, part, written = None, 0, 0
+    per_part = -(-rows // parts)
+    while written < rows:
+        n = min(chunk, rows - written, per_part - (written % per_part))
+        label = rng.integers(0, CLASSES, n)
+        x = rng.normal(size=(n, FEATURES)).astype("float32")
+        for k in range(CLASSES):
+            x[label == k, 8 * k:8 * k + 8] += 0.6
+        table = pa.table({"id": np.arange(written, written + n), **{c: x[:, i] for i, c in enumerate(names)},
+                          "label": label})
+        if writer is None:
+            target = path if parts == 1 else path / f"part-{part:05d}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            writer = pq.ParquetWriter(target, table.schema)
+        writer.write_table(table)
+        written += n
+        if parts > 1 and written % per_part == 0:
+            writer.close()
+            writer, part = None, part + 1
+    if writer is not None:
+        writer.close()
+
+
+def shm_used() -> int:
+    usage = shutil.disk_usage("/dev/shm") if Path("/dev/shm").is_dir() else None
+    return usage.used if usage else 0
+
+
+@dataclass
+class Sampler:
+    """Peak tree RSS and peak system memory (used + /dev/shm) above the start, every 0.2 s."""
+
+    start_used: int = field(default_factory=lambda: psutil.virtual_memory().used + shm_used())
+    peak_tree: int = 0
+    peak_system: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.wait(0.2):
+            tree = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    tree += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_tree = max(self.peak_tree, tree)
+            self.peak_system = max(self.peak_system, psutil.virtual_memory().used + shm_used() - self.start_used)
+
+
+def d2d(project: Path, *args: str) -> float:
+    """One `d2d` command in the project; its wall seconds. A failure stops the benchmark."""
+    started = time.perf_counter()
+    out = subprocess.run([str(Path(sys.executable).parent / "d2d"), *args], cwd=project, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"d2d {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def bare_loop(project: Path, params: Params) -> float:
+    """Samples/s of one epoch of a plain PyTorch loop over the train split read with pyarrow,
+    standardised with the fitted preprocessing's centre and scale (outside the timing)."""
+    import json
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline import stages
+    from pipeline.data.schema import schema_from_params
+    from pipeline.train.models import build_model
+    from pipeline.train.trainer import model_spec
+
+    state = json.loads(stages.path("preprocess", project).read_text())
+    table = pq.read_table(stages.path("train", project))
+    names = state["numeric"]["names"]
+    x = np.column_stack([table[c].to_numpy().astype("float32") for c in names])
+    x = (x - np.asarray(state["numeric"]["center"], "float32")) / np.asarray(state["numeric"]["scale"], "float32")
+    y = table["label"].to_numpy().astype("int64")
+    torch.manual_seed(0)
+    torch.set_num_threads(params.train.num_workers * params.train.cpus_per_worker)
+    model = build_model(model_spec(schema_from_params(params.data), x.shape[1], params.train))
+    opt = torch.optim.Adam(model.parameters(), lr=params.train.lr)
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=params.train.batch_size,
+                        shuffle=True)
+    started = time.perf_counter()
+    model.train()
+    for xb, yb in loader:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return len(x) / (time.perf_counter() - started)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--chunk", type=int, default=250_000)
+    ap.add_argument("--parts", type=int, default=1, help="Parquet files the raw data is written as (1: one file)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/data-plane"))
+    ap.add_argument("--keep", action="store_true", help="keep the project folder afterwards")
+    args = ap.parse_args()
+
+    project = args.workdir
+    shutil.rmtree(project, ignore_errors=True)
+    project.mkdir(parents=True)
+    raw = project / ("data/raw/data.parquet" if args.parts == 1 else "data/raw/data")
+    started = time.perf_counter()
+    generate(raw, args.rows, args.chunk, args.parts)
+    print(f"generated {args.rows:,} rows × {FEATURES} features in {time.perf_counter() - started:.1f} s "
+          f"({sum(f.stat().st_size for f in raw.rglob('*') if f.is_file()) if raw.is_dir() else raw.stat().st_size:,} bytes)")
+
+    sampler = Sampler()
+    threading.Thread(target=sampler.run, daemon=True).start()
+    sets = ["--set", "train.epochs=1", "--set", "train.model=mlp", "--set", "validate.data_docs=false",
+            "--set", f"validate.max_rows={args.rows * 2}", "--set", "register.min_test_accuracy=0"]
+    timings = {"init-params": d2d(project, "init-params", "--data", str(raw.relative_to(project)), "--target", "label",
+                                  "--id", "id")}
+    for stage in ("validate", "clean", "split", "train", "evaluate", "register"):
+        timings[stage] = d2d(project, "stage", stage, *sets)
+    timings["predict"] = d2d(project, "predict", "--input", str(raw.relative_to(project)), "--output", "predictions.parquet",
+                             *sets)
+    sampler.stop.set()
+
+    import pandas as pd
+
+    from pipeline import stages
+    from pipeline.config import load_params
+
+    params = load_params(project / "params.yaml", [s for s in sets if s != "--set"])
+    sizes = pd.read_json(stages.path("split_report", project), typ="series")["sizes"]
+    history = pd.read_csv(stages.path("history", project))
+    d2d_rate = float(history["samples_per_s"].iloc[0])
+    bare_rate = bare_loop(project, params)
+    accuracy = pd.read_json(stages.path("metrics", project), typ="series").get("test_accuracy")
+    rows = {"init-params": args.rows, "validate": args.rows, "clean": args.rows, "split": args.rows,
+            "train": sizes["train"], "evaluate": sizes["val"] + sizes["test"], "register": sizes["test"],
+            "predict": args.rows}
+    print(f"\n{'stage':<12}{'seconds':>10}{'rows/s':>14}")
+    for stage, seconds in timings.items():
+        print(f"{stage:<12}{seconds:>10.1f}{rows[stage] / seconds:>14,.0f}")
+    print(f"{'validate+clean+split':<24}{sum(timings[s] for s in ('validate', 'clean', 'split')):.1f} s")
+    print(f"peak memory above the start: process tree RSS {sampler.peak_tree / 2**30:.2f} GiB, "
+          f"system used + /dev/shm {sampler.peak_system / 2**30:.2f} GiB")
+    print(f"training: d2d {d2d_rate:,.0f} samples/s (epoch 1, {params.train.num_workers} workers), bare PyTorch loop "
+          f"{bare_rate:,.0f} samples/s, ratio {d2d_rate / bare_rate:.3f}")
+    print(f"test accuracy {accuracy}")
+    if not args.keep:
+        shutil.rmtree(project, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
