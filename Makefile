@@ -8,8 +8,14 @@ BIN := $(VENV)/bin
 # torch: the CUDA build of the pinned version where an NVIDIA driver answers (`nvidia-smi -L`),
 # the CPU build (constraints.txt's +cpu) elsewhere; `make install D2D_TORCH=cuda` (or cpu) decides
 # instead. The CUDA build is PyPI's plain torch wheel of the same version, with its CUDA
-# libraries as dependencies; nothing else in the pinned set changes.
-D2D_TORCH ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+# libraries as dependencies; nothing else in the pinned set changes. A CPU build already in the
+# venv would satisfy `torch==VERSION` too, so it is removed first, and the install ends by
+# checking that torch really is a CUDA build (a pip configuration that offers +cpu wheels,
+# an index or find-links, would be preferred by pip: that is an error, not a silent CPU install).
+ifndef D2D_TORCH
+D2D_TORCH := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+endif
+CUDA_CHECK := import sys, torch; sys.exit(0 if torch.version.cuda else f"torch {torch.__version__} is a CPU build: the pip configuration offers +cpu wheels (an index or find-links) before the CUDA build on PyPI; remove them, or install with D2D_TORCH=cpu")
 ifeq ($(filter $(D2D_TORCH),cpu cuda),)
 $(error D2D_TORCH=$(D2D_TORCH): expected cpu or cuda)
 endif
@@ -37,8 +43,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 ifeq ($(D2D_TORCH),cuda)
 	sed 's/^torch==\(.*\)+cpu$$/torch==\1/' constraints.txt > $(CONSTRAINTS)
+	$(BIN)/python -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null || $(BIN)/pip uninstall -q -y torch
 endif
-	set -o pipefail; $(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]' 2>&1 | grep -v "^WARNING: Location"
+	set -o pipefail; $(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+ifeq ($(D2D_TORCH),cuda)
+	$(BIN)/python -c '$(CUDA_CHECK)'
+endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

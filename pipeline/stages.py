@@ -104,7 +104,8 @@ STAGES: tuple[Stage, ...] = (
         reads=(RAW,),
         outs=("valid", "quarantine", "data_docs"),
         metrics=("validate_report",),
-        code=("pipeline/runners/data.py", "pipeline/data/validate.py", "pipeline/data/schema.py"),
+        # keys: the derived row key valid.parquet carries when there is no id column
+        code=("pipeline/runners/data.py", "pipeline/data/validate.py", "pipeline/data/schema.py", "pipeline/data/keys.py"),
     ),
     Stage(
         "clean", data.clean, summaries.Cleaned, report="clean_report",
@@ -144,7 +145,9 @@ STAGES: tuple[Stage, ...] = (
         metrics=("metrics",),
         plots=("test_predictions", "learning_curves", "per_class_f1", "roc_curves", "attributions", "per_class",
                "slices"),
-        code=("pipeline/runners/evaluation.py", "pipeline/evaluate.py", "pipeline/tracking.py", "pipeline/raw_model.py"),
+        # preprocess, trainer: the network's inputs for scoring (features_and_labels)
+        code=("pipeline/runners/evaluation.py", "pipeline/evaluate.py", "pipeline/preprocess.py", "pipeline/train/trainer.py",
+              "pipeline/tracking.py", "pipeline/raw_model.py"),
         service=True,
     ),
     Stage(

@@ -240,31 +240,48 @@ def test_every_package_the_image_installs_is_pinned():
 
 
 def _install_commands(path: str, *args: str) -> subprocess.CompletedProcess:
-    """What `make install` would run (a dry run, every step forced), with `path` as PATH."""
+    """What `make install` would run (a dry run, every step forced), with `path` as PATH and no
+    D2D_TORCH or make variables inherited (a `make test D2D_TORCH=cuda` passes them down)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("D2D_TORCH", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(["make", "-n", "-B", "install", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PATH": path}, timeout=60)
+                          env={**env, "PATH": path}, timeout=60)
+
+
+def _stand_in_nvidia_smi(folder: Path, answers: bool) -> str:
+    """A PATH whose first `nvidia-smi` answers as a driver does, or fails as on a machine without one."""
+    folder.mkdir()
+    script = "echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'" if answers else "exit 9"
+    (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{script}\n")
+    (folder / "nvidia-smi").chmod(0o755)
+    return f"{folder}:/usr/bin:/bin:{Path(sys.executable).parent}"
 
 
 def test_make_install_picks_the_cuda_build_of_the_same_torch_where_an_nvidia_driver_answers(tmp_path):
-    """No GPU here: a stand-in `nvidia-smi` that answers as a driver would is the only thing
-    mocked; what is checked is the install command the Makefile then runs."""
-    base = f"/usr/bin:/bin:{Path(sys.executable).parent}"
-    cpu = _install_commands(base)
+    """No GPU here: a stand-in `nvidia-smi` is the only thing mocked. What is checked is the
+    install the Makefile then runs, and its last step, the check that torch is a CUDA build,
+    runs for real against this machine's CPU torch and must refuse it."""
+    without, with_gpu = _stand_in_nvidia_smi(tmp_path / "none", False), _stand_in_nvidia_smi(tmp_path / "gpu", True)
+    cpu = _install_commands(without)
     assert cpu.returncode == 0, cpu.stderr
-    assert "-c constraints.txt" in cpu.stdout and "constraints-cuda" not in cpu.stdout
-    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
-    (tmp_path / "nvidia-smi").chmod(0o755)
-    gpu = _install_commands(f"{tmp_path}:{base}")
+    assert "-c constraints.txt" in cpu.stdout and "cuda" not in cpu.stdout and ".installed-cpu" in cpu.stdout
+    gpu = _install_commands(with_gpu)
     assert gpu.returncode == 0, gpu.stderr
-    assert "-c .venv/constraints-cuda.txt" in gpu.stdout and ".installed-cuda" in gpu.stdout
+    steps = gpu.stdout.splitlines()
+    assert "-c .venv/constraints-cuda.txt" in gpu.stdout and steps[-1] == "touch .venv/.installed-cuda"
     # the same version, PyPI's CUDA build: only the +cpu local tag goes
-    sed = next(line for line in gpu.stdout.splitlines() if line.startswith("sed "))
+    sed = next(line for line in steps if line.startswith("sed "))
     out = subprocess.run(["bash", "-c", sed.split(" > ")[0]], cwd=REPO, capture_output=True, text=True, check=True).stdout
     pinned = (REPO / "constraints.txt").read_text().splitlines()
-    assert [line for line in out.splitlines() if line.startswith("torch==")] == ["torch==2.13.0"]
     assert [a for a, b in zip(pinned, out.splitlines()) if a != b] == ["torch==2.13.0+cpu"]
-    # and the variable decides over the detection, both ways
-    assert "constraints-cuda" in _install_commands(base, "D2D_TORCH=cuda").stdout
-    assert "-c constraints.txt" in _install_commands(f"{tmp_path}:{base}", "D2D_TORCH=cpu").stdout
-    bad = _install_commands(base, "D2D_TORCH=rocm")
+    assert [line for line in out.splitlines() if line.startswith("torch==")] == ["torch==2.13.0"]
+    # a CPU build in the venv would satisfy torch==2.13.0: it is removed before the install...
+    uninstall = next(i for i, line in enumerate(steps) if "pip uninstall -q -y torch" in line)
+    assert uninstall < next(i for i, line in enumerate(steps) if "constraints-cuda.txt -e" in line)
+    # ...and the install fails, naming why, if pip still chose a CPU build (as it must here)
+    check = subprocess.run(["bash", "-c", steps[-3]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 1 and "is a CPU build" in check.stderr and "D2D_TORCH=cpu" in check.stderr
+    # the variable decides over the detection, both ways
+    assert "constraints-cuda" in _install_commands(without, "D2D_TORCH=cuda").stdout
+    assert "-c constraints.txt" in _install_commands(with_gpu, "D2D_TORCH=cpu").stdout
+    bad = _install_commands(without, "D2D_TORCH=rocm")
     assert bad.returncode != 0 and "D2D_TORCH=rocm: expected cpu or cuda" in bad.stderr

@@ -42,6 +42,7 @@ def test_dvc_yaml_has_exactly_the_tables_stages_in_its_order():
 
 @pytest.mark.parametrize("stage", stages.DVC_STAGES, ids=lambda s: s.name)
 def test_dvc_yaml_declares_what_the_table_declares(stage):
+    assert stage.name in DVC, f"dvc.yaml has no stage {stage.name}: add it with cmd `d2d stage {stage.name}`"
     entry = DVC[stage.name]
     assert entry["cmd"] == f"d2d stage {stage.name}"
     assert _declared(entry.get("deps")) == _paths(stage.reads) | set(stage.code)
@@ -72,6 +73,8 @@ def test_every_code_dependency_and_the_params_sections_exist():
     for stage in stages.STAGES:
         for code in stage.code:
             assert (REPO / code).exists(), f"{stage.name}: {code} does not exist"
+        # its own runner is code it depends on: editing it must make DVC run the stage again
+        assert stage.run.__module__.replace(".", "/") + ".py" in stage.code or not stage.dvc, stage.name
         for section in stage.params:
             assert section.split(".")[0] in sections, f"{stage.name}: params section {section} is not in Params"
 
