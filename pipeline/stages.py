@@ -207,5 +207,6 @@ def describe() -> list[dict[str, str]]:
     def shown(names: tuple[str, ...]) -> str:
         return ", ".join("${data.raw}" if n == RAW else CATALOG[n] for n in names) or "—"
 
-    return [{"stage": s.name, "runner": f"{s.run.__module__.removeprefix('pipeline.')}.{s.run.__name__}", "params": ", ".join(s.params) or "—",
-             "reads": shown(s.reads), "writes": shown(s.writes), "returns": s.summary.__name__} for s in STAGES]
+    return [{"stage": s.name, "runner": f"{s.run.__module__.removeprefix('pipeline.')}.{s.run.__name__}",
+             "params": ", ".join(s.params) or "—", "reads": shown(s.reads), "writes": shown(s.writes),
+             "returns": s.summary.__name__} for s in STAGES]
