@@ -108,8 +108,8 @@ def bare_loop(project: Path, params: Params) -> float:
     import json
 
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
+    from train_overhead import bare_epoch  # bench/, this script's own folder
 
     from pipeline import stages
     from pipeline.data.schema import schema_from_params
@@ -129,11 +129,7 @@ def bare_loop(project: Path, params: Params) -> float:
     loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=params.train.batch_size,
                         shuffle=True)
     started = time.perf_counter()
-    model.train()
-    for xb, yb in loader:
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
+    bare_epoch(model, opt, loader)
     return len(x) / (time.perf_counter() - started)
 
 

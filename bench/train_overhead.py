@@ -31,10 +31,20 @@ def make_data(rows: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df.iloc[:cut], df.iloc[cut:]
 
 
+def bare_epoch(model, opt, loader) -> None:
+    """One epoch of the plain PyTorch loop every baseline here times: cross-entropy, one step a batch."""
+    from torch import nn
+
+    model.train()
+    for xb, yb in loader:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+
 def bare_loop(x, y, xv, yv, spec, params) -> list[float]:
     """Wall seconds per epoch of a plain PyTorch loop: the baseline."""
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from pipeline.train.loop import evaluate_split
@@ -49,11 +59,7 @@ def bare_loop(x, y, xv, yv, spec, params) -> list[float]:
     times = []
     for _ in range(params.epochs):
         t = time.perf_counter()
-        model.train()
-        for xb, yb in loader:
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
+        bare_epoch(model, opt, loader)
         evaluate_split(model, xv, yv, regression=False)
         times.append(time.perf_counter() - t)
     return times
