@@ -210,11 +210,29 @@ class TrainParams(_Section):
     # Where Ray Train keeps checkpoints: a path on every node (NFS) or s3://bucket/prefix
     # for multi-node clusters; null: artifacts/ray in the project.
     storage_path: str | None = None
+    # How the splits stream from Ray Data into the workers (get_dataset_shard). local: each
+    # worker shuffles through a buffer of `shuffle_buffer` rows; full: Ray Data's random
+    # shuffle of the whole split, a new order every epoch; none: file order.
+    shuffle: Literal["local", "full", "none"] = "local"
+    shuffle_buffer: int = Field(default=20_000, ge=1)
+    prefetch_batches: int = Field(default=2, ge=0)  # batches each worker fetches ahead
+    # memory: featurise the splits once into Ray's object store; stream: read and featurise
+    # every epoch (flat memory, any size); auto: memory when they fit in a quarter of it.
+    cache_features: Literal["auto", "memory", "stream"] = "auto"
+    grad_accum_steps: int = Field(default=1, ge=1)  # optimizer step every N batches
+    # The learning rate scaled with the number of workers (the effective batch grows with it).
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    compile: bool = False  # torch.compile the model (pays on long GPU runs; compiling takes a while)
+    channels_last: bool = False  # cnn: NHWC memory layout, faster convolutions on tensor-core GPUs
 
     @model_validator(mode="after")
     def _heads(self) -> TrainParams:
         if self.model == "transformer" and self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.channels_last and self.model != "cnn":
+            raise ValueError(f"channels_last is for the cnn, not {self.model}")
+        if self.shuffle == "local" and self.shuffle_buffer < self.batch_size:
+            raise ValueError(f"shuffle_buffer ({self.shuffle_buffer}) must hold at least one batch ({self.batch_size})")
         if self.init_from is not None and not self.init_from.startswith(("models:/", "runs:/")):
             raise ValueError(f"init_from {self.init_from!r}: expected an MLflow model URI (models:/NAME@champion or runs:/ID/model)")
         return self

@@ -65,7 +65,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def cpus_for_training(params: Params) -> int:
     """Logical CPUs a local Ray needs: the training run's workers, or the concurrent trials'
-    (each trial's driver takes one CPU on top of its workers), plus this driver."""
+    (each trial's driver takes one CPU on top of its workers), plus this driver, plus one for
+    Ray Data's read and featurise tasks (Ray Train reserves the workers' CPUs away from them:
+    without a spare one the data never arrives)."""
     run = params.train.num_workers * params.train.cpus_per_worker
     trials = params.tune.max_concurrent * (params.tune.workers_per_trial * params.train.cpus_per_worker + 1)
-    return max(run, trials if params.tune.enabled else 0) + 1
+    return max(run, trials if params.tune.enabled else 0) + 2

@@ -38,6 +38,17 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is not a valid {kind} file: {str(e).splitlines()[0]}") from None
 
 
+def read_dataset(path: Path, columns: list[str] | None = None) -> Any:
+    """A Parquet file (or a folder of Parquet parts) as a lazy Ray Dataset of `columns`: read
+    in blocks by Ray's tasks when something iterates it, never whole in this process. Needs a
+    running Ray (pipeline.ray_runtime)."""
+    import ray.data
+
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    return ray.data.read_parquet(str(path.resolve()), columns=columns)
+
+
 def read_csv(path: Path, **options: Any) -> pd.DataFrame:
     """A CSV file d2d wrote itself (a report), read with pandas' `options` (e.g. dtype)."""
     return pd.read_csv(path, **options)

@@ -13,6 +13,8 @@ from pipeline.data.schema import Schema, schema_from_params
 from pipeline.summaries import Trained
 
 if TYPE_CHECKING:
+    from ray.data import Dataset
+
     from pipeline.stages import StageFiles
     from pipeline.train.trainer import TrainResult
 
@@ -24,14 +26,18 @@ def train(params: Params, files: StageFiles) -> Trained:
     from pipeline.train.models import save_model
     from pipeline.train.trainer import train as fit
 
+    from pipeline.preprocess import input_columns
+
     schema = schema_from_params(params.data)
-    train_df, val_df = io.read_table(files["train"]), io.read_table(files["val"])
     state = io.read_json(files["preprocess"])
+    columns = [*input_columns(state), schema.target]
     pinned, init_state = _warm_start(params, files.root)
     with ray_session(params.train, cpus_needed=cpus_for_training(params)):
-        tuned, trials = _tune(params, train_df, val_df, schema, state, files["ray_storage"])
+        # lazy Ray Datasets: the workers stream them; this process never holds a split
+        train_data, val_data = (io.read_dataset(files[name], columns) for name in ("train", "val"))
+        tuned, trials = _tune(params, train_data, val_data, schema, state, files["ray_storage"])
         train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train
-        result = fit(train_df, val_df, schema, state, train_params, files["ray_storage"], init_state)
+        result = fit(train_data, val_data, schema, state, train_params, files["ray_storage"], init_state)
     io.write_json(tuned, files["tune_report"])
     io.write_csv(trials, files["tune_trials"])
     save_model(result.model, result.spec, str(files["model"]))
@@ -52,7 +58,7 @@ def _warm_start(params: Params, root: Path) -> tuple[str | None, dict[str, Any] 
     return pinned, tracking.network_weights(pinned)
 
 
-def _tune(params: Params, train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict[str, Any],
+def _tune(params: Params, train_data: Dataset, val_data: Dataset, schema: Schema, state: dict[str, Any],
           storage: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """The search (when tune.enabled): what tune.json records, and every trial's epochs (a
     DVC out either way, so empty when tuning is off)."""
@@ -60,7 +66,7 @@ def _tune(params: Params, train_df: pd.DataFrame, val_df: pd.DataFrame, schema: 
         return {"enabled": False}, pd.DataFrame(columns=["trial", "epoch", "val_loss"])
     from pipeline.train.tune import tune
 
-    search = tune(train_df, val_df, schema, state, params.train, params.tune, storage)
+    search = tune(train_data, val_data, schema, state, params.train, params.tune, storage)
     return {"enabled": True, "best_config": search.best_config, "best_trial": search.best_trial,
             "best_val_loss": search.best_val_loss, "trials": search.summary, "seconds": round(search.seconds, 2)}, search.trials
 

@@ -1,8 +1,11 @@
 """The training loop that runs on every Ray Train worker.
 
-Every rank calls `ray.train.report` once per epoch (it is a barrier); only rank 0 attaches
-a checkpoint. The checkpoint holds everything needed to resume: model, optimizer, epoch,
-early-stopping state and the history so far.
+Each worker reads its shards of the train and validation Ray Datasets
+(`ray.train.get_dataset_shard`) as device tensors, pinned and copied without blocking on a
+GPU. Losses and counts stay on the device until the epoch's all-reduce, so no step waits
+for the host. Every rank calls `ray.train.report` once per epoch (it is a barrier); only
+rank 0 attaches a checkpoint. The checkpoint holds everything needed to resume: model,
+optimizer, epoch, early-stopping state and the history so far.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,23 +24,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.train.models import ModelSpec, build_model
 
 if TYPE_CHECKING:
+    from ray.data import DataIterator
     from ray.train import Checkpoint
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 STATE_FILE = "state.pt"
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside DDP's wrapper and torch.compile's (their state dicts add prefixes)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum per-rank values across the worker group (a no-op with one worker)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_sum(t: torch.Tensor) -> list[float]:
+    """Sum a tensor of per-rank totals across the worker group (a no-op with one worker); the
+    epoch's one wait for the device."""
+    t = t.to(torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -56,19 +69,33 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor, regression: bool, reduction: str
 
 
 @torch.no_grad()
+def score_batches(model: nn.Module, batches: Batches, regression: bool, device: torch.device) -> torch.Tensor:
+    """Summed loss, correct predictions (0 for regression) and rows over `batches`, kept on the
+    device: one sync at the end, not one per batch."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in batches:
+        out = model(x).float()
+        totals[0] += loss_fn(out, y, regression, reduction="sum")
+        if not regression:
+            totals[1] += (out.argmax(1) == y).sum()
+        totals[2] += len(y)
+    return totals
+
+
+def split_metrics(loss_sum: float, correct: float, rows: float, regression: bool,
+                  target_scale: float = 1.0) -> tuple[float, float]:
+    """Mean loss from a split's (all-reduced) totals, and its metric: accuracy, or RMSE in the target's units."""
+    mean = loss_sum / max(rows, 1.0)
+    return mean, (mean**0.5 * target_scale if regression else correct / max(rows, 1.0))
+
+
 def evaluate_split(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, regression: bool, target_scale: float = 1.0, batch: int = 1024
 ) -> tuple[float, float]:
-    """Mean loss on a whole split, and its metric: accuracy, or RMSE in the target's units."""
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch):
-        out = model(x[i : i + batch])
-        loss += loss_fn(out, y[i : i + batch], regression, reduction="sum").item()
-        if not regression:
-            correct += (out.argmax(1) == y[i : i + batch]).sum().item()
-    mean = loss / len(x)
-    return mean, (mean**0.5 * target_scale if regression else correct / len(x))
+    """Mean loss on a whole split held in tensors, and its metric (the bare-loop benchmark's scoring)."""
+    batches = ((x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch))
+    return split_metrics(*score_batches(model, batches, regression, x.device).tolist(), regression, target_scale)
 
 
 def _quiet_report_log() -> None:
@@ -138,11 +165,10 @@ class Worker:
 
 @dataclass
 class WorkerData:
-    """The worker's share of the train split, and the whole validation split on its device."""
+    """The worker's shards of the train and validation datasets (Ray Data iterators)."""
 
-    loader: DataLoader
-    x_val: torch.Tensor
-    y_val: torch.Tensor
+    train: DataIterator
+    val: DataIterator
 
 
 @dataclass
@@ -157,9 +183,15 @@ class Progress:
     restarts: int = 0
 
 
+def scaled_lr(lr: float, world_size: int, rule: str) -> float:
+    """The learning rate for `world_size` workers: the effective batch grows with them."""
+    return lr * {"linear": world_size, "sqrt": world_size**0.5}.get(rule, 1)
+
+
 def set_up_worker(config: dict[str, Any], warm_start: bool) -> Worker:
-    """Seed, device, model (warm-started when `warm_start`), optimizer, loss scaler and scheduler.
-    The seeds come first: they fix the model's initial weights on every rank."""
+    """Seed, device, model (warm-started when `warm_start`, channels-last and compiled when
+    asked), optimizer, loss scaler and scheduler. The seeds come first: they fix the model's
+    initial weights on every rank."""
     import ray.train
     import ray.train.torch
 
@@ -171,7 +203,13 @@ def set_up_worker(config: dict[str, Any], warm_start: bool) -> Worker:
     model = build_model(ModelSpec.from_dict(config["spec"]))
     if warm_start and config.get("init_state"):
         model.load_state_dict(config["init_state"], strict=False)
+    if config.get("channels_last"):
+        # the convolutions' weights in NHWC; their outputs follow the weights' layout
+        model = model.to(memory_format=torch.channels_last)
+    if config.get("compile"):
+        model = torch.compile(model)  # before DDP's wrapper, which keeps no_sync for accumulation
     model = ray.train.torch.prepare_model(model)
+    config = {**config, "lr": scaled_lr(config["lr"], ctx.get_world_size(), config.get("lr_scaling", "none"))}
     optimizer = make_optimizer(model, config)
     # Mixed precision: autocast to bf16/fp16 for the forward pass; fp16 also needs a loss
     # scaler so small gradients do not underflow. Weights and the optimizer stay fp32.
@@ -186,7 +224,7 @@ def resume(checkpoint: Checkpoint, worker: Worker) -> Progress:
     after a worker failure; returns the progress it recorded, one restart more."""
     with checkpoint.as_directory() as d:
         state = load_state(os.path.join(d, STATE_FILE), worker.device)
-    _unwrap(worker.model).load_state_dict(state["model"])
+    unwrap(worker.model).load_state_dict(state["model"])
     worker.optimizer.load_state_dict(state["optimizer"])
     if worker.scheduler is not None:
         worker.scheduler.load_state_dict(state["scheduler"])
@@ -197,18 +235,39 @@ def resume(checkpoint: Checkpoint, worker: Worker) -> Progress:
     return progress
 
 
-def worker_data(config: dict[str, Any], device: torch.device) -> WorkerData:
-    """The train split as a shuffled loader that Ray Train shards across ranks; validation stays whole."""
-    import ray.train.torch
+def worker_data() -> WorkerData:
+    """This worker's shards of the datasets the trainer was given."""
+    import ray.train
 
-    x_train = torch.tensor(config["x_train"])
-    y_train = torch.tensor(config["y_train"])
-    x_val = torch.tensor(config["x_val"], device=device)
-    y_val = torch.tensor(config["y_val"], device=device)
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True)
-    )
-    return WorkerData(loader, x_val, y_val)
+    return WorkerData(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"))
+
+
+def batches(shard: DataIterator, config: dict[str, Any], device: torch.device, epoch: int | None = None,
+            batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A shard as (inputs, targets) on the worker's device; host memory is pinned on a GPU so
+    the copies do not block. With `epoch` (training), the local buffer shuffles, seeded per
+    epoch: reproducible, and a new order each epoch."""
+    local = epoch is not None and config["shuffle"] == "local"
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size or config["batch_size"], prefetch_batches=config["prefetch_batches"], device=device,
+        pin_memory=device.type == "cuda",
+        local_shuffle_buffer_size=config["shuffle_buffer"] if local else None,
+        local_shuffle_seed=config["seed"] + epoch if local else None,
+    ):
+        yield batch["x"], batch["y"]
+
+
+def with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Each item with whether it is the last (one item of lookahead)."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def fault_drill(config: dict[str, Any], rank: int, epoch: int) -> None:
@@ -221,30 +280,41 @@ def fault_drill(config: dict[str, Any], rank: int, epoch: int) -> None:
         os._exit(1)
 
 
-def train_epoch(worker: Worker, loader: DataLoader, epoch: int, config: dict[str, Any]) -> tuple[float, float, float]:
-    """One pass over this rank's shard; returns the mean train loss and the samples seen, both
-    summed over every rank, and the epoch's seconds."""
-    model, optimizer, scaler = worker.model, worker.optimizer, worker.scaler
-    if worker.world_size > 1:
-        loader.sampler.set_epoch(epoch)
+def optimizer_step(worker: Worker, config: dict[str, Any]) -> None:
+    """Apply the accumulated gradients: unscale and clip when asked, step, reset."""
+    if config["grad_clip"]:
+        worker.scaler.unscale_(worker.optimizer)
+        nn.utils.clip_grad_norm_(worker.model.parameters(), config["grad_clip"])
+    worker.scaler.step(worker.optimizer)
+    worker.scaler.update()
+    worker.optimizer.zero_grad(set_to_none=True)
+
+
+def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[float, float, float]:
+    """One pass over this rank's shard, an optimizer step every `grad_accum_steps` batches (and
+    after the last); returns the mean train loss and the samples seen, both summed over every
+    rank, and the epoch's seconds."""
+    model, accum = worker.model, config.get("grad_accum_steps", 1)
     started = time.perf_counter()
     model.train()
-    loss_sum, seen = 0.0, 0
-    for xb, yb in loader:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(worker.device.type, dtype=worker.amp_dtype, enabled=worker.amp_dtype is not None):
-            out = model(xb)
-        loss = loss_fn(out.float(), yb, config["regression"])
-        scaler.scale(loss).backward()
-        if config["grad_clip"]:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.item() * len(yb)
-        seen += len(yb)
-    loss_sum, seen = _all_sum([loss_sum, seen], worker.device)
-    return loss_sum / seen, seen, time.perf_counter() - started
+    worker.optimizer.zero_grad(set_to_none=True)
+    totals = torch.zeros(2, dtype=torch.float64, device=worker.device)  # loss sum, rows: on the device
+    for i, ((xb, yb), last) in enumerate(with_last(data)):
+        step = last or (i + 1) % accum == 0
+        # DDP all-reduces gradients on every backward; a micro-batch that is not followed by
+        # a step skips that, and the step's backward reduces what accumulated.
+        sync = nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(worker.device.type, dtype=worker.amp_dtype, enabled=worker.amp_dtype is not None):
+                out = model(xb)
+            loss = loss_fn(out.float(), yb, config["regression"])
+            worker.scaler.scale(loss / accum).backward()
+        if step:
+            optimizer_step(worker, config)
+        totals[0] += loss.detach() * len(yb)
+        totals[1] += len(yb)
+    loss_sum, seen = _all_sum(totals)
+    return loss_sum / max(seen, 1.0), seen, time.perf_counter() - started
 
 
 def track_best(worker: Worker, progress: Progress, val_loss: float) -> bool:
@@ -252,7 +322,7 @@ def track_best(worker: Worker, progress: Progress, val_loss: float) -> bool:
     whose weights are then kept."""
     if val_loss < progress.best_loss:
         progress.best_loss, progress.bad_epochs = val_loss, 0
-        progress.best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(worker.model).state_dict().items()}
+        progress.best_state = {k: v.detach().cpu().clone() for k, v in unwrap(worker.model).state_dict().items()}
         return True
     progress.bad_epochs += 1
     return False
@@ -269,7 +339,7 @@ def step_scheduler(scheduler: Any, val_loss: float) -> None:
 def checkpoint_state(worker: Worker, progress: Progress, epoch: int) -> dict[str, Any]:
     """What `resume` needs: tensors, state dicts and plain values only (see load_state)."""
     return {
-        "model": _unwrap(worker.model).state_dict(),
+        "model": unwrap(worker.model).state_dict(),
         "optimizer": worker.optimizer.state_dict(),
         "scheduler": worker.scheduler.state_dict() if worker.scheduler is not None else None,
         "epoch": epoch,
@@ -304,10 +374,12 @@ def run_epoch(worker: Worker, data: WorkerData, progress: Progress, epoch: int, 
               loop_started: float) -> bool:
     """Train one epoch, score it on validation, step the schedule, report; True when every
     rank is to stop early."""
-    train_loss, seen, elapsed = train_epoch(worker, data.loader, epoch, config)
-    # Every rank scores the whole validation split with identical weights, so all agree.
-    val_loss, val_metric = evaluate_split(_unwrap(worker.model), data.x_val, data.y_val, config["regression"],
-                                          config["target_scale"])
+    train_loss, seen, elapsed = train_epoch(worker, batches(data.train, config, worker.device, epoch), config)
+    # Each rank scores its shard of validation; the all-reduced sums give every rank the
+    # whole split's figures, so all agree on early stopping.
+    val = score_batches(unwrap(worker.model), batches(data.val, config, worker.device, batch_size=1024),
+                        config["regression"], worker.device)
+    val_loss, val_metric = split_metrics(*_all_sum(val), config["regression"], config["target_scale"])
     improved = track_best(worker, progress, val_loss)
     lr = worker.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     step_scheduler(worker.scheduler, val_loss)
@@ -339,7 +411,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     worker = set_up_worker(config, warm_start=checkpoint is None)  # a resume overrides a warm start
     progress = resume(checkpoint, worker) if checkpoint else Progress()
-    data = worker_data(config, worker.device)
+    data = worker_data()
     for epoch in range(progress.start_epoch, config["epochs"]):
         fault_drill(config, worker.rank, epoch)
         if run_epoch(worker, data, progress, epoch, config, loop_started):

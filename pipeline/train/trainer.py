@@ -19,6 +19,8 @@ from pipeline.data.schema import Schema
 from pipeline.errors import D2DError
 
 if TYPE_CHECKING:
+    from ray.data import Dataset
+
     from pipeline.train.models import ModelSpec
 
 
@@ -80,26 +82,26 @@ def storage_location(params: TrainParams, default: Path) -> str:
     return str(Path(params.storage_path).resolve())
 
 
-def loop_config(
-    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams,
-    init_state: dict | None = None,
-) -> dict:
-    """What every worker's loop receives: the model spec, the arrays and the loop's settings."""
-    x_train, y_train = features_and_labels(train_df, schema, state)
-    x_val, y_val = features_and_labels(val_df, schema, state)
+def loop_config(spec: ModelSpec, schema: Schema, state: dict, params: TrainParams) -> dict:
+    """What every worker's loop receives: the model spec and the loop's settings. Hyperparameters
+    only: the data reaches the workers as Ray Dataset shards, so this stays the same size
+    whatever the row count."""
+    from pipeline.train.ingest import ingest_options
+
     return {
-        "spec": model_spec(schema, x_train.shape[1], params).to_dict(),
-        "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
+        "spec": spec.to_dict(),
         "epochs": params.epochs, "batch_size": params.batch_size, "lr": params.lr,
         "optimizer": params.optimizer, "schedule": params.schedule, "grad_clip": params.grad_clip,
-        "precision": params.precision,
+        "precision": params.precision, "grad_accum_steps": params.grad_accum_steps,
+        "lr_scaling": params.lr_scaling, "compile": params.compile, "channels_last": params.channels_last,
         "weight_decay": params.weight_decay, "patience": params.patience, "seed": params.seed,
         "fail_at_epoch": params.fail_at_epoch,
         "threads": params.cpus_per_worker,
         "regression": schema.regression,
         # validation RMSE is reported in the target's own units
         "target_scale": state["target"]["scale"] if schema.regression else 1.0,
-        "init_state": init_state,
+        "init_state": None,
+        **ingest_options(params),
     }
 
 
@@ -109,11 +111,14 @@ def transferable(model_state: dict, init_state: dict) -> tuple[dict, list[str]]:
     return kept, sorted(set(model_state) - set(kept))
 
 
-def make_trainer(config: dict, params: TrainParams, storage: str, name: str, callbacks: list | None = None):
-    """The TorchTrainer for one run: ScalingConfig, failure policy and checkpoints from params."""
+def make_trainer(config: dict, datasets: dict, params: TrainParams, storage: str, name: str,
+                 callbacks: list | None = None):
+    """The TorchTrainer for one run: the datasets it shards, ScalingConfig, failure policy and
+    checkpoints from params."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.ingest import ingest_config
     from pipeline.train.loop import train_loop_per_worker
 
     # Ray Train passes these from the driver's environment to its controller and workers.
@@ -129,6 +134,8 @@ def make_trainer(config: dict, params: TrainParams, storage: str, name: str, cal
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        datasets=datasets,
+        dataset_config=ingest_config(),
         torch_config=TorchConfig(backend="nccl" if params.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=params.num_workers,
@@ -155,18 +162,26 @@ def read_checkpoint(checkpoint) -> dict:
         return load_state(os.path.join(d, STATE_FILE), "cpu")
 
 
+def n_inputs(state: dict) -> int:
+    """The network's input width: one per fitted output column of the preprocessing."""
+    return len(state["outputs"])
+
+
 def train(
-    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams, storage: Path,
+    train_data: Dataset, val_data: Dataset, schema: Schema, state: dict, params: TrainParams, storage: Path,
     init_state: dict | None = None,
 ) -> TrainResult:
     """Fit the model from params with Ray Train's TorchTrainer; returns the best epoch's weights.
 
-    `init_state` (a state dict, for a warm start) initialises every tensor that fits the model.
+    `train_data` and `val_data` are Ray Datasets of raw split rows (read from the split files);
+    the workers read them featurised, shard by shard. `init_state` (a state dict, for a warm
+    start) initialises every tensor that fits the model.
     """
-    from pipeline.train.models import ModelSpec, build_model
+    from pipeline.train.ingest import training_datasets
+    from pipeline.train.models import build_model
 
-    config = loop_config(train_df, val_df, schema, state, params)
-    spec = ModelSpec.from_dict(config["spec"])
+    spec = model_spec(schema, n_inputs(state), params)
+    config = loop_config(spec, schema, state, params)
     transfer: dict = {}
     if init_state is not None:
         kept, fresh = transferable(build_model(spec).state_dict(), init_state)
@@ -175,8 +190,9 @@ def train(
         config["init_state"] = kept
         transfer = {"init_from": params.init_from, "transferred": len(kept), "fresh": fresh}
     _check_resources(params)
+    datasets = training_datasets(train_data, val_data, schema, state, params)
     name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = make_trainer(config, params, storage_location(params, storage), name)
+    trainer = make_trainer(config, datasets, params, storage_location(params, storage), name)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started

@@ -12,13 +12,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from pipeline.config import SearchDim, TrainParams, TuneParams
 from pipeline.data.schema import Schema
 from pipeline.errors import D2DError
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 METRIC, MODE = "val_loss", "min"
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_rmse", "lr", "samples_per_s", "epoch_s"]
@@ -54,15 +57,17 @@ def trial_params(base: TrainParams, sampled: dict[str, Any]) -> TrainParams:
     return TrainParams.model_validate({**base.model_dump(), **sampled})
 
 
-def _trial(config: dict[str, Any], train_df, val_df, schema, state, base: TrainParams, storage: str, name: str) -> None:
+def _trial(config: dict[str, Any], datasets: dict, schema: Schema, state: dict, base: TrainParams, storage: str,
+           name: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train.trainer import loop_config, make_trainer
+    from pipeline.train.trainer import loop_config, make_trainer, model_spec, n_inputs
 
     params = trial_params(base, config)
     run_name = f"{name}-{ray.tune.get_context().get_trial_id()}"
-    trainer = make_trainer(loop_config(train_df, val_df, schema, state, params), params, storage, run_name,
+    spec = model_spec(schema, n_inputs(state), params)
+    trainer = make_trainer(loop_config(spec, schema, state, params), datasets, params, storage, run_name,
                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -72,14 +77,20 @@ def _cell(value: Any) -> Any:
 
 
 def tune(
-    train_df: pd.DataFrame, val_df: pd.DataFrame, schema: Schema, state: dict, params: TrainParams,
+    train_data: Dataset, val_data: Dataset, schema: Schema, state: dict, params: TrainParams,
     tune_params: TuneParams, storage: Path,
 ) -> TuneResult:
-    """Search `tune_params.space` with ASHA on validation loss; returns the best config and every trial's history."""
+    """Search `tune_params.space` with ASHA on validation loss; returns the best config and every trial's history.
+
+    Every trial reads the same featurised datasets: what travels to a trial is the datasets'
+    plan (or, when cached, references to the same blocks in the object store), not a copy.
+    A sampled batch size applies to the trial's loop; the shuffle is the base params'.
+    """
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from pipeline.train.ingest import training_datasets
     from pipeline.train.trainer import storage_location
 
     epochs = tune_params.epochs or params.epochs
@@ -88,7 +99,8 @@ def tune(
                                      "fail_at_epoch": None, "init_from": None, "max_failures": 0})
     where = storage_location(params, storage)
     name = f"d2d-tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainable = rt.with_parameters(_trial, train_df=train_df, val_df=val_df, schema=schema, state=state,
+    datasets = training_datasets(train_data, val_data, schema, state, base)
+    trainable = rt.with_parameters(_trial, datasets=datasets, schema=schema, state=state,
                                    base=base, storage=where, name=name)
     tuner = rt.Tuner(
         trainable,

@@ -42,10 +42,59 @@ def digits() -> tuple[Schema, pd.DataFrame, pd.DataFrame, dict]:
     return schema, df.iloc[:480], df.iloc[480:], state
 
 
-def fit(digits, tmp_path, **overrides):
+def fit(digits, tmp_path, val_parts: int = 1, **overrides):
+    """Train on the digits as Ray Datasets (the validation split in `val_parts` blocks)."""
+    import ray.data
+
     schema, train_df, val_df, state = digits
     params = TrainParams(**{"epochs": 4, "batch_size": 32, "num_workers": 1, "patience": 10, **overrides})
-    return train(train_df, val_df, schema, state, params, tmp_path)
+    val = ray.data.from_pandas([val_df.iloc[i::val_parts] for i in range(val_parts)])
+    return train(ray.data.from_pandas(train_df), val, schema, state, params, tmp_path)
+
+
+def test_validation_is_sharded_and_counts_every_row_once(ray_local, digits, tmp_path):
+    """Two ranks score their shards of a 3-block validation split and all-reduce the sums: the
+    reported accuracy of the best epoch is the best weights' accuracy on the whole split,
+    scored here in one process."""
+    from pipeline.train.loop import evaluate_split
+    from pipeline.train.trainer import features_and_labels
+
+    import torch
+
+    schema, _, val_df, state = digits
+    result = fit(digits, tmp_path, val_parts=3, num_workers=2, epochs=3)
+    x, y = features_and_labels(val_df, schema, state)
+    loss, accuracy = evaluate_split(result.model, torch.tensor(x), torch.tensor(y), regression=False)
+    best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
+    assert round(best["val_accuracy"] * len(y)) == round(accuracy * len(y))  # the same rows right, of all 120
+    assert best["val_loss"] == pytest.approx(loss, rel=1e-4)
+
+
+def test_what_reaches_the_workers_does_not_grow_with_the_rows(ray_local, digits, tmp_path):
+    """The loop's config is hyperparameters only, and the streamed datasets travel as plans:
+    their pickled sizes are the same for 480 rows and for 48,000."""
+    import cloudpickle
+
+    from pipeline.data import io
+    from pipeline.train.ingest import training_datasets
+    from pipeline.train.models import ModelSpec
+    from pipeline.train.trainer import loop_config, make_trainer, model_spec, n_inputs
+
+    schema, train_df, val_df, state = digits
+    params = TrainParams(num_workers=1, cache_features="stream")
+    sizes = []
+    for copies in (1, 100):
+        folder = tmp_path / str(copies)
+        folder.mkdir()
+        io.write_parquet(pd.concat([train_df] * copies, ignore_index=True), folder / "train.parquet")
+        io.write_parquet(val_df, folder / "val.parquet")
+        data = training_datasets(io.read_dataset(folder / "train.parquet"), io.read_dataset(folder / "val.parquet"),
+                                 schema, state, params)
+        spec: ModelSpec = model_spec(schema, n_inputs(state), params)
+        trainer = make_trainer(loop_config(spec, schema, state, params), data, params, str(tmp_path), "sizes")
+        sizes.append((len(cloudpickle.dumps(trainer.train_loop_config)), len(cloudpickle.dumps(data))))
+    assert sizes[0][0] == sizes[1][0]
+    assert abs(sizes[0][1] - sizes[1][1]) < 256 and sizes[1][1] < 100_000  # the 48,000 rows are 12 MB of floats
 
 
 def test_a_lost_worker_resumes_from_its_checkpoint(ray_local, digits, tmp_path):
@@ -80,6 +129,11 @@ def test_same_seed_one_worker_is_reproducible(ray_local, digits, tmp_path):
         {"model": "cnn", "precision": "bf16", "grad_clip": 1.0},
         {"model": "lstm", "width": 32, "lr": 0.005},
         {"model": "transformer", "width": 32, "heads": 4, "depth": 1, "lr": 0.002},
+        # the streaming options: a full shuffle every epoch, featurised on every pass
+        {"model": "mlp", "hidden": [64], "shuffle": "full", "cache_features": "stream"},
+        # the GPU-minded options run on the CPU too: NHWC weights, accumulation under DDP, scaled lr
+        {"model": "cnn", "num_workers": 2, "channels_last": True, "grad_accum_steps": 2, "lr_scaling": "sqrt",
+         "shuffle": "none"},
     ],
 )
 def test_every_model_learns(ray_local, digits, tmp_path, overrides):

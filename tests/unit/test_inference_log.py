@@ -9,7 +9,7 @@ import json
 import os
 import stat
 import time
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -94,17 +94,21 @@ def test_a_full_queue_drops_rows_and_counts_them(tmp_path):
 
 
 def test_retention_removes_partitions_older_than_the_setting(tmp_path):
-    for day in ("2026-11-01", "2026-11-20", "2026-11-25"):
+    # Days relative to today: close() sweeps once more with the real date, and a test with
+    # fixed dates would start failing once they are old.
+    today = datetime.now(timezone.utc).date()
+    old, recent = (str(today - timedelta(days=d)) for d in (24, 5))
+    for day in (old, recent, str(today)):
         (tmp_path / f"date={day}").mkdir()
         pd.DataFrame({"a": [1]}).to_parquet(tmp_path / f"date={day}/part-1.parquet")
-    (tmp_path / DEAD_LETTER / "date=2026-11-01").mkdir(parents=True)
+    (tmp_path / DEAD_LETTER / f"date={old}").mkdir(parents=True)
     (tmp_path / "date=not-a-day").mkdir()  # not the log's: left alone
     log = InferenceLog(tmp_path, flush_s=3600, retention_days=7)
-    removed = log.remove_expired(today=date(2026, 11, 25))
+    removed = log.remove_expired(today=today)
     log.close()
-    assert sorted(p.name for p in removed) == ["date=2026-11-01", "date=2026-11-01"]
-    assert sorted(p.name for p in tmp_path.glob("date=*")) == ["date=2026-11-20", "date=2026-11-25", "date=not-a-day"]
-    assert InferenceLog(tmp_path, flush_s=3600).remove_expired(today=date(2030, 1, 1)) == []  # None: kept forever
+    assert sorted(p.name for p in removed) == [f"date={old}", f"date={old}"]
+    assert sorted(p.name for p in tmp_path.glob("date=*")) == [f"date={recent}", f"date={today}", "date=not-a-day"]
+    assert InferenceLog(tmp_path, flush_s=3600).remove_expired(today=date(2100, 1, 1)) == []  # None: kept forever
 
 
 def test_the_writer_applies_retention_on_its_own(tmp_path):

@@ -1,0 +1,106 @@
+"""Ray Data into Ray Train, the driver's side: the splits as Ray Datasets of the network's
+inputs, and how they are sharded across the workers.
+
+The preprocessing fitted on train is applied as a Ray Data transform with the same function
+that ships in the MLflow model (`preprocess.transform`, through `features_and_labels`), so
+training, evaluation and serving share one implementation. Nothing here holds a split: the
+datasets are lazy plans that the workers pull with `get_dataset_shard`, and the loop's config
+carries hyperparameters only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from ray.train import DataConfig
+
+from pipeline.config import TrainParams
+from pipeline.data.schema import Schema
+
+if TYPE_CHECKING:
+    from ray.data import Dataset, DataIterator
+
+TRAIN, VAL = "train", "val"
+# The features are cached in the object store ("memory") when they take at most this share of
+# it: a small split is then featurised once, not every epoch.
+CACHE_SHARE = 0.25
+
+
+def featurize(batch: pd.DataFrame, schema: Schema, state: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One batch of raw split rows → {"x": float32 inputs, "y": targets} (fitted preprocessing)."""
+    from pipeline.train.trainer import features_and_labels
+
+    x, y = features_and_labels(batch, schema, state)
+    return {"x": x, "y": y}
+
+
+def feature_bytes(rows: int, state: dict[str, Any]) -> int:
+    """Bytes of a split once featurised: float32 inputs plus an 8-byte target per row."""
+    return rows * (4 * len(state["outputs"]) + 8)
+
+
+def should_cache(params: TrainParams, rows: int, state: dict[str, Any], store_bytes: float) -> bool:
+    """Whether to featurise once into the object store instead of streaming every epoch."""
+    if params.cache_features != "auto":
+        return params.cache_features == "memory"
+    return feature_bytes(rows, state) <= CACHE_SHARE * store_bytes
+
+
+def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[str, Any],
+                      params: TrainParams) -> dict[str, Dataset]:
+    """The raw train and val splits as datasets of network inputs, shuffled as params say.
+
+    A full shuffle reshuffles every epoch (reseeded after each execution: reproducible, yet a
+    new order per epoch); the local buffer is applied by the workers as they iterate.
+    """
+    import ray
+    from ray.data import RandomSeedConfig
+
+    for ds in (train, val):
+        # Each epoch executes the datasets again; their progress bars would bury the one line
+        # per epoch that the loop prints. (Derived datasets share their source's context.)
+        ds.context.enable_progress_bars = False
+        ds.context.print_on_execution_start = False
+    rows = train.count() + val.count()  # from Parquet metadata: nothing is read
+    kwargs = {"schema": schema, "state": state}
+    out = {name: ds.map_batches(featurize, fn_kwargs=kwargs, batch_format="pandas")
+           for name, ds in ((TRAIN, train), (VAL, val))}
+    if should_cache(params, rows, state, ray.available_resources().get("object_store_memory", 0.0)):
+        out = {name: ds.materialize() for name, ds in out.items()}
+    if params.shuffle == "full":
+        out[TRAIN] = out[TRAIN].random_shuffle(seed=RandomSeedConfig(seed=params.seed, reseed_after_execution=True))
+    return out
+
+
+class ShardedIngest(DataConfig):
+    """Both splits are sharded across the workers. Train is cut into equal shards (DDP's ranks
+    must take the same number of steps); validation is cut without dropping a row, since its
+    sums are all-reduced and each row must count once."""
+
+    def configure(self, datasets: dict[str, Dataset], world_size: int, worker_handles: Any, worker_node_ids: Any,
+                  **kwargs: Any) -> list[dict[str, DataIterator]]:
+        rest = {k: v for k, v in datasets.items() if k != VAL}
+        shards = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        if VAL in datasets:
+            ds = datasets[VAL]
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(VAL)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for shard, it in zip(shards, ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                shard[VAL] = it
+        return shards
+
+
+def ingest_config() -> ShardedIngest:
+    """Shards in a fixed order: with one worker and a seed, every run sees the same batches."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ShardedIngest(execution_options=options)
+
+
+def ingest_options(params: TrainParams) -> dict[str, Any]:
+    """What the worker loop needs to iterate its shards (plain values, in the loop's config)."""
+    return {"shuffle": params.shuffle, "shuffle_buffer": params.shuffle_buffer,
+            "prefetch_batches": params.prefetch_batches}

@@ -1,0 +1,152 @@
+"""The worker loop's pieces on plain tensors, without Ray: sharded validation sums, gradient
+accumulation, the learning-rate rule, when the features are cached, and the ingest params'
+errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import TrainParams
+from pipeline.errors import ConfigError
+from pipeline.train.ingest import feature_bytes, should_cache
+from pipeline.train.loop import (
+    Worker, unwrap, with_last, evaluate_split, scaled_lr, score_batches, split_metrics, train_epoch,
+)
+
+CPU = torch.device("cpu")
+
+
+def data(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 6, generator=g), torch.randint(0, 3, (rows,), generator=g)
+
+
+def chunks(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 5])
+@pytest.mark.parametrize("regression", [False, True])
+def test_validation_sums_over_shards_equal_the_whole_split(ranks, regression):
+    """What the all-reduce adds up: each rank's totals over its shard give the whole split's
+    loss and metric, whatever the shards' sizes (an uneven cut drops no row)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1 if regression else 3)
+    x, y = data(101)
+    if regression:
+        y = y.float()
+    whole = evaluate_split(model, x, y, regression, target_scale=2.0)
+    cuts = torch.tensor_split(torch.arange(101), ranks)
+    totals = sum(score_batches(model, chunks(x[c], y[c], 7), regression, CPU) for c in cuts)
+    assert totals[2].item() == 101
+    assert split_metrics(*totals.tolist(), regression, 2.0) == pytest.approx(whole, rel=1e-6)
+
+
+def test_an_empty_shard_counts_nothing():
+    totals = score_batches(nn.Linear(6, 3), [], regression=False, device=CPU)
+    assert totals.tolist() == [0.0, 0.0, 0.0]
+
+
+def worker(model: nn.Module, lr: float = 0.1) -> Worker:
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return Worker(0, 1, CPU, model, opt, None, torch.amp.GradScaler("cpu", enabled=False), None)
+
+
+CONFIG = {"regression": False, "grad_clip": None}
+
+
+def test_gradient_accumulation_matches_the_larger_batch():
+    """Two accumulated batches of 16 step exactly like one batch of 32 (mean loss, plain SGD)."""
+    x, y = data(64)
+    torch.manual_seed(1)
+    a = nn.Linear(6, 3)
+    b = nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    loss_a, seen_a, _ = train_epoch(worker(a), chunks(x, y, 32), {**CONFIG, "grad_accum_steps": 1})
+    loss_b, seen_b, _ = train_epoch(worker(b), chunks(x, y, 16), {**CONFIG, "grad_accum_steps": 2})
+    assert seen_a == seen_b == 64
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    # the reported loss is each batch's loss before its step, so only the first steps agree in kind
+    assert loss_a > 0 and loss_b > 0
+
+
+def test_accumulation_steps_after_the_last_batch_too():
+    """A leftover micro-batch (5 batches, accumulation 2) still reaches the optimizer."""
+    x, y = data(50)
+    model = nn.Linear(6, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    w = worker(model)
+    steps = []
+    w.optimizer.step = (lambda original: lambda *a, **k: (steps.append(1), original(*a, **k))[1])(w.optimizer.step)
+    train_epoch(w, chunks(x, y, 10), {**CONFIG, "grad_accum_steps": 2})
+    assert len(steps) == 3  # after batches 2, 4 and the last (5)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_the_epoch_loss_is_the_mean_over_rows():
+    """The loss summed on the device, weighted by batch size (a short last batch counts less)."""
+    x, y = data(40)
+    model = nn.Linear(6, 3)
+    expected = evaluate_split(model, x, y, regression=False)[0]
+    # lr 0: nothing changes, so the training pass's mean loss is the split's loss
+    loss, seen, _ = train_epoch(worker(model, lr=0.0), chunks(x, y, 15), {**CONFIG, "grad_accum_steps": 1})
+    assert seen == 40 and loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_with_last_flags_only_the_final_item():
+    assert list(with_last([])) == []
+    assert list(with_last("a")) == [("a", True)]
+    assert list(with_last("abc")) == [("a", False), ("b", False), ("c", True)]
+
+
+@pytest.mark.parametrize("rule,workers,expected", [("none", 4, 0.01), ("linear", 4, 0.04), ("sqrt", 4, 0.02),
+                                                    ("linear", 1, 0.01)])
+def test_learning_rate_scales_with_workers(rule, workers, expected):
+    assert scaled_lr(0.01, workers, rule) == pytest.approx(expected)
+
+
+def test_unwrap_reaches_the_network_inside_compile_and_ddp_wrappers():
+    net = nn.Linear(2, 2)
+
+    class Wrapper(nn.Module):  # DDP keeps the network as .module, torch.compile as ._orig_mod
+        def __init__(self, attr: str, inner: nn.Module):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    assert unwrap(Wrapper("module", Wrapper("_orig_mod", net))) is net
+    assert unwrap(net) is net
+
+
+STATE = {"outputs": [f"f{i}" for i in range(64)]}
+
+
+@pytest.mark.parametrize("mode,rows,store,expected", [
+    ("auto", 1_000, 1e9, True),  # 264 KB in a 1 GB store
+    ("auto", 10_000_000, 1e9, False),  # 2.6 GB does not fit a quarter of it
+    ("memory", 10_000_000, 1e9, True),
+    ("stream", 1_000, 1e9, False),
+])
+def test_features_are_cached_only_when_they_fit(mode, rows, store, expected):
+    assert feature_bytes(rows, STATE) == rows * (64 * 4 + 8)
+    assert should_cache(TrainParams(cache_features=mode), rows, STATE, store) is expected
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model": "mlp", "channels_last": True}, "channels_last is for the cnn"),
+    ({"shuffle_buffer": 10, "batch_size": 64}, "shuffle_buffer .10. must hold at least one batch"),
+    ({"shuffle": "sometimes"}, "shuffle"),
+    ({"grad_accum_steps": 0}, "grad_accum_steps"),
+    ({"lr_scaling": "cubic"}, "lr_scaling"),
+    ({"prefetch_batches": -1}, "prefetch_batches"),
+])
+def test_bad_ingest_params_name_the_key(tmp_path, overrides, message):
+    from pipeline.config import load_params
+    from tests.conftest import REPO
+
+    sets = [f"train.{k}={v if not isinstance(v, bool) else str(v).lower()}" for k, v in overrides.items()]
+    with pytest.raises(ConfigError, match=message):
+        load_params(REPO / "params.yaml", sets)
+
