@@ -54,6 +54,15 @@ def _all_sum(t: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
+def _share_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (batch norm's running statistics) on every rank. DDP broadcasts them
+    at the start of each forward, so after an epoch the other ranks hold their own last
+    update; scoring a validation shard with those would not be the model rank 0 checkpoints."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _stop_everywhere(stop: bool, device: torch.device) -> bool:
     """Rank 0's early-stopping decision, shared so that every rank leaves the loop together."""
     flag = torch.tensor([int(stop)], device=device)
@@ -377,6 +386,7 @@ def run_epoch(worker: Worker, data: WorkerData, progress: Progress, epoch: int, 
     train_loss, seen, elapsed = train_epoch(worker, batches(data.train, config, worker.device, epoch), config)
     # Each rank scores its shard of validation; the all-reduced sums give every rank the
     # whole split's figures, so all agree on early stopping.
+    _share_buffers(unwrap(worker.model))
     val = score_batches(unwrap(worker.model), batches(data.val, config, worker.device, batch_size=1024),
                         config["regression"], worker.device)
     val_loss, val_metric = split_metrics(*_all_sum(val), config["regression"], config["target_scale"])
