@@ -1,7 +1,8 @@
 """Ray Train's cost over a bare PyTorch loop, in one run.
 
 The same model, data, batch size, optimizer and thread count (1), each epoch = train + score
-the validation split; the Ray path also reports and checkpoints every epoch, as d2d does.
+the validation split; the Ray path streams the splits from Ray Datasets into the workers
+(get_dataset_shard) and reports and checkpoints every epoch, as d2d does.
 Steady-state throughput is train rows / wall seconds per epoch, over epochs 2..N.
 
     python bench/train_overhead.py [--rows 60000] [--epochs 5]
@@ -72,6 +73,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
+    import ray.data
 
     from pipeline.config import TrainParams, load_params
     from pipeline.data.schema import schema_from_params
@@ -98,7 +100,7 @@ def main() -> None:
         for workers in (1, 2):
             p = params.model_copy(update={"num_workers": workers})
             fit_called = time.time()
-            result = train(train_df, val_df, schema, state, p, Path(d))
+            result = train(ray.data.from_pandas(train_df), ray.data.from_pandas(val_df), schema, state, p, Path(d))
             h = result.history
             per_epoch = np.diff(np.r_[h["wall_end"].iloc[0] - h["epoch_s"].iloc[0], h["wall_end"].to_numpy()])
             results[workers] = {

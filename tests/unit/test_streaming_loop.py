@@ -150,3 +150,11 @@ def test_bad_ingest_params_name_the_key(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_params(REPO / "params.yaml", sets)
 
+
+
+@pytest.mark.parametrize("batch,buffer,expected", [(64, None, 4096), (100, None, 4000), (5000, None, 5000),
+                                                   (64, 1000, 960), (64, 20_000, 4096), (64, 64, 64)])
+def test_a_fetch_is_whole_batches_within_the_shuffle_buffer(batch, buffer, expected):
+    from pipeline.train.loop import fetch_rows
+
+    assert fetch_rows(batch, buffer) == expected
