@@ -298,6 +298,10 @@ class EvaluateParams(_Section):
     slice_column: str | None = None
     slice_bins: int = Field(default=4, ge=2)
     attribution_examples: int = Field(default=2, ge=1, le=10)  # test examples per class in attributions.png
+    # Metrics are exact over every row (summed batch by batch); the plots, slices and
+    # attributions use a uniform sample of at most this many rows of each split (all of a
+    # smaller split).
+    sample_rows: int = Field(default=200_000, ge=100)
 
 
 class RegisterParams(_Section):

@@ -3,12 +3,15 @@ curves, learning curves, sliced metrics and gradient attributions."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+from pipeline.metric_totals import ClassTotals, RegressionTotals, RowSample
 
 if TYPE_CHECKING:
     from pipeline.data.schema import Schema
@@ -290,32 +293,65 @@ def plot_not_applicable(path: Path, text: str) -> Path:
 
 @dataclass(frozen=True)
 class Scored:
-    """A split scored by the network: its inputs, the truth (class indices, or actual values
-    for regression) and the outputs (class probabilities, or predicted values)."""
+    """A split scored by the network in batches: the exact totals of the whole split, and a
+    bounded uniform sample of its rows (inputs `x`, the truth `y`: class indices or actual
+    values, the outputs `out`: class probabilities or predicted values, and any extra
+    columns asked for) for the plots, slices and attributions. While the split fits the
+    sample, the sample is the whole split, in order."""
 
-    x: np.ndarray
-    y: np.ndarray
-    out: np.ndarray
+    totals: ClassTotals | RegressionTotals
+    sample: RowSample
     regression: bool
 
+    @property
+    def x(self) -> np.ndarray:
+        return self.sample["x"]
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.sample["y"]
+
+    @property
+    def out(self) -> np.ndarray:
+        return self.sample["out"]
+
     def predicted(self) -> np.ndarray:
-        """The predicted class index per row, or the predicted value."""
+        """The predicted class index per sampled row, or the predicted value."""
         return self.out if self.regression else self.out.argmax(1)
 
+    def exact_auc(self) -> list[float] | None:
+        """Per-class ROC-AUC from every row when the sample holds the whole split (the totals'
+        histograms estimate it otherwise)."""
+        return per_class_auc(self.y, self.out) if not self.regression and self.sample.complete else None
 
-def score_split(model: Any, frame: pd.DataFrame, schema: Schema, state: dict[str, Any]) -> Scored:
-    """The network on one split, through the fitted preprocessing; regression outputs are
-    scaled back to the target's units."""
+    def metrics(self) -> dict[str, float]:
+        if isinstance(self.totals, RegressionTotals):
+            return self.totals.metrics()
+        return self.totals.metrics(self.exact_auc())
+
+    def per_class(self, classes: list[Any]) -> pd.DataFrame:
+        """Precision, recall, F1, support and ROC-AUC per class, over the whole split."""
+        assert isinstance(self.totals, ClassTotals)
+        return self.totals.per_class(classes, self.exact_auc())
+
+
+def score_split(model: Any, batches: Iterable[pd.DataFrame], schema: Schema, state: dict[str, Any],
+                sample_rows: int, keep: tuple[str, ...] = (), seed: int = 0) -> Scored:
+    """The network on one split, batch by batch, through the fitted preprocessing; regression
+    outputs are scaled back to the target's units. Memory holds one batch, the totals and a
+    sample of `sample_rows` rows (with the columns in `keep`)."""
     from pipeline.preprocess import unscale_target
     from pipeline.train.trainer import features_and_labels
 
-    x, y = features_and_labels(frame, schema, state)
-    if schema.regression:
-        return Scored(x, frame[schema.target].to_numpy(dtype="float64"), unscale_target(predict(model, x)[:, 0], state), True)
-    return Scored(x, y, predict_proba(model, x), False)
-
-
-def split_metrics(scored: Scored, schema: Schema) -> dict[str, float]:
-    if schema.regression:
-        return regression_metrics(scored.y, scored.out)
-    return classification_metrics(scored.y, scored.out)
+    totals: ClassTotals | RegressionTotals = RegressionTotals() if schema.regression else ClassTotals(schema.n_outputs)
+    sample = RowSample(sample_rows, seed)
+    for frame in batches:
+        x, y = features_and_labels(frame, schema, state)
+        if schema.regression:
+            y = frame[schema.target].to_numpy(dtype="float64")
+            out = unscale_target(predict(model, x)[:, 0], state)
+        else:
+            out = predict_proba(model, x)
+        totals.add(y, out)
+        sample.add(x=x, y=y, out=out, **{c: frame[c].to_numpy() for c in keep})
+    return Scored(totals, sample, schema.regression)

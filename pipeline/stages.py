@@ -146,8 +146,8 @@ STAGES: tuple[Stage, ...] = (
         plots=("test_predictions", "learning_curves", "per_class_f1", "roc_curves", "attributions", "per_class",
                "slices"),
         # preprocess, trainer: the network's inputs for scoring (features_and_labels)
-        code=("pipeline/runners/evaluation.py", "pipeline/evaluate.py", "pipeline/preprocess.py", "pipeline/train/trainer.py",
-              "pipeline/tracking.py", "pipeline/raw_model.py"),
+        code=("pipeline/runners/evaluation.py", "pipeline/evaluate.py", "pipeline/metric_totals.py", "pipeline/preprocess.py",
+              "pipeline/train/trainer.py", "pipeline/tracking.py", "pipeline/raw_model.py"),
         service=True,
     ),
     Stage(

@@ -49,6 +49,27 @@ def read_dataset(path: Path, columns: list[str] | None = None) -> Any:
     return ray.data.read_parquet(str(path.resolve()), columns=columns)
 
 
+def parquet_batches(path: Path, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pd.DataFrame]:
+    """A Parquet file as frames of up to `rows` rows, in order: memory holds one batch."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        for batch in f.iter_batches(batch_size=rows, columns=columns):
+            yield batch.to_pandas()
+
+
+def parquet_head(path: Path, rows: int) -> pd.DataFrame:
+    """The first `rows` rows of a Parquet file, reading no more than the batch they are in."""
+    return next(parquet_batches(path, rows=rows), pd.DataFrame())
+
+
+def parquet_rows(path: Path) -> int:
+    """Rows in a Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 def read_csv(path: Path, **options: Any) -> pd.DataFrame:
     """A CSV file d2d wrote itself (a report), read with pandas' `options` (e.g. dtype)."""
     return pd.read_csv(path, **options)

@@ -29,9 +29,11 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
     schema = schema_from_params(params.data)
     model, spec = load_model(str(files["model"]))
     state = io.read_json(files["preprocess"])
-    frames = {name: io.read_table(files[name]) for name in SPLITS}
-    scored = {name: ev.score_split(model, frames[name], schema, state) for name in ("val", "test")}
-    metrics = {f"{name}_{k}": v for name in ("val", "test") for k, v in ev.split_metrics(scored[name], schema).items()}
+    keep = (params.evaluate.slice_column,) if params.evaluate.slice_column else ()
+    # each split streams through in batches: memory holds a batch, the totals and a bounded sample
+    scored = {name: ev.score_split(model, io.parquet_batches(files[name]), schema, state, params.evaluate.sample_rows,
+                                   keep) for name in ("val", "test")}
+    metrics = {f"{name}_{k}": v for name in ("val", "test") for k, v in scored[name].metrics().items()}
     test = scored["test"]
     draw = _regression_plots if schema.regression else _classification_plots
     plots, chosen, shown = draw(test, metrics, schema, params, files)
@@ -39,12 +41,11 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
                                             else np.zeros(len(chosen), dtype=int))
     plots.append(ev.plot_attributions(test.x[chosen], attributions, shown, state["outputs"], schema.image_shape,
                                       files["attributions"]))
-    metrics |= _slice_metrics(frames["test"], test, schema, params, files["slices"])
+    metrics |= _slice_metrics(test, schema, params, files["slices"])
     history = io.read_csv(files["history"])
     trained = Trained.from_report(io.read_json(files["train_report"]))
     plots.append(ev.plot_learning_curves(history, files["learning_curves"], trained.best_epoch))
-    run_id, model_uri = _log_run(params, files, metrics, history, plots, model, spec.n_features, schema, frames,
-                                 trained)
+    run_id, model_uri = _log_run(params, files, metrics, history, plots, model, spec.n_features, schema, trained)
     report = {**{k: round(v, 6) for k, v in metrics.items()}, "mlflow_run_id": run_id, "model_uri": model_uri}
     io.write_json(report, files["metrics"])
     return Evaluated.from_report(report)
@@ -57,7 +58,7 @@ def _regression_plots(test: Scored, metrics: dict[str, float], schema: Schema, p
     from pipeline import evaluate as ev
 
     plots = [ev.plot_predicted_vs_actual(test.y, test.out, files["test_predictions"],
-                                         f"test split, R² {metrics['test_r2']:.3f}")]
+                                         f"test split, R² {metrics['test_r2']:.3f}" + _sampled(test))]
     io.write_csv(pd.DataFrame(columns=["class", "f1"]), files["per_class"])
     for name in ("per_class_f1", "roc_curves"):
         ev.plot_not_applicable(files[name], f"{name}: not applicable to regression")
@@ -73,27 +74,36 @@ def _classification_plots(test: Scored, metrics: dict[str, float], schema: Schem
 
     classes = list(schema.classes)
     predicted = test.predicted()
-    per_class = ev.per_class_metrics(test.y, test.out, classes)
+    per_class = test.per_class(classes)
     io.write_csv(per_class, files["per_class"])
+    assert isinstance(test.totals, ev.ClassTotals)
     plots = [
-        ev.plot_confusion_matrix(ev.confusion(test.y, predicted, schema.n_outputs), classes, files["test_predictions"],
+        ev.plot_confusion_matrix(test.totals.confusion, classes, files["test_predictions"],
                                  f"test split, accuracy {metrics['test_accuracy']:.3f}"),
         ev.plot_per_class_f1(per_class, files["per_class_f1"], f"test F1 per class (macro {metrics['test_f1_macro']:.3f})"),
         ev.plot_roc_curves(test.y, test.out, classes, files["roc_curves"],
-                           f"test ROC, one-vs-rest (macro AUC {metrics['test_roc_auc_ovr']:.3f})"),
+                           f"test ROC, one-vs-rest (macro AUC {metrics['test_roc_auc_ovr']:.3f})"
+                           + _sampled(test)),
     ]
     chosen = ev.examples_per_class(test.y, schema.n_outputs, params.evaluate.attribution_examples)
     return plots, chosen, [f"{classes[t]} → {classes[p]}" for t, p in zip(test.y[chosen], predicted[chosen])]
 
 
-def _slice_metrics(frame: pd.DataFrame, test: Scored, schema: Schema, params: Params, out: Path) -> dict[str, float]:
-    """evaluate.slice_column's groups to `out` (empty when unset), and the worst group's metric."""
+def _sampled(scored: Scored) -> str:
+    """A plot title's note when it shows a sample of the split, not every row."""
+    return "" if scored.sample.complete else f"\n(a uniform sample of {len(scored.y):,} of {scored.sample.seen:,} rows)"
+
+
+def _slice_metrics(test: Scored, schema: Schema, params: Params, out: Path) -> dict[str, float]:
+    """evaluate.slice_column's groups to `out` (empty when unset), and the worst group's metric;
+    over the sample of the test split (all of it when it fits evaluate.sample_rows)."""
     from pipeline import evaluate as ev
 
     slices, worst = pd.DataFrame(), {}
     if params.evaluate.slice_column:
-        slices = ev.slice_metrics(frame[params.evaluate.slice_column], test.y, test.predicted(), schema.regression,
-                                  params.evaluate.slice_bins)
+        column = params.evaluate.slice_column
+        slices = ev.slice_metrics(pd.Series(test.sample[column], name=column), test.y, test.predicted(),
+                                  schema.regression, params.evaluate.slice_bins)
         key = "rmse" if schema.regression else "f1_macro"
         worst[f"test_worst_slice_{key}"] = float(slices[key].max() if schema.regression else slices[key].min())
     io.write_csv(slices, out)
@@ -104,8 +114,7 @@ REPORTS_LOGGED = ("validate_report", "clean_report", "split_report", "train_repo
 
 
 def _log_run(params: Params, files: StageFiles, metrics: dict[str, float], history: pd.DataFrame, plots: list[Path],
-             model: Any, n_inputs: int, schema: Schema, frames: dict[str, pd.DataFrame],
-             trained: Trained) -> tuple[str, str]:
+             model: Any, n_inputs: int, schema: Schema, trained: Trained) -> tuple[str, str]:
     """One MLflow run: params, curves, metrics, plots and reports, the splits as datasets, the
     Data Docs and the raw-row model, tagged with the data version and the weights' lineage."""
     from pipeline import tracking
@@ -123,12 +132,12 @@ def _log_run(params: Params, files: StageFiles, metrics: dict[str, float], histo
         model=model,  # the network evaluated above, exported as is
         n_inputs=n_inputs,
         preprocess_path=files["preprocess"],
-        example=io.read_table(files["valid"]).head(5),
+        example=io.parquet_head(files["valid"], 5),
         schema=schema,
         tags={"d2d.data_md5": validated.data_md5, "d2d.data_path": validated.data_path,
               **_training_tags(trained, files), **files.lineage},
         trials=io.read_csv(files["tune_trials"]) if params.tune.enabled else None,
-        datasets=frames,
+        datasets={name: files[name] for name in SPLITS},
         data_docs=files["data_docs"] if files["data_docs"].is_dir() else None,
     )
 

@@ -77,8 +77,11 @@ def test_evaluate_and_register_on_a_postgresql_backed_server(server, project):
             "reports/test_predictions.png",
             "reports/validate.json", "reports/clean.json", "reports/split.json", "reports/per_class.csv"} <= artifacts
     assert "data_docs/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "data_docs")}
-    inputs = {(d.dataset.name.split("@")[0], d.tags[0].value) for d in run.inputs.dataset_inputs}
+    tags = [{t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs]
+    inputs = {(d.dataset.name.split("@")[0], t["mlflow.data.context"]) for d, t in zip(run.inputs.dataset_inputs, tags)}
     assert inputs == {("train", "training"), ("val", "validation"), ("test", "test")}
+    assert all(int(t["rows"]) > 0 and t["target"] == "label" for t in tags)  # counted from each split file's footer
+    assert all('"pixel_0"' in d.dataset.schema for d in run.inputs.dataset_inputs)
     assert all(d.dataset.name.endswith("@" + run.data.tags["d2d.data_md5"][:8]) for d in run.inputs.dataset_inputs)
 
     champion = client.get_model_version_by_alias(NAME, "champion")
