@@ -3,8 +3,11 @@
 The version is pinned when the job starts, so one job is scored by one model even if the
 alias moves meanwhile. Rows are never dropped: each is checked by the check every way in
 shares (preprocess.check_rows), and a row that fails it keeps its place with an `error`
-naming the column, and no prediction. Results are written as the batches stream in, in
-input order, to a temporary file that is renamed into place at the end.
+naming the column, and no prediction. A `.parquet` output is a Parquet dataset folder that
+Ray Data's `write_parquet` writes from the workers, in input order: the driver never holds
+the results. A `.csv` output is one file, written as the batches stream through the driver
+(one batch in memory at a time). Either is written under a temporary name and put in place
+at the end.
 """
 
 from __future__ import annotations
@@ -127,6 +130,13 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
             errors += int((batch["error"] != "").sum())
             yield batch
 
+    if output.suffix == ".parquet":
+        with io.staged_dir(output) as folder:
+            scored.write_parquet(str(folder))
+        # counted from what was written: the row count from the footers, the errors from one column
+        rows = io.parquet_rows(output)
+        errors = sum(int((batch["error"].fillna("") != "").sum()) for batch in io.parquet_batches(output, ["error"]))
+        return rows, errors
     rows = io.write_batches(counted(scored.iter_batches(batch_format="pandas", batch_size=None)), output)
     return rows, errors
 
@@ -165,11 +175,12 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
 
 
 def check_output(output: Path, force: bool) -> None:
-    """A .csv or .parquet name that does not exist yet (or `force`)."""
+    """A .csv or .parquet name that does not exist yet (or `force`); a .parquet output is a
+    folder of parts, a .csv output one file."""
     if output.suffix not in SUFFIXES:
         raise D2DError(f"--output {output}: expected a .csv or .parquet file name")
-    if output.is_dir():
-        raise D2DError(f"--output {output} is a folder; name a .csv or .parquet file")
+    if output.suffix == ".csv" and output.is_dir():
+        raise D2DError(f"--output {output} is a folder; name a .csv file, or a .parquet dataset")
     if output.exists() and not force:
         raise D2DError(f"--output {output} exists; pass --force to overwrite it")
 

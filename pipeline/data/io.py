@@ -49,13 +49,22 @@ def read_dataset(path: Path, columns: list[str] | None = None) -> Any:
     return ray.data.read_parquet(str(path.resolve()), columns=columns)
 
 
+def parquet_parts(path: Path) -> list[Path]:
+    """A Parquet file, or the part files of a Parquet dataset folder in name order (the order
+    Ray Data and Spark number them in)."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
+    return [path]
+
+
 def parquet_batches(path: Path, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pd.DataFrame]:
-    """A Parquet file as frames of up to `rows` rows, in order: memory holds one batch."""
+    """A Parquet file or folder of parts as frames of up to `rows` rows, in order: memory holds one batch."""
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(path) as f:
-        for batch in f.iter_batches(batch_size=rows, columns=columns):
-            yield batch.to_pandas()
+    for part in parquet_parts(path):
+        with pq.ParquetFile(part) as f:
+            for batch in f.iter_batches(batch_size=rows, columns=columns):
+                yield batch.to_pandas()
 
 
 def parquet_head(path: Path, rows: int) -> pd.DataFrame:
@@ -64,10 +73,26 @@ def parquet_head(path: Path, rows: int) -> pd.DataFrame:
 
 
 def parquet_rows(path: Path) -> int:
-    """Rows in a Parquet file, from its footer."""
+    """Rows in a Parquet file or folder of parts, from their footers."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in parquet_parts(path))
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside `path` to write into; once written it replaces `path`
+    (whatever was there is removed just before), and a failed write leaves only `path` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists() or path.is_symlink():
+        remove(path)
+    os.replace(tmp, path)
 
 
 def read_csv(path: Path, **options: Any) -> pd.DataFrame:

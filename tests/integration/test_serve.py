@@ -214,6 +214,7 @@ def test_batch_prediction_on_a_small_file(project, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "scored 30 rows" in out.stdout and "1 rows could not be scored" in out.stdout
+    assert (tmp_path / "scored.parquet").is_dir()  # a Parquet dataset, written by Ray Data's workers
     scored = pd.read_parquet(tmp_path / "scored.parquet")
     assert scored["id"].tolist() == frame["id"].tolist()  # every row, in order
     assert scored.loc[4, "error"] == "column pixel_9: 'smudge' is not a number" and pd.isna(scored.loc[4, "label"])

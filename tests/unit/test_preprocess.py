@@ -206,6 +206,29 @@ def test_an_existing_output_needs_force(tmp_path):
     (tmp_path / "d.csv").mkdir()
     with pytest.raises(D2DError, match="is a folder"):
         check_output(tmp_path / "d.csv", force=True)
+    (tmp_path / "scored.parquet").mkdir()  # a Parquet output is a dataset folder
+    with pytest.raises(D2DError, match="exists; pass --force"):
+        check_output(tmp_path / "scored.parquet", force=False)
+    check_output(tmp_path / "scored.parquet", force=True)
+
+
+def test_a_staged_folder_replaces_the_old_one_only_when_written(tmp_path):
+    from pipeline.data import io
+
+    target = tmp_path / "out.parquet"
+    target.mkdir()
+    (target / "old.parquet").write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.staged_dir(target) as folder:
+            (folder / "part-0.parquet").write_text("half")
+            raise RuntimeError("the job failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"] and (target / "old.parquet").exists()
+    with io.staged_dir(target) as folder:
+        pd.DataFrame({"a": [1, 2]}).to_parquet(folder / "part-1.parquet")
+        pd.DataFrame({"a": [3]}).to_parquet(folder / "part-0.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+    assert io.parquet_rows(target) == 3
+    assert pd.concat(io.parquet_batches(target))["a"].tolist() == [3, 1, 2]  # parts in name order
 
 
 def test_the_file_that_ships_in_the_model_imports_and_fits_without_d2d(tmp_path):
