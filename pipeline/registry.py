@@ -15,9 +15,8 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from pipeline import scoring
 from pipeline.config import RegisterParams
@@ -145,14 +144,16 @@ def champion_card(name: str, metric: str) -> dict[str, Any] | None:
             "metric": metric, "test_metric": float(recorded) if recorded is not None else None}
 
 
-def _rescore(model_uri: str, version: str, test: pd.DataFrame, schema: Schema) -> dict[str, Any]:
-    """The champion's metrics on the current test split, or why it could not be scored."""
+def _rescore(model_uri: str, version: str, test: Path, schema: Schema, sample_rows: int) -> dict[str, Any]:
+    """The champion's metrics on the current test split (read in batches), or why it could not be scored."""
     from mlflow.exceptions import MlflowException
 
+    from pipeline.data import io
     from pipeline.tracking import unreachable
 
     try:
-        return {"version": version, "metrics": scoring.score_model(model_uri, test, schema)}
+        return {"version": version, "metrics": scoring.score_model(model_uri, io.parquet_batches(test), schema,
+                                                                   sample_rows)}
     except (MlflowException, KeyError, ValueError, TypeError) as e:
         if unreachable(e):  # an outage is not a champion that cannot score: fail, retry later
             raise
@@ -201,9 +202,11 @@ def _set_champion(client: Any, name: str, version: str, previous: str | None, ta
 
 
 def register_and_gate(
-    evaluated: Evaluated, params: RegisterParams, task: str, test: pd.DataFrame, schema: Schema
+    evaluated: Evaluated, params: RegisterParams, task: str, test: Path, schema: Schema, sample_rows: int
 ) -> Registered:
-    """Register the evaluated model (once per run), gate it against the champion, move the alias if it passes."""
+    """Register the evaluated model (once per run), gate it against the champion re-scored on
+    the test split file `test` as evaluate scored the challenger (`sample_rows`: evaluate's),
+    move the alias if it passes."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -226,7 +229,8 @@ def register_and_gate(
         champ = current_champion(client, name)
         if champ is not None and champ.version == version:  # a retry after this version was promoted
             return _decision(name, version, True, version, ["already champion (a retried registration)"], None)
-        compared = None if champ is None else _rescore(f"models:/{name}/{champ.version}", champ.version, test, schema)
+        compared = None if champ is None else _rescore(f"models:/{name}/{champ.version}", champ.version, test, schema,
+                                                   sample_rows)
         promote, reasons = promotion_decision(metrics, params, compared, task)
         previous = champ.version if champ is not None else None
         tags = {"d2d.decision": "promoted" if promote else "rejected", "d2d.promotion": "; ".join(reasons),

@@ -8,9 +8,11 @@ resolving an alias is the registry's job (pipeline.registry), loading the versio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.data.schema import Schema
@@ -82,26 +84,43 @@ def load_version(name: str, version: str, data_md5: str | None, id_column: str |
                          data_md5, python_model)
 
 
-def score_model(model_uri: str, test: pd.DataFrame, schema: Schema) -> dict[str, float]:
-    """A registered model's test metrics, computed the same way as the challenger's, from
-    its own raw-row predictions (its own preprocessing) on the current test split."""
+def score_model(model_uri: str, batches: Iterable[pd.DataFrame], schema: Schema, sample_rows: int) -> dict[str, float]:
+    """A registered model's test metrics, computed the same way as the challenger's (summed
+    batch by batch, ROC-AUC exact while the split fits `sample_rows`), from its own raw-row
+    predictions (its own preprocessing) on the current test split, read in `batches`."""
     import mlflow
 
-    return prediction_metrics(predict_raw(mlflow.pyfunc.load_model(model_uri), test, schema), test, schema)
+    from pipeline.evaluate import Scored
+    from pipeline.metric_totals import ClassTotals, RegressionTotals, RowSample
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    totals = RegressionTotals() if schema.regression else ClassTotals(schema.n_outputs)
+    sample = RowSample(sample_rows)
+    for test in batches:
+        y, out = prediction_arrays(predict_raw(model, test, schema), test, schema)
+        totals.add(y, out)
+        sample.add(y=y, out=out)
+    return {f"test_{k}": v for k, v in Scored(totals, sample, schema.regression).metrics().items()}
+
+
+def prediction_arrays(out: pd.DataFrame, test: pd.DataFrame, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+    """The truth and a pyfunc's raw-row predictions `out` as arrays: class indices and
+    probabilities, or actual and predicted values."""
+    if schema.regression:
+        return test[schema.target].to_numpy("float64"), out["prediction"].to_numpy("float64")
+    classes = [str(c) for c in schema.classes]
+    index = {c: i for i, c in enumerate(classes)}
+    return (test[schema.target].astype(str).map(index).to_numpy("int64"),
+            out[[f"prob_{c}" for c in classes]].to_numpy("float64"))
 
 
 def prediction_metrics(out: pd.DataFrame, test: pd.DataFrame, schema: Schema) -> dict[str, float]:
     """test_* metrics of a pyfunc's raw-row predictions `out` against the labels in `test`."""
     from pipeline.evaluate import classification_metrics, regression_metrics
 
-    if schema.regression:
-        return {f"test_{k}": v for k, v in regression_metrics(test[schema.target].to_numpy("float64"),
-                                                               out["prediction"].to_numpy("float64")).items()}
-    classes = [str(c) for c in schema.classes]
-    proba = out[[f"prob_{c}" for c in classes]].to_numpy("float64")
-    index = {c: i for i, c in enumerate(classes)}
-    y = test[schema.target].astype(str).map(index).to_numpy("int64")
-    return {f"test_{k}": v for k, v in classification_metrics(y, proba).items()}
+    y, predicted = prediction_arrays(out, test, schema)
+    metrics = regression_metrics(y, predicted) if schema.regression else classification_metrics(y, predicted)
+    return {f"test_{k}": v for k, v in metrics.items()}
 
 
 def predict_raw(model: Any, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:

@@ -152,12 +152,12 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "register", registration.register, summaries.Registered, report="register_report",
-        params=("data", "register"),
+        params=("data", "evaluate.sample_rows", "register"),
         reads=("metrics", "test"),  # the champion is re-scored on the test split
         uncached=("register_report",),
         # scoring: the champion's re-score; summaries: register.json is the Registered record
         code=("pipeline/runners/registration.py", "pipeline/registry.py", "pipeline/scoring.py", "pipeline/summaries.py",
-              "pipeline/evaluate.py", "pipeline/tracking.py"),
+              "pipeline/evaluate.py", "pipeline/metric_totals.py", "pipeline/tracking.py"),
         service=True,
     ),
 )

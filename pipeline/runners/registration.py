@@ -23,6 +23,7 @@ def register(params: Params, files: StageFiles) -> Registered:
     tracking.configure(files.root)
     tracking.reachable(tracking.ping)
     decision = tracking.reachable(lambda: registry.register_and_gate(
-        evaluated, params.register_, params.data.task, io.read_table(files["test"]), schema_from_params(params.data)))
+        evaluated, params.register_, params.data.task, files["test"], schema_from_params(params.data),
+        params.evaluate.sample_rows))
     io.write_json(asdict(decision), files["register_report"])
     return decision
