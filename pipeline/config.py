@@ -350,6 +350,9 @@ class MonitorParams(_Section):
     # PREFECT_API_URL names a server, else flow; off: decide and report only.
     retrain: Literal["auto", "flow", "event", "off"] = "auto"
     experiment: str = "monitoring"  # the MLflow experiment of drift reports
+    # The drift reference: a uniform sample of at most this many train rows (all of a smaller
+    # split), so the monitor's memory does not grow with the dataset.
+    reference_rows: int = Field(default=50_000, ge=100)
 
     @field_validator("retrain", mode="before")
     @classmethod

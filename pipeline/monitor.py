@@ -257,7 +257,8 @@ class Reference:
 
 
 def load_reference(params: Params, root: Path) -> Reference:
-    """The champion (pinned to its version), the train split, and the champion's outputs on it."""
+    """The champion (pinned to its version), a sample of the train split (monitor.reference_rows:
+    memory stays flat as the data grows), and the champion's outputs on it."""
     import mlflow
 
     from pipeline import tracking
@@ -269,7 +270,7 @@ def load_reference(params: Params, root: Path) -> Reference:
     champion = tracking.reachable(lambda: registry.champion_card(params.register_.model_name, metric))
     if champion is None:
         raise D2DError(f"no champion for {params.register_.model_name} yet: run `d2d run` first, then the monitor")
-    frame = io.read_table(stages.path("train", root))
+    frame = io.parquet_sample(stages.path("train", root), params.monitor.reference_rows)
     notes = []
     validated = stages.path("validate_report", root)
     split_md5 = io.read_json(validated).get("data_md5") if validated.is_file() else None

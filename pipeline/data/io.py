@@ -79,6 +79,24 @@ def parquet_rows(path: Path) -> int:
     return sum(pq.ParquetFile(part).metadata.num_rows for part in parquet_parts(path))
 
 
+def parquet_sample(path: Path, rows: int, seed: int = 0) -> pd.DataFrame:
+    """A uniform sample of at most `rows` rows of a Parquet file or folder of parts, in file
+    order, read one batch at a time; the whole table when it has no more rows than that."""
+    import numpy as np
+
+    total = parquet_rows(path)
+    if total <= rows:
+        return read_table(path) if path.is_file() else pd.concat(parquet_batches(path), ignore_index=True)
+    keep = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
+    frames, start = [], 0
+    for batch in parquet_batches(path):
+        lo, hi = np.searchsorted(keep, [start, start + len(batch)])
+        if hi > lo:
+            frames.append(batch.iloc[keep[lo:hi] - start])
+        start += len(batch)
+    return pd.concat(frames, ignore_index=True)
+
+
 @contextmanager
 def staged_dir(path: Path) -> Iterator[Path]:
     """A fresh hidden folder beside `path` to write into; once written it replaces `path`

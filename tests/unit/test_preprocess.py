@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -256,3 +257,18 @@ def test_touch_writes_an_empty_marker_and_its_folders(tmp_path):
     marker = tmp_path / "run" / "fault_drill.done"
     assert io.touch(marker) == marker
     assert marker.read_bytes() == b"" and [p.name for p in marker.parent.iterdir()] == ["fault_drill.done"]
+
+
+@pytest.mark.parametrize("rows,expected", [(1_000, 1_000), (50, 50), (5_000, 2_345)])
+def test_a_parquet_sample_is_bounded_uniform_and_in_order(tmp_path, rows, expected):
+    """The drift reference: at most `rows` rows, in file order, from every part of the table."""
+    from pipeline.data import io
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"v": np.arange(2_345)}), path, row_group_size=300)
+    sample = io.parquet_sample(path, rows, seed=3)
+    assert len(sample) == min(expected, rows) and sample["v"].is_monotonic_increasing and sample["v"].is_unique
+    if rows < 2_345:
+        assert np.histogram(sample["v"], bins=5, range=(0, 2_345))[0].min() > rows / 5 * 0.6
+    else:
+        assert sample["v"].tolist() == list(range(2_345))
