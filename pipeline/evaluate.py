@@ -120,11 +120,6 @@ def gradient_attributions(model: Any, x: np.ndarray, targets: np.ndarray) -> np.
     return (grad * inputs).detach().numpy()
 
 
-def examples_per_class(y: np.ndarray, n_classes: int, per_class: int = 2) -> np.ndarray:
-    """Indices of the first `per_class` examples of each class (deterministic)."""
-    return np.concatenate([np.flatnonzero(y == k)[:per_class] for k in range(n_classes)]).astype(int)
-
-
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """MAE, RMSE and R² in the target's own units."""
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
@@ -293,19 +288,17 @@ def plot_not_applicable(path: Path, text: str) -> Path:
 
 @dataclass(frozen=True)
 class Scored:
-    """A split scored by the network in batches: the exact totals of the whole split, and a
-    bounded uniform sample of its rows (inputs `x`, the truth `y`: class indices or actual
-    values, the outputs `out`: class probabilities or predicted values, and any extra
-    columns asked for) for the plots, slices and attributions. While the split fits the
-    sample, the sample is the whole split, in order."""
+    """A split scored by the network in batches: the exact totals of the whole split; a
+    bounded uniform sample of its rows (the truth `y`: class indices or actual values, the
+    outputs `out`: class probabilities or predicted values, and any extra columns asked for)
+    for the plots and slices, the whole split, in order, while it fits; and `examples`, the
+    first few rows of each class (regression: of the split) with their network inputs, to
+    explain."""
 
     totals: ClassTotals | RegressionTotals
     sample: RowSample
     regression: bool
-
-    @property
-    def x(self) -> np.ndarray:
-        return self.sample["x"]
+    examples: dict[str, np.ndarray]  # x, y, out
 
     @property
     def y(self) -> np.ndarray:
@@ -322,7 +315,9 @@ class Scored:
     def exact_auc(self) -> list[float] | None:
         """Per-class ROC-AUC from every row when the sample holds the whole split (the totals'
         histograms estimate it otherwise)."""
-        return per_class_auc(self.y, self.out) if not self.regression and self.sample.complete else None
+        if self.regression or not self.sample.complete:
+            return None
+        return per_class_auc(self.y, self.out / self.out.sum(axis=1, keepdims=True))  # as classification_metrics
 
     def metrics(self) -> dict[str, float]:
         if isinstance(self.totals, RegressionTotals):
@@ -336,15 +331,18 @@ class Scored:
 
 
 def score_split(model: Any, batches: Iterable[pd.DataFrame], schema: Schema, state: dict[str, Any],
-                sample_rows: int, keep: tuple[str, ...] = (), seed: int = 0) -> Scored:
+                sample_rows: int, keep: tuple[str, ...] = (), examples: int = 2, seed: int = 0) -> Scored:
     """The network on one split, batch by batch, through the fitted preprocessing; regression
-    outputs are scaled back to the target's units. Memory holds one batch, the totals and a
-    sample of `sample_rows` rows (with the columns in `keep`)."""
+    outputs are scaled back to the target's units. Memory holds one batch, the totals, a
+    sample of `sample_rows` rows (with the columns in `keep`) and the first `examples` rows of
+    each class (regression: the first ten rows) with their inputs."""
     from pipeline.preprocess import unscale_target
     from pipeline.train.trainer import features_and_labels
 
     totals: ClassTotals | RegressionTotals = RegressionTotals() if schema.regression else ClassTotals(schema.n_outputs)
     sample = RowSample(sample_rows, seed)
+    groups = 1 if schema.regression else schema.n_outputs
+    firsts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(groups)]  # per class: the first rows, in order
     for frame in batches:
         x, y = features_and_labels(frame, schema, state)
         if schema.regression:
@@ -353,5 +351,15 @@ def score_split(model: Any, batches: Iterable[pd.DataFrame], schema: Schema, sta
         else:
             out = predict_proba(model, x)
         totals.add(y, out)
-        sample.add(x=x, y=y, out=out, **{c: frame[c].to_numpy() for c in keep})
-    return Scored(totals, sample, schema.regression)
+        sample.add(y=y, out=out, **{c: frame[c].to_numpy() for c in keep})
+        wanted = 10 if schema.regression else examples
+        for k, rows in enumerate(firsts):
+            have = sum(len(r["y"]) for r in rows)
+            if have < wanted:
+                pick = (np.arange(len(y)) if schema.regression else np.flatnonzero(y == k))[: wanted - have]
+                rows.append({"x": x[pick], "y": y[pick], "out": out[pick]})
+    parts = [r for rows in firsts for r in rows]
+    width = len(state["outputs"])
+    chosen = {name: np.concatenate([r[name] for r in parts]) if parts else np.zeros((0, width) if name == "x" else 0)
+              for name in ("x", "y", "out")}
+    return Scored(totals, sample, schema.regression, chosen)

@@ -25,6 +25,11 @@ def _bin(proba: np.ndarray) -> np.ndarray:
     return np.minimum((scaled * LOGIT_BINS).astype(np.int64), LOGIT_BINS - 1)
 
 
+def _finite(values: np.ndarray, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} contain NaN or infinity: the model cannot be scored")
+
+
 def histogram_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     """P(a positive outscores a negative), ties (a shared bin) counting half; NaN without both."""
     n_pos, n_neg = positives.sum(), negatives.sum()
@@ -57,6 +62,7 @@ class ClassTotals:
 
     def add(self, y: np.ndarray, proba: np.ndarray) -> None:
         """One batch: true class indices and predicted probabilities (rows × classes)."""
+        _finite(proba, "predicted probabilities")
         k = self.n_classes
         proba = proba / proba.sum(axis=1, keepdims=True)  # as classification_metrics does
         self.confusion += np.bincount(y * k + proba.argmax(1), minlength=k * k).reshape(k, k)
@@ -110,6 +116,8 @@ class RegressionTotals:
     m2: float = 0.0  # the target's sum of squared deviations
 
     def add(self, y: np.ndarray, predicted: np.ndarray) -> None:
+        _finite(y, "target values")
+        _finite(predicted, "predictions")
         err = y - predicted
         self.abs_error += float(np.abs(err).sum())
         self.sq_error += float((err**2).sum())
@@ -148,10 +156,15 @@ class RowSample:
     def add(self, **columns: np.ndarray) -> None:
         n = len(next(iter(columns.values())))
         rng = np.random.default_rng([self.seed, self.seen])  # a batch's keys depend on where it starts only
-        keys = np.concatenate([self.keys, rng.random(n)])
-        index = np.concatenate([self.index, np.arange(self.seen, self.seen + n)])
-        merged = {c: np.concatenate([self.columns[c], v]) if c in self.columns else v for c, v in columns.items()}
+        new_keys, new_index = rng.random(n), np.arange(self.seen, self.seen + n)
         self.seen += n
+        if len(self.keys) >= self.size:  # full: only rows that beat the largest kept key can enter
+            enter = new_keys < self.keys.max()
+            new_keys, new_index = new_keys[enter], new_index[enter]
+            columns = {c: v[enter] for c, v in columns.items()}
+        keys = np.concatenate([self.keys, new_keys])
+        index = np.concatenate([self.index, new_index])
+        merged = {c: np.concatenate([self.columns[c], v]) if c in self.columns else v for c, v in columns.items()}
         if len(keys) > self.size:
             keep = np.sort(np.argpartition(keys, self.size - 1)[: self.size])  # the split's order
             keys, index = keys[keep], index[keep]

@@ -6,8 +6,9 @@ shares (preprocess.check_rows), and a row that fails it keeps its place with an 
 naming the column, and no prediction. A `.parquet` output is a Parquet dataset folder that
 Ray Data's `write_parquet` writes from the workers, in input order: the driver never holds
 the results. A `.csv` output is one file, written as the batches stream through the driver
-(one batch in memory at a time). Either is written under a temporary name and put in place
-at the end.
+(one batch in memory at a time), and so is a `.parquet` output (one file in the folder) on a
+multi-node cluster, whose workers would write to their own disks. Either is written under a
+temporary name and put in place at the end.
 """
 
 from __future__ import annotations
@@ -130,15 +131,29 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
             errors += int((batch["error"] != "").sum())
             yield batch
 
-    if output.suffix == ".parquet":
+    if output.suffix == ".parquet" and workers_write_here():
         with io.staged_dir(output) as folder:
             scored.write_parquet(str(folder))
         # counted from what was written: the row count from the footers, the errors from one column
         rows = io.parquet_rows(output)
         errors = sum(int((batch["error"].fillna("") != "").sum()) for batch in io.parquet_batches(output, ["error"]))
         return rows, errors
-    rows = io.write_batches(counted(scored.iter_batches(batch_format="pandas", batch_size=None)), output)
-    return rows, errors
+    batches = counted(scored.iter_batches(batch_format="pandas", batch_size=None))
+    if output.suffix == ".parquet":  # a dataset folder of one part, written through this process
+        with io.staged_dir(output) as folder:
+            rows = io.write_batches(batches, folder / "part-00000.parquet")
+        return rows, errors
+    return io.write_batches(batches, output), errors
+
+
+def workers_write_here() -> bool:
+    """Whether files Ray Data's workers write land where this process reads them: on a
+    one-node Ray, not through Ray Client. Elsewhere the results stream through this process
+    instead (one batch at a time), so none are written on another node's disk."""
+    import ray
+    from ray.util.client import ray as client
+
+    return not client.is_connected() and sum(1 for node in ray.nodes() if node["Alive"]) == 1
 
 
 @dataclass(frozen=True)

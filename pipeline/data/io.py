@@ -108,6 +108,7 @@ def staged_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; an output is not
     if path.exists() or path.is_symlink():
         remove(path)
     os.replace(tmp, path)

@@ -32,14 +32,15 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
     keep = (params.evaluate.slice_column,) if params.evaluate.slice_column else ()
     # each split streams through in batches: memory holds a batch, the totals and a bounded sample
     scored = {name: ev.score_split(model, io.parquet_batches(files[name]), schema, state, params.evaluate.sample_rows,
-                                   keep) for name in ("val", "test")}
+                                   keep, params.evaluate.attribution_examples) for name in ("val", "test")}
     metrics = {f"{name}_{k}": v for name in ("val", "test") for k, v in scored[name].metrics().items()}
     test = scored["test"]
     draw = _regression_plots if schema.regression else _classification_plots
-    plots, chosen, shown = draw(test, metrics, schema, params, files)
-    attributions = ev.gradient_attributions(model, test.x[chosen], test.y[chosen] if not schema.regression
-                                            else np.zeros(len(chosen), dtype=int))
-    plots.append(ev.plot_attributions(test.x[chosen], attributions, shown, state["outputs"], schema.image_shape,
+    plots, shown = draw(test, metrics, schema, params, files)
+    chosen = test.examples
+    attributions = ev.gradient_attributions(model, chosen["x"], chosen["y"] if not schema.regression
+                                            else np.zeros(len(chosen["y"]), dtype=int))
+    plots.append(ev.plot_attributions(chosen["x"], attributions, shown, state["outputs"], schema.image_shape,
                                       files["attributions"]))
     metrics |= _slice_metrics(test, schema, params, files["slices"])
     history = io.read_csv(files["history"])
@@ -52,9 +53,9 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
 
 
 def _regression_plots(test: Scored, metrics: dict[str, float], schema: Schema, params: Params,
-                      files: StageFiles) -> tuple[list[Path], np.ndarray, list[str]]:
+                      files: StageFiles) -> tuple[list[Path], list[str]]:
     """Predicted against actual; dvc.yaml declares the classification plots too, and for
-    regression they say so. Returns the plots, the rows to explain and their captions."""
+    regression they say so. Returns the plots and the captions of the rows explained."""
     from pipeline import evaluate as ev
 
     plots = [ev.plot_predicted_vs_actual(test.y, test.out, files["test_predictions"],
@@ -62,18 +63,16 @@ def _regression_plots(test: Scored, metrics: dict[str, float], schema: Schema, p
     io.write_csv(pd.DataFrame(columns=["class", "f1"]), files["per_class"])
     for name in ("per_class_f1", "roc_curves"):
         ev.plot_not_applicable(files[name], f"{name}: not applicable to regression")
-    chosen = np.arange(min(10, len(test.x)))
-    return plots, chosen, [f"{v:.3g}" for v in test.y[chosen]]
+    return plots, [f"{v:.3g}" for v in test.examples["y"]]
 
 
 def _classification_plots(test: Scored, metrics: dict[str, float], schema: Schema, params: Params,
-                          files: StageFiles) -> tuple[list[Path], np.ndarray, list[str]]:
+                          files: StageFiles) -> tuple[list[Path], list[str]]:
     """Confusion matrix, per-class F1 and ROC curves, and the per-class table. Returns the
-    plots, a few test rows per class to explain and their captions (true → predicted)."""
+    plots and the captions (true → predicted) of the rows explained: the first few of each class."""
     from pipeline import evaluate as ev
 
     classes = list(schema.classes)
-    predicted = test.predicted()
     per_class = test.per_class(classes)
     io.write_csv(per_class, files["per_class"])
     assert isinstance(test.totals, ev.ClassTotals)
@@ -85,8 +84,8 @@ def _classification_plots(test: Scored, metrics: dict[str, float], schema: Schem
                            f"test ROC, one-vs-rest (macro AUC {metrics['test_roc_auc_ovr']:.3f})"
                            + _sampled(test)),
     ]
-    chosen = ev.examples_per_class(test.y, schema.n_outputs, params.evaluate.attribution_examples)
-    return plots, chosen, [f"{classes[t]} → {classes[p]}" for t, p in zip(test.y[chosen], predicted[chosen])]
+    chosen = test.examples
+    return plots, [f"{classes[t]} → {classes[p]}" for t, p in zip(chosen["y"], chosen["out"].argmax(1))]
 
 
 def _sampled(scored: Scored) -> str:

@@ -301,8 +301,15 @@ def fault_drill(config: dict[str, Any], rank: int, epoch: int) -> None:
         os._exit(1)
 
 
-def optimizer_step(worker: Worker, config: dict[str, Any]) -> None:
-    """Apply the accumulated gradients: unscale and clip when asked, step, reset."""
+def optimizer_step(worker: Worker, config: dict[str, Any], accumulated: int = 1) -> None:
+    """Apply the gradients of `accumulated` micro-batches: rescaled to their mean when fewer
+    than grad_accum_steps were left at the end of the shard (each was divided by the full
+    count), unscaled and clipped when asked, then step and reset."""
+    accum = config.get("grad_accum_steps", 1)
+    if accumulated < accum:
+        for p in worker.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(accum / accumulated)
     if config["grad_clip"]:
         worker.scaler.unscale_(worker.optimizer)
         nn.utils.clip_grad_norm_(worker.model.parameters(), config["grad_clip"])
@@ -320,8 +327,10 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
     model.train()
     worker.optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(2, dtype=torch.float64, device=worker.device)  # loss sum, rows: on the device
+    pending = 0  # micro-batches since the last step
     for i, ((xb, yb), last) in enumerate(with_last(data)):
         step = last or (i + 1) % accum == 0
+        pending += 1
         # DDP all-reduces gradients on every backward; a micro-batch that is not followed by
         # a step skips that, and the step's backward reduces what accumulated.
         sync = nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
@@ -331,7 +340,8 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
             loss = loss_fn(out.float(), yb, config["regression"])
             worker.scaler.scale(loss / accum).backward()
         if step:
-            optimizer_step(worker, config)
+            optimizer_step(worker, config, pending)
+            pending = 0
         totals[0] += loss.detach() * len(yb)
         totals[1] += len(yb)
     loss_sum, seen = _all_sum(totals)

@@ -66,11 +66,19 @@ def model_spec(schema: Schema, n_inputs: int, params: TrainParams) -> ModelSpec:
 
 
 def _check_resources(params: TrainParams) -> None:
+    """Fail at once, naming the shortfall, where Ray would wait for resources forever."""
     import ray
 
-    if params.use_gpu and ray.cluster_resources().get("GPU", 0) < params.num_workers:
-        have = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    if params.use_gpu and resources.get("GPU", 0) < params.num_workers:
+        have = resources.get("GPU", 0)
         raise D2DError(f"train.use_gpu is true but the Ray cluster has {have:g} GPU(s) for {params.num_workers} worker(s)")
+    # Ray Train reserves the workers' CPUs away from Ray Data: its read and featurise tasks
+    # need one more, or the workers wait for data that never comes.
+    needed = params.num_workers * params.cpus_per_worker + 1
+    if resources.get("CPU", 0) < needed:
+        raise D2DError(f"the Ray cluster has {resources.get('CPU', 0):g} CPU(s); {params.num_workers} worker(s) × "
+                       f"train.cpus_per_worker {params.cpus_per_worker} need {needed}, one for Ray Data's reads")
 
 
 def storage_location(params: TrainParams, default: Path) -> str:

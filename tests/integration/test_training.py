@@ -61,12 +61,13 @@ def test_validation_is_sharded_and_counts_every_row_once(ray_local, digits, tmp_
 
     import torch
 
-    schema, _, val_df, state = digits
-    result = fit(digits, tmp_path, val_parts=3, num_workers=2, epochs=3)
+    schema, train_df, val_df, state = digits
+    val_df = val_df.iloc[:-1]  # 119 rows: an equal cut of two shards would drop one
+    result = fit((schema, train_df, val_df, state), tmp_path, val_parts=3, num_workers=2, epochs=3)
     x, y = features_and_labels(val_df, schema, state)
     loss, accuracy = evaluate_split(result.model, torch.tensor(x), torch.tensor(y), regression=False)
     best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
-    assert round(best["val_accuracy"] * len(y)) == round(accuracy * len(y))  # the same rows right, of all 120
+    assert round(best["val_accuracy"] * len(y)) == round(accuracy * len(y))  # the same rows right, of all 119
     assert best["val_loss"] == pytest.approx(loss, rel=1e-5)
 
 
@@ -148,3 +149,9 @@ def test_gpus_the_cluster_lacks_are_a_clear_error(ray_local, digits, tmp_path):
     # No GPU exists on this machine; the check must answer at once instead of waiting for one.
     with pytest.raises(D2DError, match="use_gpu is true but the Ray cluster has 0 GPU"):
         fit(digits, tmp_path, use_gpu=True)
+
+
+def test_workers_that_leave_no_cpu_for_the_data_are_a_clear_error(ray_local, digits, tmp_path):
+    # 4 CPUs: two 2-CPU workers would take them all and wait for Ray Data's reads forever
+    with pytest.raises(D2DError, match="has 4 CPU.*need 5, one for Ray Data's reads"):
+        fit(digits, tmp_path, num_workers=2, cpus_per_worker=2)

@@ -6,7 +6,6 @@ from pipeline.config import RegisterParams
 from pipeline.evaluate import (
     classification_metrics,
     confusion,
-    examples_per_class,
     gradient_attributions,
     per_class_metrics,
     plot_attributions,
@@ -95,10 +94,57 @@ def test_gradient_attributions_find_the_feature_that_matters():
     assert (attr[:2, 1] > 0).all() and (attr[2:, 1] < 0).all()
 
 
-def test_examples_per_class_takes_a_few_of_each():
-    y = np.array([2, 0, 0, 1, 0, 2, 1])
-    assert examples_per_class(y, 3, 2).tolist() == [1, 2, 3, 6, 0, 5]
-    assert examples_per_class(np.array([0, 0]), 2, 2).tolist() == [0, 1]  # a class absent from the split
+def digits_inputs():
+    from pipeline.config import load_params
+    from pipeline.data.schema import schema_from_params
+    from tests.conftest import REPO
+
+    schema = schema_from_params(load_params(REPO / "params.yaml").data)
+    state = {"numeric": {"names": schema.feature_names, "fill": [None] * 64, "center": [0.0] * 64, "scale": [16.0] * 64},
+             "categorical": [], "outputs": schema.feature_names, "target": None}
+    return schema, state
+
+
+def test_a_split_scored_in_batches_keeps_the_first_rows_of_each_class_to_explain():
+    import torch
+
+    from pipeline.evaluate import score_split
+
+    schema, state = digits_inputs()
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.integers(0, 17, (7, 64)), columns=schema.feature_names).assign(
+        label=[2, 0, 0, 1, 0, 2, 1])
+    torch.manual_seed(0)
+    scored = score_split(torch.nn.Linear(64, 10), [frame.iloc[:3], frame.iloc[3:]], schema, state, sample_rows=100)
+    assert scored.examples["y"].tolist() == [0, 0, 1, 1, 2, 2]  # the first two of each class, by class
+    expected = frame.iloc[[1, 2, 3, 6, 0, 5]][schema.feature_names].to_numpy("float32") / 16
+    assert np.allclose(scored.examples["x"], expected) and scored.examples["out"].shape == (6, 10)
+    assert scored.sample.complete and scored.y.tolist() == [2, 0, 0, 1, 0, 2, 1]
+
+
+def test_roc_auc_is_exact_while_the_split_fits_the_sample_and_estimated_beyond():
+    import torch
+
+    from pipeline.evaluate import score_split
+
+    schema, state = digits_inputs()
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(rng.integers(0, 17, (3000, 64)), columns=schema.feature_names).assign(
+        label=rng.integers(0, 10, 3000))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)
+    batches = lambda: (frame.iloc[i:i + 500] for i in range(0, 3000, 500))  # noqa: E731
+    whole = score_split(model, batches(), schema, state, sample_rows=3000)
+    sampled = score_split(model, batches(), schema, state, sample_rows=400)
+    assert whole.sample.complete and not sampled.sample.complete and len(sampled.y) == 400
+    exact = whole.metrics()
+    assert exact["roc_auc_ovr"] == pytest.approx(
+        classification_metrics(frame["label"].to_numpy(), whole.out)["roc_auc_ovr"], abs=1e-12)
+    estimated = sampled.metrics()
+    assert estimated["roc_auc_ovr"] != exact["roc_auc_ovr"]  # from the histograms, not the 400 sampled rows
+    assert estimated["roc_auc_ovr"] == pytest.approx(exact["roc_auc_ovr"], abs=2e-3)
+    assert {k: v for k, v in estimated.items() if k != "roc_auc_ovr"} == pytest.approx(
+        {k: v for k, v in exact.items() if k != "roc_auc_ovr"}, rel=1e-9)
 
 
 def test_plots_are_written(tmp_path):

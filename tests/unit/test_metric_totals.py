@@ -111,3 +111,10 @@ def test_the_sample_is_bounded_ordered_uniform_and_seeded():
     assert np.array_equal(draw(0, 4_096)["v"], a["v"]) and not np.array_equal(draw(1, 4_096)["v"], a["v"])
     counts = np.histogram(a["v"], bins=10, range=(0, 50_000))[0]
     assert counts.min() > 60 and counts.max() < 140  # about 100 per tenth: uniform over the split
+
+
+def test_non_finite_outputs_are_named_not_binned():
+    with pytest.raises(ValueError, match="predicted probabilities contain NaN"):
+        ClassTotals(2).add(np.array([0, 1]), np.array([[0.5, 0.5], [np.nan, np.nan]], dtype="float32"))
+    with pytest.raises(ValueError, match="predictions contain NaN"):
+        RegressionTotals().add(np.array([1.0, 2.0]), np.array([1.0, np.inf]))

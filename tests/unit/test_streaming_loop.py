@@ -73,17 +73,57 @@ def test_gradient_accumulation_matches_the_larger_batch():
     assert loss_a > 0 and loss_b > 0
 
 
-def test_accumulation_steps_after_the_last_batch_too():
-    """A leftover micro-batch (5 batches, accumulation 2) still reaches the optimizer."""
+def test_a_leftover_micro_batch_steps_with_its_own_mean():
+    """5 batches of 10 with accumulation 2 step like batches of 20, 20 and 10: the last, lone
+    micro-batch is not scaled down by the full accumulation count."""
     x, y = data(50)
-    model = nn.Linear(6, 3)
-    before = [p.detach().clone() for p in model.parameters()]
-    w = worker(model)
-    steps = []
-    w.optimizer.step = (lambda original: lambda *a, **k: (steps.append(1), original(*a, **k))[1])(w.optimizer.step)
-    train_epoch(w, chunks(x, y, 10), {**CONFIG, "grad_accum_steps": 2})
-    assert len(steps) == 3  # after batches 2, 4 and the last (5)
-    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    torch.manual_seed(2)
+    a, b = nn.Linear(6, 3), nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    train_epoch(worker(a), [(x[:20], y[:20]), (x[20:40], y[20:40]), (x[40:], y[40:])], {**CONFIG, "grad_accum_steps": 1})
+    train_epoch(worker(b), chunks(x, y, 10), {**CONFIG, "grad_accum_steps": 2})
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+class Replica(nn.Module):
+    """DDP's interface as far as accumulation uses it: `no_sync()` skips the gradient
+    all-reduce of the backward passes inside it. Records which micro-batches skipped it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(6, 3)
+        self.synced: list[bool] = []
+        self._skip = False
+
+    def no_sync(self):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def skipping():
+            self._skip = True
+            try:
+                yield
+            finally:
+                self._skip = False
+
+        return skipping()
+
+    def forward(self, x):
+        self.synced.append(not self._skip)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("batches,accum,expected", [
+    (5, 2, [False, True, False, True, True]),  # the leftover fifth batch steps, so it syncs
+    (6, 3, [False, False, True, False, False, True]),
+    (3, 1, [True, True, True]),
+])
+def test_only_the_micro_batch_before_a_step_all_reduces(batches, accum, expected):
+    x, y = data(10 * batches)
+    replica = Replica()
+    train_epoch(worker(replica), chunks(x, y, 10), {**CONFIG, "grad_accum_steps": accum})
+    assert replica.synced == expected
 
 
 def test_the_epoch_loss_is_the_mean_over_rows():
