@@ -120,6 +120,9 @@ def infer_task(y: pd.Series) -> tuple[str, list[Any] | None]:
     if values.nunique() < 2:
         raise DataError(f"target {_shown(y.name)} has a single class ({_shown(values.iloc[0]) if len(values) else 'all null'}): nothing to learn")
     numeric = values.dtype.kind in "iuf"
+    if numeric and not np.isfinite(values).all():
+        raise DataError(f"target {_shown(y.name)} holds {int((~np.isfinite(values)).sum())} infinite value(s): "
+                        "neither a class nor a number to learn")
     integral = numeric and bool((values == np.floor(values)).all())
     if numeric and not (integral and values.nunique() <= 20):
         return "regression", None

@@ -35,9 +35,10 @@ def train(params: Params, files: StageFiles) -> Trained:
     with ray_session(params.train, cpus_needed=cpus_for_training(params)):
         # lazy Ray Datasets: the workers stream them; this process never holds a split
         train_data, val_data = (io.read_dataset(files[name], columns) for name in ("train", "val"))
-        tuned, trials = _tune(params, train_data, val_data, schema, state, files["ray_storage"])
+        rows = io.parquet_rows(files["train"]) + io.parquet_rows(files["val"])
+        tuned, trials = _tune(params, train_data, val_data, schema, state, files["ray_storage"], rows)
         train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train
-        result = fit(train_data, val_data, schema, state, train_params, files["ray_storage"], init_state)
+        result = fit(train_data, val_data, schema, state, train_params, files["ray_storage"], init_state, rows)
     io.write_json(tuned, files["tune_report"])
     io.write_csv(trials, files["tune_trials"])
     save_model(result.model, result.spec, str(files["model"]))
@@ -59,14 +60,14 @@ def _warm_start(params: Params, root: Path) -> tuple[str | None, dict[str, Any] 
 
 
 def _tune(params: Params, train_data: Dataset, val_data: Dataset, schema: Schema, state: dict[str, Any],
-          storage: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+          storage: Path, rows: int) -> tuple[dict[str, Any], pd.DataFrame]:
     """The search (when tune.enabled): what tune.json records, and every trial's epochs (a
     DVC out either way, so empty when tuning is off)."""
     if not params.tune.enabled:
         return {"enabled": False}, pd.DataFrame(columns=["trial", "epoch", "val_loss"])
     from pipeline.train.tune import tune
 
-    search = tune(train_data, val_data, schema, state, params.train, params.tune, storage)
+    search = tune(train_data, val_data, schema, state, params.train, params.tune, storage, rows)
     return {"enabled": True, "best_config": search.best_config, "best_trial": search.best_trial,
             "best_val_loss": search.best_val_loss, "trials": search.summary, "seconds": round(search.seconds, 2)}, search.trials
 

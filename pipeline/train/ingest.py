@@ -49,7 +49,7 @@ def should_cache(params: TrainParams, rows: int, state: dict[str, Any], store_by
 
 
 def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[str, Any],
-                      params: TrainParams) -> dict[str, Dataset]:
+                      params: TrainParams, rows: int | None = None) -> dict[str, Dataset]:
     """The raw train and val splits as datasets of network inputs, shuffled as params say.
 
     A full shuffle reshuffles every epoch (reseeded after each execution: reproducible, yet a
@@ -63,12 +63,17 @@ def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[
         # per epoch that the loop prints. (Derived datasets share their source's context.)
         ds.context.enable_progress_bars = False
         ds.context.print_on_execution_start = False
-    rows = train.count() + val.count()  # from Parquet metadata: nothing is read
+    if rows is None:  # the caller did not read it from the files' footers: a Ray Data job counts
+        rows = train.count() + val.count()
     kwargs = {"schema": schema, "state": state}
     out = {name: ds.map_batches(featurize, fn_kwargs=kwargs, batch_format="pandas")
            for name, ds in ((TRAIN, train), (VAL, val))}
     if should_cache(params, rows, state, ray.available_resources().get("object_store_memory", 0.0)):
-        out = {name: ds.materialize() for name, ds in out.items()}
+        from concurrent.futures import ThreadPoolExecutor
+
+        # both at once: each execution's start-up (a worker process, its imports) overlaps
+        with ThreadPoolExecutor(2) as pool:
+            out = dict(zip(out, pool.map(lambda ds: ds.materialize(), out.values())))
     if params.shuffle == "full":
         out[TRAIN] = out[TRAIN].random_shuffle(seed=RandomSeedConfig(seed=params.seed, reseed_after_execution=True))
     return out

@@ -177,13 +177,14 @@ def n_inputs(state: dict) -> int:
 
 def train(
     train_data: Dataset, val_data: Dataset, schema: Schema, state: dict, params: TrainParams, storage: Path,
-    init_state: dict | None = None,
+    init_state: dict | None = None, rows: int | None = None,
 ) -> TrainResult:
     """Fit the model from params with Ray Train's TorchTrainer; returns the best epoch's weights.
 
     `train_data` and `val_data` are Ray Datasets of raw split rows (read from the split files);
-    the workers read them featurised, shard by shard. `init_state` (a state dict, for a warm
-    start) initialises every tensor that fits the model.
+    the workers read them featurised, shard by shard; `rows`, their row count when known (from
+    the files' footers). `init_state` (a state dict, for a warm start) initialises every
+    tensor that fits the model.
     """
     from pipeline.train.ingest import training_datasets
     from pipeline.train.models import build_model
@@ -198,7 +199,7 @@ def train(
         config["init_state"] = kept
         transfer = {"init_from": params.init_from, "transferred": len(kept), "fresh": fresh}
     _check_resources(params)
-    datasets = training_datasets(train_data, val_data, schema, state, params)
+    datasets = training_datasets(train_data, val_data, schema, state, params, rows)
     name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = make_trainer(config, datasets, params, storage_location(params, storage), name)
     started = time.perf_counter()

@@ -78,7 +78,7 @@ def _cell(value: Any) -> Any:
 
 def tune(
     train_data: Dataset, val_data: Dataset, schema: Schema, state: dict, params: TrainParams,
-    tune_params: TuneParams, storage: Path,
+    tune_params: TuneParams, storage: Path, rows: int | None = None,
 ) -> TuneResult:
     """Search `tune_params.space` with ASHA on validation loss; returns the best config and every trial's history.
 
@@ -99,7 +99,7 @@ def tune(
                                      "fail_at_epoch": None, "init_from": None, "max_failures": 0})
     where = storage_location(params, storage)
     name = f"d2d-tune-{time.strftime('%Y%m%d-%H%M%S')}"
-    datasets = training_datasets(train_data, val_data, schema, state, base)
+    datasets = training_datasets(train_data, val_data, schema, state, base, rows)
     trainable = rt.with_parameters(_trial, datasets=datasets, schema=schema, state=state,
                                    base=base, storage=where, name=name)
     tuner = rt.Tuner(

@@ -166,6 +166,8 @@ values = st.one_of(
 # two files Hypothesis found that gave an OverflowError and params whose max was not above their min
 @example(columns=[[None] * 6, [None] * 6, [None] * 4 + [0, 1.634266486238469e308]], labels=[0] * 5 + [1])
 @example(columns=[[None] * 6, [None] * 6, [None] * 5 + [9_007_199_254_740_995]], labels=[0] * 5 + [1])
+# and one whose infinite label became a class that the params then refused (2026-12-06)
+@example(columns=[[None] * 6], labels=[0, 0, None, 0, 0, float("inf")])
 @given(
     columns=st.lists(st.lists(values, min_size=6, max_size=6), min_size=1, max_size=4),
     labels=st.lists(st.one_of(st.integers(0, 3), st.floats(), st.text(max_size=3), st.none()), min_size=6, max_size=6),
