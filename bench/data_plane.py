@@ -6,7 +6,7 @@ process in a fresh project, with the peak memory of the whole process tree.
 
 The data is generated in chunks of --chunk rows and written as it is made (one Parquet file
 with a row group per chunk, or --parts files), so the generator never holds the dataset.
-Memory is sampled every 0.2 s: the RSS summed over this process's tree (the `d2d` process,
+Memory is sampled every 0.2 s, for the whole run and for each stage: the RSS summed over this process's tree (the `d2d` process,
 Ray's processes it starts, their workers) and the system's used memory plus /dev/shm (Ray's
 object store), each as its peak above the start. The training throughput is compared with a
 bare PyTorch loop that reads the same train split with pyarrow in one process (same model,
@@ -78,7 +78,15 @@ class Sampler:
     start_used: int = field(default_factory=lambda: psutil.virtual_memory().used + shm_used())
     peak_tree: int = 0
     peak_system: int = 0
+    stage_tree: int = 0  # the same peaks since the last `stage_peaks()`
+    stage_system: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
+
+    def stage_peaks(self) -> tuple[int, int]:
+        """The peaks since the last call (one stage's), and start over."""
+        peaks = self.stage_tree, self.stage_system
+        self.stage_tree = self.stage_system = 0
+        return peaks
 
     def run(self) -> None:
         me = psutil.Process()
@@ -89,8 +97,9 @@ class Sampler:
                     tree += p.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak_tree = max(self.peak_tree, tree)
-            self.peak_system = max(self.peak_system, psutil.virtual_memory().used + shm_used() - self.start_used)
+            system = psutil.virtual_memory().used + shm_used() - self.start_used
+            self.peak_tree, self.stage_tree = max(self.peak_tree, tree), max(self.stage_tree, tree)
+            self.peak_system, self.stage_system = max(self.peak_system, system), max(self.stage_system, system)
 
 
 def d2d(project: Path, *args: str) -> float:
@@ -140,6 +149,7 @@ def main() -> int:
     ap.add_argument("--parts", type=int, default=1, help="Parquet files the raw data is written as (1: one file)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/data-plane"))
     ap.add_argument("--keep", action="store_true", help="keep the project folder afterwards")
+    ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (the bare loop gets as many threads)")
     args = ap.parse_args()
 
     project = args.workdir
@@ -154,13 +164,17 @@ def main() -> int:
     sampler = Sampler()
     threading.Thread(target=sampler.run, daemon=True).start()
     sets = ["--set", "train.epochs=1", "--set", "train.model=mlp", "--set", "validate.data_docs=false",
+            "--set", f"train.num_workers={args.workers}",
             "--set", f"validate.max_rows={args.rows * 2}", "--set", "register.min_test_accuracy=0"]
     timings = {"init-params": d2d(project, "init-params", "--data", str(raw.relative_to(project)), "--target", "label",
                                   "--id", "id")}
+    peaks = {"init-params": sampler.stage_peaks()}
     for stage in ("validate", "clean", "split", "train", "evaluate", "register"):
         timings[stage] = d2d(project, "stage", stage, *sets)
+        peaks[stage] = sampler.stage_peaks()
     timings["predict"] = d2d(project, "predict", "--input", str(raw.relative_to(project)), "--output", "predictions.parquet",
                              *sets)
+    peaks["predict"] = sampler.stage_peaks()
     sampler.stop.set()
 
     import pandas as pd
@@ -177,9 +191,10 @@ def main() -> int:
     rows = {"init-params": args.rows, "validate": args.rows, "clean": args.rows, "split": args.rows,
             "train": sizes["train"], "evaluate": sizes["val"] + sizes["test"], "register": sizes["test"],
             "predict": args.rows}
-    print(f"\n{'stage':<12}{'seconds':>10}{'rows/s':>14}")
+    print(f"\n{'stage':<12}{'seconds':>10}{'rows/s':>14}{'peak tree GiB':>16}{'peak system GiB':>18}")
     for stage, seconds in timings.items():
-        print(f"{stage:<12}{seconds:>10.1f}{rows[stage] / seconds:>14,.0f}")
+        tree, system = peaks[stage]
+        print(f"{stage:<12}{seconds:>10.1f}{rows[stage] / seconds:>14,.0f}{tree / 2**30:>16.2f}{system / 2**30:>18.2f}")
     print(f"{'validate+clean+split':<24}{sum(timings[s] for s in ('validate', 'clean', 'split')):.1f} s")
     print(f"peak memory above the start: process tree RSS {sampler.peak_tree / 2**30:.2f} GiB, "
           f"system used + /dev/shm {sampler.peak_system / 2**30:.2f} GiB")
