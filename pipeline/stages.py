@@ -152,7 +152,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "register", registration.register, summaries.Registered, report="register_report",
-        params=("data", "evaluate.sample_rows", "register"),
+        params=("data", "evaluate", "register"),  # evaluate: sample_rows, the champion scored as the challenger was
         reads=("metrics", "test"),  # the champion is re-scored on the test split
         uncached=("register_report",),
         # scoring: the champion's re-score; summaries: register.json is the Registered record
