@@ -4,7 +4,7 @@ curves, learning curves, sliced metrics and gradient attributions."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -298,7 +298,7 @@ class Scored:
     totals: ClassTotals | RegressionTotals
     sample: RowSample
     regression: bool
-    examples: dict[str, np.ndarray]  # x, y, out
+    examples: dict[str, np.ndarray] = field(default_factory=dict)  # x, y, out; none for a re-scored model
 
     @property
     def y(self) -> np.ndarray:
