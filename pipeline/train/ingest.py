@@ -69,11 +69,7 @@ def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[
     out = {name: ds.map_batches(featurize, fn_kwargs=kwargs, batch_format="pandas")
            for name, ds in ((TRAIN, train), (VAL, val))}
     if should_cache(params, rows, state, ray.available_resources().get("object_store_memory", 0.0)):
-        from concurrent.futures import ThreadPoolExecutor
-
-        # both at once: each execution's start-up (a worker process, its imports) overlaps
-        with ThreadPoolExecutor(2) as pool:
-            out = dict(zip(out, pool.map(lambda ds: ds.materialize(), out.values())))
+        out = {name: ds.materialize() for name, ds in out.items()}
     if params.shuffle == "full":
         out[TRAIN] = out[TRAIN].random_shuffle(seed=RandomSeedConfig(seed=params.seed, reseed_after_execution=True))
     return out
