@@ -22,21 +22,39 @@ class CleanResult:
     report: dict[str, Any]
 
 
-def repeats(df: pd.DataFrame, cols: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose values in `cols` repeat an earlier row's, and the position of that first row.
+def row_hashes(df: pd.DataFrame, cols: list[str]) -> np.ndarray:
+    """A 64-bit hash of each row's values in `cols` (one vectorised pass). Rows are compared by
+    it across batches: at 20M rows the chance that two different rows share one is about 1e-5."""
+    return pd.util.hash_pandas_object(df[cols], index=False).to_numpy()
 
-    Rows are compared by a 64-bit hash (one vectorised pass, ~5× faster than comparing all
-    columns), then each candidate is checked column by column, so a collision never drops a row.
-    """
-    codes, _ = pd.factorize(pd.util.hash_pandas_object(df[cols], index=False))
-    first = pd.Series(np.arange(len(df))).groupby(codes).transform("first").to_numpy()
-    cand = np.flatnonzero(first != np.arange(len(df)))
-    left = df.iloc[cand][cols].reset_index(drop=True)
-    right = df.iloc[first[cand]][cols].reset_index(drop=True)
-    same = ((left == right) | (left.isna() & right.isna())).all(axis=1).to_numpy()
-    mask = np.zeros(len(df), dtype=bool)
-    mask[cand[same]] = True
-    return mask, first
+
+def first_of(hashes: np.ndarray) -> np.ndarray:
+    """Each row's position of the first row with its hash (itself when it is the first)."""
+    codes, _ = pd.factorize(hashes)
+    return pd.Series(np.arange(len(hashes))).groupby(codes).transform("first").to_numpy()
+
+
+@dataclass
+class Repeats:
+    """Over the whole dataset, by position: the first row a row duplicates (same features and
+    label), else the first row whose features it repeats under another label; -1 for neither.
+    The first row is kept in both cases, and it is never itself a repeat, so one pass over the
+    rows in order removes exactly what removing duplicates, then conflicts, would."""
+
+    duplicate_of: np.ndarray
+    conflict_of: np.ndarray
+
+    @classmethod
+    def find(cls, full: np.ndarray, features: np.ndarray) -> Repeats:
+        here = np.arange(len(full))
+        first_full, first_features = first_of(full), first_of(features)
+        duplicate = np.where(first_full != here, first_full, -1)
+        conflict = np.where((duplicate < 0) & (first_features != here), first_features, -1)
+        return cls(duplicate, conflict)
+
+    def referenced(self) -> np.ndarray:
+        """The positions some repeat names (their ids go into the reasons), sorted."""
+        return np.unique(np.concatenate([self.duplicate_of[self.duplicate_of >= 0], self.conflict_of[self.conflict_of >= 0]]))
 
 
 def _nothing_removed(df: pd.DataFrame) -> pd.DataFrame:
@@ -48,24 +66,32 @@ def _split_off(df: pd.DataFrame, mask: np.ndarray, reason: pd.Series | str) -> t
     return df[~mask].reset_index(drop=True), removed.reset_index(drop=True)
 
 
+def _drop_repeats(df: pd.DataFrame, of: np.ndarray, ids: dict[int, Any], template: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows whose `of` names an earlier row: removed, each naming that row's id."""
+    hit = of >= 0
+    reason = pd.Series([template.format(ids[i]) for i in of[hit]], index=df.index[hit], dtype=object)
+    return _split_off(df, hit, reason)
+
+
 def drop_duplicates(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows whose features and label repeat an earlier row's; the first one is kept.
 
     The id is left out of the comparison: a re-ingested record gets a new id but is the
     same example, and counting it twice would leak it across splits.
     """
-    dup, first = repeats(df, [*schema.feature_names, schema.target])
-    ids = df[schema.id_column].to_numpy()[first[dup]]
-    return _split_off(df, dup, pd.Series(ids, index=df.index[dup]).map(f"duplicate of {schema.id_label} {{}}".format))
+    first = first_of(row_hashes(df, [*schema.feature_names, schema.target]))
+    of = np.where(first != np.arange(len(df)), first, -1)
+    ids = dict(enumerate(df[schema.id_column].tolist()))
+    return _drop_repeats(df, of, ids, f"duplicate of {schema.id_label} {{}}")
 
 
 def drop_conflicting_labels(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows whose features repeat an earlier row's under another label: the same input in two
     splits with two answers is leakage and noise, so only the first is kept."""
-    conflict, first = repeats(df, schema.feature_names)
-    ids = df[schema.id_column].to_numpy()[first[conflict]]
-    reason = pd.Series(ids, index=df.index[conflict]).map(f"same features as {schema.id_label} {{}} with another label".format)
-    return _split_off(df, conflict, reason)
+    first = first_of(row_hashes(df, schema.feature_names))
+    of = np.where(first != np.arange(len(df)), first, -1)
+    ids = dict(enumerate(df[schema.id_column].tolist()))
+    return _drop_repeats(df, of, ids, f"same features as {schema.id_label} {{}} with another label")
 
 
 def drop_missing(df: pd.DataFrame, schema: Schema, missing: MissingParams) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -92,12 +118,14 @@ def outlier_bounds(df: pd.DataFrame, schema: Schema, method: str, k: float) -> p
     return pd.DataFrame({"lo": q1 - k * (q3 - q1), "hi": q3 + k * (q3 - q1)})
 
 
-def handle_outliers(df: pd.DataFrame, schema: Schema, params: CleanParams) -> tuple[pd.DataFrame, pd.DataFrame, int]:
-    """Clip or drop values outside the bounds; returns the frame, removed rows and clipped cells."""
+def handle_outliers(df: pd.DataFrame, schema: Schema, params: CleanParams,
+                    bounds: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Clip or drop values outside the bounds (IQR fences fitted on the whole dataset beforehand,
+    or on `df`); returns the frame, removed rows and clipped cells."""
     o = params.outliers
     if o.method == "none" or not schema.numeric:
         return df, _nothing_removed(df), 0
-    b = outlier_bounds(df, schema, o.method, o.iqr_k)
+    b = bounds if bounds is not None else outlier_bounds(df, schema, o.method, o.iqr_k)
     names = list(b.index)
     x = df[names]
     outside = x.lt(b["lo"], axis=1) | x.gt(b["hi"], axis=1)
@@ -127,31 +155,83 @@ def coerce_types(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return df.astype(target) if target else df
 
 
+class Cleaner:
+    """The rules, batch by batch, over a dataset whose repeats were found beforehand
+    (`Repeats.find` over all rows) and, for IQR fences, whose bounds were fitted beforehand:
+    each batch's rows are kept or removed with a reason, and the report sums them."""
+
+    def __init__(self, schema: Schema, params: CleanParams, repeats: Repeats | None, bounds: pd.DataFrame | None) -> None:
+        self.schema, self.params, self.repeats, self.bounds = schema, params, repeats, bounds
+        self.names: dict[int, Any] = {}  # position → id, for the rows a later repeat names
+        self.wanted = repeats.referenced() if repeats is not None else np.empty(0, dtype="int64")
+        self.rules: dict[str, dict[str, Any]] = {}
+        self.rows_in = self.rows_out = self.position = 0
+
+    def _record(self, rule: str, before: int, removed: pd.DataFrame, parts: list[pd.DataFrame], **extra: int) -> None:
+        entry = self.rules.setdefault(rule, {"rule": rule, "rows_in": 0, "rows_out": 0, "removed": 0, **dict.fromkeys(extra, 0)})
+        entry["rows_in"] += before
+        entry["rows_out"] += before - len(removed)
+        entry["removed"] += len(removed)
+        for k, v in extra.items():
+            entry[k] += v
+        parts.append(removed.assign(rule=rule))
+
+    def apply(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """One batch (the next rows in order): its clean rows and its removed rows."""
+        schema, params = self.schema, self.params
+        start, df = self.position, batch.reset_index(drop=True)
+        self.position += len(df)
+        self.rows_in += len(df)
+        parts: list[pd.DataFrame] = []
+        if self.repeats is not None:
+            lo, hi = np.searchsorted(self.wanted, [start, start + len(df)])
+            ids = df[schema.id_column].to_numpy()
+            self.names.update(zip(self.wanted[lo:hi].tolist(), ids[self.wanted[lo:hi] - start].tolist()))
+            dup, conflict = self.repeats.duplicate_of[start:start + len(df)], self.repeats.conflict_of[start:start + len(df)]
+            n = len(df)
+            df, removed = _drop_repeats(df, dup, self.names, f"duplicate of {schema.id_label} {{}}")
+            self._record("drop_duplicates", n, removed, parts)
+            n = len(df)
+            df, removed = _drop_repeats(df, conflict[dup < 0], self.names, f"same features as {schema.id_label} {{}} with another label")
+            self._record("drop_conflicting_labels", n, removed, parts)
+        n = len(df)
+        df, removed = drop_missing(df, schema, params.missing)
+        self._record("missing_drop", n, removed, parts)
+        n = len(df)
+        df, removed, clipped = handle_outliers(df, schema, params, self.bounds)
+        self._record(f"outliers_{params.outliers.method}_{params.outliers.action}", n, removed, parts, cells_clipped=clipped)
+        df = coerce_types(df, schema)
+        self._record("coerce_types", len(df), df.iloc[:0].assign(**{REASON: pd.Series(dtype=str)}), [])
+        self.rows_out += len(df)
+        return df, pd.concat(parts, ignore_index=True)
+
+    def report(self) -> dict[str, Any]:
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "removed": self.rows_in - self.rows_out,
+                "rules": list(self.rules.values())}
+
+
+def repeats_of(df: pd.DataFrame, schema: Schema) -> Repeats:
+    """The repeats among a frame's rows (for one batch, or the hashes of all)."""
+    return Repeats.find(row_hashes(df, [*schema.feature_names, schema.target]), row_hashes(df, schema.feature_names))
+
+
+def iqr_rows(df: pd.DataFrame, schema: Schema, params: CleanParams, repeats: Repeats | None) -> pd.DataFrame:
+    """The rows IQR fences are fitted on: those the earlier rules keep (`df`'s rows are at the
+    positions `df.index` names in the dataset)."""
+    if repeats is not None:
+        at = df.index.to_numpy()
+        df = df[(repeats.duplicate_of[at] < 0) & (repeats.conflict_of[at] < 0)]
+    return drop_missing(df, schema, params.missing)[0]
+
+
 def clean(valid: pd.DataFrame, schema: Schema, params: CleanParams) -> CleanResult:
-    """Apply the cleaning rules in order; the report counts rows in and out per rule."""
-    rules: list[dict[str, Any]] = []
-    removed_parts: list[pd.DataFrame] = []
-    df = valid
-
-    def record(rule: str, before: int, removed: pd.DataFrame, **extra: Any) -> None:
-        rules.append({"rule": rule, "rows_in": before, "rows_out": before - len(removed), "removed": len(removed), **extra})
-        removed_parts.append(removed.assign(rule=rule))
-
-    if params.drop_duplicates:
-        n = len(df)
-        df, removed = drop_duplicates(df, schema)
-        record("drop_duplicates", n, removed)
-        n = len(df)
-        df, removed = drop_conflicting_labels(df, schema)
-        record("drop_conflicting_labels", n, removed)
-    n = len(df)
-    df, removed = drop_missing(df, schema, params.missing)
-    record("missing_drop", n, removed)
-    n = len(df)
-    df, removed, clipped = handle_outliers(df, schema, params)
-    record(f"outliers_{params.outliers.method}_{params.outliers.action}", n, removed, cells_clipped=clipped)
-    df = coerce_types(df, schema)
-    rules.append({"rule": "coerce_types", "rows_in": len(df), "rows_out": len(df), "removed": 0})
-    removed_all = pd.concat(removed_parts, ignore_index=True)  # missing_drop and outliers always record
-    report = {"rows_in": len(valid), "rows_out": len(df), "removed": len(removed_all), "rules": rules}
-    return CleanResult(df, removed_all, report)
+    """Apply the cleaning rules in order to an in-memory frame (one batch); the report counts
+    rows in and out per rule."""
+    valid = valid.reset_index(drop=True)
+    repeats = repeats_of(valid, schema) if params.drop_duplicates else None
+    bounds = None
+    if params.outliers.method == "iqr" and schema.numeric:
+        bounds = outlier_bounds(iqr_rows(valid, schema, params, repeats), schema, "iqr", params.outliers.iqr_k)
+    cleaner = Cleaner(schema, params, repeats, bounds)
+    df, removed = cleaner.apply(valid)
+    return CleanResult(df, removed, cleaner.report())

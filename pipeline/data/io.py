@@ -21,21 +21,70 @@ import pandas as pd
 from pipeline.errors import DataError
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file; a missing or unreadable file is a DataError."""
+RAW_SUFFIXES = (".csv", ".parquet", ".txt", ".tsv")
+
+
+def data_parts(path: Path) -> list[Path]:
+    """The files a dataset is: a CSV or Parquet file, or a folder of CSV or Parquet part files
+    (name order, hidden files skipped). Missing, empty, of another type, or a folder that
+    mixes CSV and Parquet parts: a DataError naming it."""
+    if path.is_dir():
+        parts = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in RAW_SUFFIXES
+                       and not any(n.startswith(".") for n in p.relative_to(path).parts))
+        if not parts:
+            raise DataError(f"{path} holds no .csv or .parquet part files")
+        if len({p.suffix == ".parquet" for p in parts}) > 1:
+            raise DataError(f"{path} mixes CSV and Parquet parts; keep one format per dataset folder")
+        return parts
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty")
-    if path.suffix not in (".csv", ".parquet", ".txt", ".tsv"):
-        raise DataError(f"{path}: expected a .csv or .parquet file")
-    try:
-        if path.suffix == ".parquet":
-            return pd.read_parquet(path)
-        return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
-    except (ValueError, OSError, pd.errors.ParserError) as e:
-        kind = "Parquet" if path.suffix == ".parquet" else "CSV"
-        raise DataError(f"{path} is not a valid {kind} file: {str(e).splitlines()[0]}") from None
+    if path.suffix not in RAW_SUFFIXES:
+        raise DataError(f"{path}: expected a .csv or .parquet file, or a folder of them")
+    return [path]
+
+
+def _unreadable(path: Path, e: Exception) -> DataError:
+    kind = "Parquet" if path.suffix == ".parquet" else "CSV"
+    return DataError(f"{path} is not a valid {kind} file: {(str(e).splitlines() or [type(e).__name__])[0]}")
+
+
+def read_batches(path: Path, rows: int = 500_000, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """A dataset (file or folder of parts, see `data_parts`) as frames of at most `rows` rows,
+    in order: memory holds one batch. CSV is parsed by pandas in chunks, with the same rules
+    as a whole-file read; an empty part file is a DataError."""
+    import pyarrow.parquet as pq
+
+    for part in data_parts(path):
+        if part.stat().st_size == 0:
+            raise DataError(f"{part} is empty")
+        try:
+            if part.suffix == ".parquet":
+                with pq.ParquetFile(part) as f:
+                    if f.metadata.num_rows == 0:
+                        yield f.schema_arrow.empty_table().to_pandas()
+                    for batch in f.iter_batches(batch_size=rows, columns=columns):
+                        yield batch.to_pandas()
+            else:
+                with pd.read_csv(part, sep="\t" if part.suffix == ".tsv" else ",", chunksize=rows, usecols=columns) as reader:
+                    yield from reader
+        except (ValueError, OSError, pd.errors.ParserError) as e:
+            raise _unreadable(part, e) from None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file, or a folder of parts, whole; a missing or unreadable file is
+    a DataError. For data that may not fit in memory, use `read_batches`."""
+    parts = data_parts(path)
+    if len(parts) == 1 and parts[0] == path:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path} is empty")
+        try:
+            if path.suffix == ".parquet":
+                return pd.read_parquet(path)
+            return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",")
+        except (ValueError, OSError, pd.errors.ParserError) as e:
+            raise _unreadable(path, e) from None
+    return pd.concat(list(read_batches(path, rows=1 << 62)), ignore_index=True)
 
 
 # Parquet files up to this size become a Ray Dataset from this process (one block in the
@@ -89,22 +138,25 @@ def parquet_rows(path: Path) -> int:
     return sum(pq.ParquetFile(part).metadata.num_rows for part in parquet_parts(path))
 
 
-def parquet_sample(path: Path, rows: int, seed: int = 0) -> pd.DataFrame:
+def parquet_sample(path: Path, rows: int, seed: int = 0, positions: bool = False) -> pd.DataFrame:
     """A uniform sample of at most `rows` rows of a Parquet file or folder of parts, in file
-    order, read one batch at a time; the whole table when it has no more rows than that."""
+    order, read one batch at a time; the whole table when it has no more rows than that.
+    `positions`: indexed by each row's position in the dataset."""
     import numpy as np
 
     total = parquet_rows(path)
     if total <= rows:
-        return read_table(path) if path.is_file() else pd.concat(parquet_batches(path), ignore_index=True)
+        whole = pd.concat(list(parquet_batches(path)), ignore_index=True) if total else parquet_head(path, 1)
+        return whole
     keep = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
     frames, start = [], 0
     for batch in parquet_batches(path):
         lo, hi = np.searchsorted(keep, [start, start + len(batch)])
         if hi > lo:
-            frames.append(batch.iloc[keep[lo:hi] - start])
+            frames.append(batch.iloc[keep[lo:hi] - start].set_axis(keep[lo:hi]))
         start += len(batch)
-    return pd.concat(frames, ignore_index=True)
+    sample = pd.concat(frames)
+    return sample if positions else sample.reset_index(drop=True)
 
 
 @contextmanager
@@ -338,3 +390,82 @@ def write_batches(batches: Any, path: Path) -> int:
         if path.suffix == ".parquet" and writer is None:  # no batches: an empty file still has a schema
             pq.write_table(pa.table({}), tmp)
     return rows
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC 3 records for a file or a folder: a folder's is the md5 of its sorted
+    listing of (md5, relpath) as JSON, with the `.dir` suffix (dvc_data's Tree.digest)."""
+    if not path.is_dir():
+        return file_md5(path)
+    listing = sorted(({"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
+                      for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+class PartsWriter:
+    """Frames, as they come, into a Parquet dataset folder at `path`: one part file per frame
+    (`part-00000.parquet`, ...), written into a hidden folder beside `path` and installed in
+    one rename by `commit`, so readers never see half a dataset; a writer closed without a
+    commit leaves `path` as it was.
+
+    Every part has the same Arrow schema: `types` fixes a column's type (the schema's
+    declared types), the others take their type in the first batch (text when it is all null); a later batch
+    is cast to it, and a value that does not fit is a DataError naming the column. A dataset
+    with no rows still gets one empty part, so readers see its columns."""
+
+    def __init__(self, path: Path, types: dict[str, Any] | None = None) -> None:
+        self.path, self.types = path, dict(types or {})
+        self.schema: Any = None
+        self.parts = self.rows = 0
+        self._stage = staged_dir(path)
+        self.folder = self._stage.__enter__()
+        self._empty: pd.DataFrame | None = None
+
+    def _table(self, frame: pd.DataFrame) -> Any:
+        import pyarrow as pa
+
+        # a column fixed as text may hold numbers and text side by side (raw values): as text
+        text = {c: frame[c].where(frame[c].isna(), frame[c].astype(str)) for c, t in self.types.items()
+                if c in frame.columns and t == pa.string() and frame[c].dtype != "string"}
+        frame = frame.assign(**text) if text else frame
+        if self.schema is None:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            # an all-null column has no type yet: text takes any later value
+            fields = [pa.field(f.name, self.types.get(f.name, pa.string() if pa.types.is_null(f.type) else f.type))
+                      for f in table.schema]
+            self.schema = pa.schema(fields)
+        else:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            missing = [n for n in self.schema.names if n not in table.column_names]
+            if missing or len(table.column_names) != len(self.schema.names):
+                raise DataError(f"{self.path.name}: a batch has other columns than the first ({', '.join(missing[:3])})")
+            table = table.select(self.schema.names)
+        try:
+            return table.cast(self.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise DataError(f"{self.path.name}: a batch's values do not fit the dataset's column types: "
+                            f"{str(e).splitlines()[0]}") from None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        import pyarrow.parquet as pq
+
+        if frame.empty:  # kept only for its columns, should no batch have rows
+            self._empty = frame if self._empty is None else self._empty
+            return
+        pq.write_table(self._table(frame), self.folder / f"part-{self.parts:05d}.parquet")
+        self.parts += 1
+        self.rows += len(frame)
+
+    def commit(self) -> Path:
+        """Install the folder at `path` (replacing what was there)."""
+        import pyarrow.parquet as pq
+
+        if self.parts == 0:
+            empty = self._empty if self._empty is not None else pd.DataFrame()
+            pq.write_table(self._table(empty), self.folder / "part-00000.parquet")
+        self._stage.__exit__(None, None, None)
+        return self.path
+
+    def discard(self) -> None:
+        """Drop what was written; `path` stays as it was."""
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -73,7 +73,7 @@ def _pair_hash(mant: np.ndarray, expo: np.ndarray) -> np.ndarray:
     return pd.util.hash_array(mixed)
 
 
-def _cell_hashes(col: pd.Series) -> np.ndarray:
+def cell_hashes(col: pd.Series) -> np.ndarray:
     """One uint64 per cell, equal for cells that mean the same value."""
     nums, null = _numbers(col)
     out = np.full(len(col), _NULL, dtype="uint64")
@@ -92,15 +92,24 @@ def _cell_hashes(col: pd.Series) -> np.ndarray:
 
 def content_hash(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """A 64-bit hash of each row's canonical content in `columns` (vectorised)."""
-    cells = pd.DataFrame({i: _cell_hashes(df[c]) for i, c in enumerate(columns)}, index=range(len(df)))
+    cells = pd.DataFrame({i: cell_hashes(df[c]) for i, c in enumerate(columns)}, index=range(len(df)))
     return pd.util.hash_pandas_object(cells, index=False).to_numpy()
+
+
+def occurrences(hashes: np.ndarray) -> np.ndarray:
+    """Each row's count of earlier rows with its content hash."""
+    return pd.Series(hashes).groupby(hashes, sort=False).cumcount().to_numpy()
+
+
+def format_keys(hashes: np.ndarray, occurrence: np.ndarray) -> np.ndarray:
+    """`<content hash>-<occurrence>` as text."""
+    return (pd.Series(hashes).map("{:016x}".format) + "-" + pd.Series(occurrence).astype(str)).to_numpy()
 
 
 def row_keys(df: pd.DataFrame, columns: list[str]) -> pd.Series:
     """`<content hash>-<occurrence>` per row: unique within the frame, stable under appends."""
-    h = pd.Series(content_hash(df, columns), index=df.index)
-    occurrence = h.groupby(h, sort=False).cumcount()
-    return h.map("{:016x}".format) + "-" + occurrence.astype(str)
+    h = content_hash(df, columns)
+    return pd.Series(format_keys(h, occurrences(h)), index=df.index)
 
 
 def key_columns(schema: Schema, df: pd.DataFrame) -> list[str]:

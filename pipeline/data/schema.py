@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import DataParams
 from pipeline.data.keys import ROW_KEY
@@ -63,6 +64,28 @@ class Schema:
     def columns(self) -> list[str]:
         """Every column a raw file must have (a derived key is added by d2d, not read)."""
         return [*([] if self.derived_key else [self.id_column]), *self.feature_names, self.target]
+
+    def arrow_types(self, stage: str) -> dict[str, Any]:
+        """The Parquet column types every part of a data stage's output shares (batches of a
+        CSV may type a column differently). `raw`: the quarantine's raw values, as text;
+        `valid`: numbers as float64 (text was coerced); `clean`: the declared types."""
+        import pyarrow as pa
+
+        types: dict[str, Any] = {ROW_KEY: pa.string()} if self.derived_key else {}
+        if stage == "raw":
+            return types | {c: pa.string() for c in [*self.feature_names, self.target]}
+        for f in self.features:
+            if f.kind == "numeric":
+                types[f.name] = pa.int64() if stage == "clean" and f.numpy_dtype == "int64" else pa.float64()
+            elif f.dtype == "str":
+                types[f.name] = pa.string()
+        if self.regression:
+            types[self.target] = pa.float64()
+        elif all(isinstance(c, int) for c in self.classes):
+            types[self.target] = pa.int64()
+        elif all(isinstance(c, str) for c in self.classes):
+            types[self.target] = pa.string()
+        return types
 
     @property
     def id_label(self) -> str:

@@ -76,18 +76,21 @@ def leaked_ids(splits: Splits, features: list[str], id_column: str) -> list[str]
     return ids[_leak_mask(splits, features)].tolist()
 
 
-def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams, regression: bool = False) -> Splits:
-    """Cut `df` into train/val/test by the strategy and ratios in params. A regression target
-    is stratified by its deciles, so every split sees the whole range."""
-    strata = df[target]
+def assign(target: pd.Series, ids: pd.Series | None, params: SplitParams, regression: bool = False,
+           hashed: np.ndarray | None = None) -> np.ndarray:
+    """Each row's split (0/1/2 for train/val/test) by the strategy and ratios in params, over
+    the whole dataset's target column (and ids, for the hash strategy; or their buckets already
+    computed batch by batch, `hashed`). A regression target is stratified by its deciles, so
+    every split sees the whole range. Too few rows for a class or a split: a DataError."""
+    strata = target
     if regression:
-        strata = pd.qcut(df[target].rank(method="first"), q=min(10, max(1, len(df) // 20)), labels=False)
+        strata = pd.qcut(target.rank(method="first"), q=min(10, max(1, len(target) // 20)), labels=False)
     if params.strategy == "stratified":
         part = stratified_assignment(strata, params)
     elif params.strategy == "hash":
-        part = hash_assignment(df[id_column], params)
+        part = hashed if hashed is not None else hash_assignment(ids, params)
     else:
-        part = random_assignment(len(df), params)
+        part = random_assignment(len(target), params)
     if params.strategy == "stratified":
         counts = pd.crosstab(strata, part).reindex(columns=range(3), fill_value=0)
         short = counts[(counts == 0).any(axis=1)]
@@ -97,8 +100,20 @@ def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams, re
                 f"class {c} has {int(counts.loc[c].sum())} rows: too few to stratify into "
                 f"{params.train:g}/{params.val:g}/{params.test:g} (every split needs one)"
             )
-    splits = Splits(*(df[part == i].reset_index(drop=True) for i in range(3)))
-    empty = [name for name, size in splits.sizes().items() if size == 0]
+    sizes = np.bincount(part, minlength=3)
+    empty = [name for name, size in zip(SPLITS, sizes) if size == 0]
     if empty:
-        raise DataError(f"{len(df)} rows are too few to make the three splits ({', '.join(empty)} would be empty)")
-    return splits
+        raise DataError(f"{len(target)} rows are too few to make the three splits ({', '.join(empty)} would be empty)")
+    return part.astype("int8")
+
+
+def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams, regression: bool = False) -> Splits:
+    """Cut an in-memory `df` into train/val/test (see `assign`)."""
+    part = assign(df[target], df[id_column] if params.strategy == "hash" else None, params, regression)
+    return Splits(*(df[part == i].reset_index(drop=True) for i in range(3)))
+
+
+def leak_mask(hashes: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """Rows whose feature hash (`row_hashes` of the features) also occurs in another split."""
+    frame = pd.DataFrame({"h": hashes, "part": part})
+    return (frame.groupby("h")["part"].transform("nunique") > 1).to_numpy()
