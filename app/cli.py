@@ -456,7 +456,7 @@ def _raw_in_project(data: Path, root: Path) -> tuple[Path, str | None]:
 
 @app.command("init-params")
 def init_params(
-    data: Annotated[Path, typer.Option("--data", "-d", help="A CSV or Parquet file.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="A CSV or Parquet file, or a folder of CSV or Parquet parts.")],
     target: TargetOpt,
     id_column: IdOpt = None,
     image_shape: ShapeOpt = None,
@@ -503,7 +503,7 @@ def init_params(
 
 @schema_app.command("infer")
 def schema_infer(
-    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file.")],
+    data: Annotated[Path, typer.Argument(help="A CSV or Parquet file, or a folder of CSV or Parquet parts.")],
     target: TargetOpt,
     id_column: IdOpt = None,
     image_shape: ShapeOpt = None,

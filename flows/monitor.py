@@ -27,6 +27,7 @@ from flows.retry import retry_worthwhile, with_retries
 from flows.training import training_flow
 from pipeline import monitor
 from pipeline.config import Params, load_params
+from pipeline.data.keys import KnownRows
 from pipeline.data.schema import schema_from_params
 from pipeline.errors import DataError
 from pipeline.monitor import BatchDecision, BatchOutcome, Inspection, MonitorRun, Reference, Screened
@@ -55,7 +56,7 @@ def reference_task(params: Params, root: Path) -> Reference:
 
 @task(name="inspect-batch", retry_condition_fn=retry_worthwhile, cache_policy=NO_CACHE)
 def screen_and_inspect(batch: monitor.Batch, params: Params, reference: Reference,
-                       known_ids: set[str]) -> tuple[Screened, Inspection | None]:
+                       known_ids: KnownRows) -> tuple[Screened, Inspection | None]:
     """Validate the batch with the dataset's expectations, then measure its drift."""
     logger = get_run_logger()
     schema = schema_from_params(params.data)

@@ -36,6 +36,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, mod
 from pipeline import drift, lock, registry, scoring, stages
 from pipeline.config import Params
 from pipeline.data import io
+from pipeline.data.keys import KnownRows
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.errors import D2DError, DataError
 from pipeline.project import raw_path
@@ -298,7 +299,7 @@ def _labelled(batch: pd.DataFrame, schema: Schema) -> bool:
     return schema.target in batch.columns and bool(batch[schema.target].notna().any())
 
 
-def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids: set[str]) -> Screened:
+def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids: KnownRows) -> Screened:
     """The dataset's expectations on the batch, plus one the batch alone cannot show: its ids
     must be new to the dataset (a batch delivered twice under another name is not new data)."""
     from pipeline.data.keys import row_ids, with_row_key
@@ -321,7 +322,7 @@ def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids:
     ids = row_ids(batch, schema)
     valid_ids = set(row_ids(report.valid, schema))
     # only labelled rows can join the dataset, so only they must bring new ids
-    seen = ids.isin(known_ids) & ids.isin(valid_ids) & labelled
+    seen = known_ids.isin(ids) & ids.isin(valid_ids).to_numpy() & labelled
     quarantine = report.quarantine
     if seen.any():
         what = "the same row is" if schema.derived_key else f"{schema.id_column}"
@@ -475,18 +476,24 @@ def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: P
 
 
 def stage_append(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, Any]:
-    """Step 1 of appending: the raw file's next version, built beside it but not swapped in,
-    and what the ledger records before the swap (the intent). The version being replaced is
+    """Step 1 of appending: the raw file's next version (or, for a folder of parts, the new part
+    file), built beside it but not swapped in, and what the ledger records before the swap (the
+    intent). The version being replaced is
     first cached and pushed by DVC, so it stays restorable."""
     from pipeline import versioning
 
     raw = raw_path(params, root)
-    before = io.file_md5(raw)
+    before = io.dvc_md5(raw)
     recorded = io.dvc_recorded_md5(raw)
     pushed = versioning.push_tracked(raw, root) if recorded is not None and recorded == before else None
-    staged = io.staged_append(rows, raw)
-    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before, "md5_after": io.file_md5(staged),
-            "staged": staged.name, "tracked": recorded is not None, "pushed_before": pushed}
+    if raw.is_dir():  # a dataset folder gets a new part file: nothing already there is rewritten
+        staged, part = io.stage_part(rows, raw)
+        after = io.dvc_md5_with(raw, staged, part)
+    else:
+        staged, part = io.staged_append(rows, raw), None
+        after = io.file_md5(staged)
+    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before, "md5_after": after,
+            "staged": staged.name, "part": part, "tracked": recorded is not None, "pushed_before": pushed}
 
 
 def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[str, Any]:
@@ -495,9 +502,9 @@ def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[s
     from pipeline import versioning
 
     raw = raw_path(params, root)
-    current = io.file_md5(raw)
+    current = io.dvc_md5(raw)
     if current == intent["md5_before"]:
-        io.move(raw.with_name(intent["staged"]), raw)
+        io.move(raw.with_name(intent["staged"]), raw / intent["part"] if intent.get("part") else raw)
     elif current != intent["md5_after"]:
         raise D2DError(f"{raw} changed while a batch was being appended to it (md5 {current[:8]}, expected "
                        f"{intent['md5_before'][:8]} or {intent['md5_after'][:8]}); restore it with `dvc checkout` "
@@ -516,7 +523,7 @@ def append_abandoned(intent: dict[str, Any], params: Params, root: Path) -> bool
     """Whether a recorded append never happened and never can: the raw file is still the
     version before it, and the next version its run built is gone."""
     raw = raw_path(params, root)
-    return io.file_md5(raw) == intent["md5_before"] and not raw.with_name(intent["staged"]).is_file()
+    return io.dvc_md5(raw) == intent["md5_before"] and not raw.with_name(intent["staged"]).is_file()
 
 
 def discard_stale_stages(ledger: dict[str, Any], params: Params, root: Path) -> None:
@@ -549,12 +556,12 @@ def push_warnings(appended: dict[str, Any] | None, intent: dict[str, Any] | None
             for text in outcomes if text and push_failed(text)]
 
 
-def known_ids(params: Params, root: Path) -> set[str]:
-    """The identity of every row in the raw dataset: its id, or its derived row key."""
-    from pipeline.data.keys import row_ids
-
+def known_ids(params: Params, root: Path) -> KnownRows:
+    """The identity of every row in the raw dataset (its id, or its derived row key), from the
+    index kept beside the ledger: rebuilt in batches only when the raw files changed."""
     schema = schema_from_params(params.data)
-    return set(row_ids(io.read_table(raw_path(params, root)), schema))
+    return KnownRows.load(raw_path(params, root), schema, state_dir(params, root) / "row_keys.parquet",
+                          params.data.batch_rows)
 
 
 def retrain_mode(params: Params, api_url: str | None) -> str:

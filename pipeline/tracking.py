@@ -254,7 +254,7 @@ def log_dataset(path: Path, split: str, target: str, raw_path: str | None, raw_m
         warnings.simplefilter("ignore", UserWarning)
         columns = infer_signature(io.parquet_head(path, 100)).inputs
         source = resolve_dataset_source(raw_path or "unknown")
-    dataset = MetaDataset(source, name=f"{split}{version}", digest=io.file_md5(path)[:8], schema=columns)
+    dataset = MetaDataset(source, name=f"{split}{version}", digest=io.dvc_md5(path)[:8], schema=columns)
     mlflow.log_input(dataset, context=CONTEXTS.get(split, split),
                      tags={"rows": str(io.parquet_rows(path)), "target": target})
 

@@ -93,19 +93,44 @@ def read_table(path: Path) -> pd.DataFrame:
 SMALL_PARQUET = 64 << 20
 
 
-def read_dataset(path: Path, columns: list[str] | None = None) -> Any:
-    """A Parquet file (or a folder of Parquet parts) as a Ray Dataset of `columns`. A file of
-    at most SMALL_PARQUET bytes is read here and put in the object store; anything larger is
-    read lazily, in blocks, by Ray's tasks when something iterates it, never whole in this
-    process. Needs a running Ray (pipeline.ray_runtime)."""
+def read_dataset(path: Path | str, columns: list[str] | None = None) -> Any:
+    """A Parquet file (or a folder of Parquet parts; or a URI such as s3://, see `shared_copy`)
+    as a Ray Dataset of `columns`. A local file of at most SMALL_PARQUET bytes is read here and
+    put in the object store; anything larger is read lazily, in blocks, by Ray's tasks when
+    something iterates it, never whole in this process. Needs a running Ray (pipeline.ray_runtime)."""
     import pyarrow.parquet as pq
     import ray.data
 
+    if isinstance(path, str) and "://" in path:
+        return ray.data.read_parquet(path, columns=columns)
+    path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_file() and path.stat().st_size <= SMALL_PARQUET:
         return ray.data.from_arrow(pq.read_table(path, columns=columns))
     return ray.data.read_parquet(str(path.resolve()), columns=columns)
+
+
+def shared_copy(path: Path, storage: str) -> str:
+    """A copy of a dataset (file or folder) under `storage`, a folder every node of a cluster
+    sees or a URI pyarrow opens (s3://bucket/prefix, gs://...), where Ray Data's read tasks on
+    any node can read it: `<storage>/datasets/<md5>/<name>`. Named by the content's md5, it is
+    copied once per version; a marker written last tells a whole copy from an interrupted one."""
+    import pyarrow.fs as pafs
+
+    uri = "://" in storage
+    try:
+        fs, base = pafs.FileSystem.from_uri(storage if uri else str(Path(storage).resolve()))
+    except (ValueError, OSError, NotImplementedError) as e:  # pyarrow's errors subclass these
+        raise DataError(f"train.storage_path {storage!r} cannot be opened: {str(e).splitlines()[0]}") from None
+    folder = f"{base.rstrip('/')}/datasets/{dvc_md5(path).removesuffix('.dir')}"
+    target, marker = f"{folder}/{path.name}", f"{folder}/COMPLETE"
+    if fs.get_file_info(marker).type == pafs.FileType.NotFound:
+        fs.create_dir(folder)
+        pafs.copy_files(str(path.resolve()), target, destination_filesystem=fs)
+        with fs.open_output_stream(marker) as out:
+            out.write(b"")
+    return f"{storage.split('://')[0]}://{target}" if uri else target
 
 
 def parquet_parts(path: Path) -> list[Path]:
@@ -392,14 +417,64 @@ def write_batches(batches: Any, path: Path) -> int:
     return rows
 
 
+def _dvc_listing(folder: Path) -> list[dict[str, str]]:
+    return [{"md5": file_md5(p), "relpath": p.relative_to(folder).as_posix()} for p in folder.rglob("*") if p.is_file()]
+
+
+def _dir_md5(listing: list[dict[str, str]]) -> str:
+    entries = sorted(listing, key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
 def dvc_md5(path: Path) -> str:
     """The md5 DVC 3 records for a file or a folder: a folder's is the md5 of its sorted
     listing of (md5, relpath) as JSON, with the `.dir` suffix (dvc_data's Tree.digest)."""
-    if not path.is_dir():
-        return file_md5(path)
-    listing = sorted(({"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
-                      for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+    return _dir_md5(_dvc_listing(path)) if path.is_dir() else file_md5(path)
+
+
+def dvc_md5_with(folder: Path, extra: Path, name: str) -> str:
+    """The folder's DVC md5 once `extra` is moved into it as `name`."""
+    return _dir_md5([*_dvc_listing(folder), {"md5": file_md5(extra), "relpath": name}])
+
+
+def stage_part(rows: pd.DataFrame, folder: Path) -> tuple[Path, str]:
+    """A new part file of a dataset folder, written beside the folder (hidden, `.next`) for the
+    caller to move in, and the name it gets there: after every existing part in name order, so
+    readers see the new rows last. CSV parts take the first part's columns; Parquet parts its
+    column types where the rows fit them. The existing parts are never rewritten."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = data_parts(folder)
+    first, last = parts[0], parts[-1].relative_to(folder).parts[0]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"append-{stamp}{first.suffix}"
+    if name <= last:
+        name = "~" + name  # sorts after letters and digits
+    tmp = _beside(folder, ".next")
+    try:
+        if first.suffix == ".parquet":
+            table = pa.Table.from_pandas(rows, preserve_index=False)
+            try:
+                table = table.select(pq.read_schema(first).names).cast(pq.read_schema(first).remove_metadata())
+            except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # rows typed otherwise: kept as they are (readers take each part as it is)
+            pq.write_table(table, tmp)
+        else:
+            header = pd.read_csv(first, nrows=0, sep="\t" if first.suffix == ".tsv" else ",").columns.tolist()
+            missing = [c for c in header if c not in rows.columns]
+            if missing:
+                raise DataError(f"cannot append to {folder}: the new rows lack column(s) {', '.join(missing[:5])}")
+            rows[header].to_csv(tmp, index=False, lineterminator="\n", sep="\t" if first.suffix == ".tsv" else ",")
+        os.chmod(tmp, 0o666 & ~_umask())
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, name
 
 
 class PartsWriter:

@@ -12,7 +12,8 @@ reader typed it (5, 5.0 and "5" are one value; a null is a null whether NaN, Non
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -130,3 +131,79 @@ def row_ids(df: pd.DataFrame, schema: Schema) -> pd.Series:
     if schema.derived_key and ROW_KEY not in df.columns:
         return row_keys(df, key_columns(schema, df))
     return df[schema.id_column].astype(str)
+
+
+def identity_hashes(ids: pd.Series) -> np.ndarray:
+    """A 64-bit hash of each row identity's text (`row_ids`): what the known-row index holds."""
+    return pd.util.hash_pandas_object(ids.astype(str), index=False).to_numpy()
+
+
+class KnownRows:
+    """The identity of every row of a raw dataset, as sorted 64-bit hashes (8 bytes a row, not
+    the rows), kept in `index` beside the monitor's ledger with the size and mtime of each raw
+    file it was built from. It is rebuilt, in one pass of batches, whenever those differ: a
+    crash between an append and the index update costs a rebuild, never a wrong answer."""
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        self.hashes = np.unique(hashes)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def isin(self, ids: pd.Series) -> np.ndarray:
+        """Which of `ids` (row identities as `row_ids` gives them) the dataset already holds."""
+        h = identity_hashes(ids)
+        at = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
+        return (self.hashes[at] == h) if len(self.hashes) else np.zeros(len(h), dtype=bool)
+
+    @staticmethod
+    def stamp(raw: Path) -> list[list[Any]]:
+        from pipeline.data import io
+
+        return [[p.relative_to(raw).as_posix() if raw.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                for p in io.data_parts(raw)]
+
+    @classmethod
+    def build(cls, raw: Path, schema: Schema, rows: int) -> KnownRows:
+        """Every row's identity hash, from one pass of batches over the raw data."""
+        from pipeline.data import io
+
+        if not schema.derived_key:
+            return cls(np.concatenate([identity_hashes(b[schema.id_column])
+                                       for b in io.read_batches(raw, rows, [schema.id_column])] or [np.empty(0, "uint64")]))
+        # a derived key counts identical rows over the whole file: hashes first, keys after
+        content = np.concatenate([content_hash(b, key_columns(schema, b)) for b in io.read_batches(raw, rows, schema.columns)]
+                                 or [np.empty(0, "uint64")])
+        keys = format_keys(content, occurrences(content))
+        return cls(identity_hashes(pd.Series(keys)))
+
+    @classmethod
+    def load(cls, raw: Path, schema: Schema, index: Path, rows: int) -> KnownRows:
+        """The index at `index` when it matches the raw files; otherwise rebuilt and saved there."""
+        import json
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline.data import io
+
+        parts = cls.stamp(raw)
+        stamp = json.dumps(parts)
+        known = None
+        if index.is_file():
+            table = pq.read_table(index)
+            built = json.loads((table.schema.metadata or {}).get(b"d2d_raw", b"[]"))
+            if built == parts:
+                known = cls.__new__(cls)
+                known.hashes = table.column("hash").to_numpy()
+                return known
+            if raw.is_dir() and not schema.derived_key and built and built == parts[:len(built)]:
+                # only new part files since (the monitor's appends): read just those
+                new = [identity_hashes(b[schema.id_column]) for name, _, _ in parts[len(built):]
+                       for b in io.read_batches(raw / name, rows, [schema.id_column])]
+                known = cls(np.concatenate([table.column("hash").to_numpy(), *new]))
+        known = known if known is not None else cls.build(raw, schema, rows)
+        table = pa.table({"hash": known.hashes}).replace_schema_metadata({"d2d_raw": stamp})
+        with io.atomic(index, private=True) as tmp:
+            pq.write_table(table, tmp)
+        return known

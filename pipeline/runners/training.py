@@ -33,8 +33,11 @@ def train(params: Params, files: StageFiles) -> Trained:
     columns = [*input_columns(state), schema.target]
     pinned, init_state = _warm_start(params, files.root)
     with ray_session(params.train, cpus_needed=cpus_for_training(params)):
-        # lazy Ray Datasets: the workers stream them; this process never holds a split
-        train_data, val_data = (io.read_dataset(files[name], columns) for name in ("train", "val"))
+        # lazy Ray Datasets: the workers stream them; this process never holds a split. With
+        # train.storage_path, the splits are read from a copy there, which every node can reach.
+        storage = params.train.storage_path
+        train_data, val_data = (io.read_dataset(io.shared_copy(files[name], storage) if storage else files[name], columns)
+                                for name in ("train", "val"))
         rows = io.parquet_rows(files["train"]) + io.parquet_rows(files["val"])
         tuned, trials = _tune(params, train_data, val_data, schema, state, files["ray_storage"], rows)
         train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_params
+from pipeline.data import io
 from pipeline.data.io import file_md5
 from pipeline.runners.data import make_demo
 from tests.conftest import REPO
@@ -203,13 +204,16 @@ def test_dvc_repro_runs_every_stage_once(tmp_path, prefect_harness):
     # every stage's data round-trips through a DVC remote
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
     run(["dvc", "push", "-q"], root)
-    splits = {p: p.read_bytes() for p in sorted((root / "data/split").glob("[!.]*"))}
-    assert len(splits) == 4
-    for path in splits:
-        path.unlink()
+    def split_files() -> dict[Path, bytes]:  # the three splits are folders of Parquet parts
+        return {p: p.read_bytes() for p in sorted((root / "data/split").rglob("[!.]*")) if p.is_file()}
+
+    splits = split_files()
+    assert len(splits) == 4 and all((root / "data/split" / f"{s}.parquet").is_dir() for s in ("train", "val", "test"))
+    for path in sorted((root / "data/split").glob("[!.]*")):
+        io.remove(path)
     shutil.rmtree(root / ".dvc/cache")
     run(["dvc", "pull", "-q"], root)
-    assert {p: p.read_bytes() for p in sorted((root / "data/split").glob("[!.]*"))} == splits
+    assert split_files() == splits
 
     # an experiment on the data stages, from a Git commit, as DVC users run them
     run(["git", "add", "-A"], root)

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline import stages
 from pipeline.config import Params, load_params
 from pipeline.data import io
 from pipeline.errors import DataError
-from tests.conftest import REPO
+from tests.conftest import REPO, make_frame
 
 STAGES = ("validate", "clean", "split")
 
@@ -125,3 +127,67 @@ def test_dvc_md5_of_a_folder_is_what_dvc_records(tmp_path):
     odb = HashFileDB(fs, str(tmp_path / "cache"))
     _, meta, obj = build(odb, str(folder), fs, "md5")
     assert io.dvc_md5(folder) == obj.hash_info.value
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_the_monitor_appends_a_part_and_rewrites_nothing(tmp_path, monkeypatch, tiny_data_params, tiny_schema, suffix):
+    """A raw folder of parts grows by one new part per appended batch (issue 16, point 3): the
+    existing parts keep their bytes, the intent's md5 is the folder's md5 DVC will record, and
+    the known-row index reads only the new part."""
+    from pipeline import monitor
+    from pipeline.data.keys import KnownRows
+
+    folder = tmp_path / "data/raw/tiny"
+    folder.mkdir(parents=True)
+    frame = make_frame(tiny_schema, 40)
+    for i in (0, 1):
+        part = frame.iloc[20 * i:20 * (i + 1)]
+        part.to_csv(folder / f"part-{i}.csv", index=False) if suffix == ".csv" else part.to_parquet(
+            folder / f"part-{i}.parquet", index=False)
+    params = Params(data=tiny_data_params.model_copy(update={"raw": Path("data/raw/tiny")}),
+                    validate={"min_rows": 5, "data_docs": False}, train={"model": "mlp"})
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    known = monitor.known_ids(params, tmp_path)
+    assert len(known) == 40 and known.isin(pd.Series(["39", "40"])).tolist() == [True, False]
+
+    new = make_frame(tiny_schema, 5).assign(id=range(40, 45))
+    intent = monitor.stage_append(new, params, tmp_path)
+    assert set(folder.iterdir()) == set(before)  # staged beside the folder, not in it
+    done = monitor.install_append(intent, params, tmp_path)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    added = sorted(set(folder.iterdir()) - set(before))
+    assert len(added) == 1 and added[0].suffix == suffix and io.data_parts(folder)[-1] == added[0]
+    assert done["md5_after"] == io.dvc_md5(folder) != done["md5_before"]
+    assert io.read_table(folder)["id"].tolist() == list(range(45))
+    assert not monitor.append_abandoned(intent, params, tmp_path)
+
+    def no_rebuild(*_: object) -> KnownRows:
+        raise AssertionError("the index was rebuilt instead of extended")
+
+    monkeypatch.setattr(KnownRows, "build", classmethod(no_rebuild))
+    known = monitor.known_ids(params, tmp_path)
+    assert len(known) == 45 and known.isin(pd.Series(["44"])).all()
+
+
+NAMES = st.text(st.characters(whitelist_categories=("Ll", "Lu", "Nd"), whitelist_characters="-_. "), min_size=1,
+                max_size=12)
+SUFFIXES = st.sampled_from([".csv", ".parquet", ".tsv", ".txt", ".json", ""])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.tuples(NAMES, SUFFIXES, st.one_of(st.binary(max_size=200), st.just(b"id,x\n1,2\n"))),
+                      min_size=0, max_size=4))
+def test_any_folder_of_parts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path_factory, parts):
+    """Hostile raw folders (any names, any bytes, mixed formats, none at all): validate
+    answers with one line and exit 2, or validates; never a traceback."""
+    from tests.unit.test_cli import assert_one_line, main_in_process
+
+    root = tmp_path_factory.mktemp("parts")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    folder = root / "data/raw/parts"
+    folder.mkdir(parents=True)
+    for name, suffix, data in parts:
+        (folder / f"{name}{suffix}").write_bytes(data)
+    code, out, err = main_in_process(monkeypatch, capsys, root, "stage", "validate", "--set=data.raw=data/raw/parts",
+                                     "--set=validate.data_docs=false")
+    assert_one_line(code, out, err)

@@ -10,6 +10,7 @@ import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from app.cli import check_triggers
 from pipeline import monitor
 from pipeline.config import MonitorParams, Params, load_params
 from pipeline.data import io
+from pipeline.data.keys import KnownRows, identity_hashes
 from pipeline.drift import DriftReport, PerformanceDrift, PredictionDrift, retrain_decision
 from pipeline.errors import D2DError, DataError
 from tests.conftest import REPO, make_frame
@@ -130,7 +132,7 @@ def test_a_batch_without_the_target_is_checked_on_its_features(project, tiny_sch
     params, root = project
     batch = make_frame(tiny_schema, 20).assign(id=range(100, 120)).drop(columns="label")
     batch.loc[0, "f2"] = 50
-    screened = monitor.screen_batch(batch, tiny_schema, params, set())
+    screened = monitor.screen_batch(batch, tiny_schema, params, KnownRows(np.empty(0, "uint64")))
     assert not screened.labelled and not screened.rejected
     assert len(screened.valid) == 19 and "label" not in screened.valid and "label" not in screened.quarantine
 
@@ -138,7 +140,7 @@ def test_a_batch_without_the_target_is_checked_on_its_features(project, tiny_sch
 def test_a_batch_missing_a_feature_is_rejected_with_the_column_named(project, tiny_schema):
     params, _ = project
     batch = make_frame(tiny_schema, 20).drop(columns="f3")
-    screened = monitor.screen_batch(batch, tiny_schema, params, set())
+    screened = monitor.screen_batch(batch, tiny_schema, params, KnownRows(np.empty(0, "uint64")))
     assert "f3" in screened.rejected[0] and len(screened.quarantine) == 20
 
 
@@ -170,7 +172,7 @@ def test_the_inference_log_is_read_part_by_part_once_enough_rows_arrived(project
     assert batch.name == "inference-log" and len(batch.log_parts) == 2
     frame = monitor.read_batch(batch, tiny_schema)
     assert list(frame.columns) == ["id", *tiny_schema.feature_names] and frame["id"].is_unique  # requests repeat rows
-    screened = monitor.screen_batch(frame, tiny_schema, params, set(frame["id"].astype(str)))
+    screened = monitor.screen_batch(frame, tiny_schema, params, KnownRows(identity_hashes(frame["id"])))
     assert not screened.labelled and not screened.rejected and len(screened.valid) == 6  # unlabelled: ids not checked
     ledger["log_parts"] = list(batch.log_parts)
     assert monitor.pending_batches(params, root, ledger) == []
