@@ -166,8 +166,13 @@ def main() -> int:
     sets = ["--set", "train.epochs=1", "--set", "train.model=mlp", "--set", "validate.data_docs=false",
             "--set", f"train.num_workers={args.workers}",
             "--set", f"validate.max_rows={args.rows * 2}", "--set", "register.min_test_accuracy=0"]
-    timings = {"init-params": d2d(project, "init-params", "--data", str(raw.relative_to(project)), "--target", "label",
-                                  "--id", "id")}
+    # init-params reads what it is given whole: for a folder of parts, the first part (the
+    # schema's ranges are widened by 10%, so the other parts fit them), then data.raw is the folder
+    sample = raw if args.parts == 1 else sorted(raw.iterdir())[0]
+    if args.parts > 1:
+        sets += ["--set", f"data.raw={raw.relative_to(project)}"]
+    timings = {"init-params": d2d(project, "init-params", "--data", str(sample.relative_to(project)), "--target",
+                                  "label", "--id", "id")}
     peaks = {"init-params": sampler.stage_peaks()}
     for stage in ("validate", "clean", "split", "train", "evaluate", "register"):
         timings[stage] = d2d(project, "stage", stage, *sets)

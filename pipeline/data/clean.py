@@ -146,6 +146,8 @@ def coerce_types(df: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     for f in schema.features:
         if f.kind == "numeric":
             want = "int64" if f.dtype == "int" and not df[f.name].isna().any() else "float64"
+            if want == "float64" and df[f.name].dtype.kind == "f":
+                continue  # float32 data stays float32: a float64 copy doubles it for nothing
         elif f.dtype == "str":
             want = "string"
         else:

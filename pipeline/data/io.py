@@ -126,7 +126,7 @@ def shared_copy(path: Path, storage: str) -> str:
     folder = f"{base.rstrip('/')}/datasets/{dvc_md5(path).removesuffix('.dir')}"
     target, marker = f"{folder}/{path.name}", f"{folder}/COMPLETE"
     if fs.get_file_info(marker).type == pafs.FileType.NotFound:
-        fs.create_dir(folder)
+        fs.create_dir(target if path.is_dir() else folder)  # copy_files writes into an existing folder
         pafs.copy_files(str(path.resolve()), target, destination_filesystem=fs)
         with fs.open_output_stream(marker) as out:
             out.write(b"")

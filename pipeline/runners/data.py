@@ -71,6 +71,16 @@ def _progress(stage: str, rows: int, started: float, batch: int) -> None:
     print(f"{stage}: {rows:,} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)", file=sys.stderr, flush=True)
 
 
+def _types(schema: Schema, stage: str, head: pd.DataFrame) -> dict[str, Any]:
+    """The schema's column types for a stage's output (Schema.arrow_types), keeping float32
+    where the input holds float32: doubling the data on disk buys nothing."""
+    import pyarrow as pa
+
+    types = schema.arrow_types(stage)
+    return types | {name: pa.float32() for name, t in types.items()
+                    if t == pa.float64() and name in head.columns and head[name].dtype == "float32"}
+
+
 def _raw_identity(raw: Path, schema: Schema, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Before validation, one pass over what identifies rows: the hashes of ids that repeat
     anywhere in the dataset (GX's uniqueness rule sees one batch), or, with no id column, every
@@ -105,7 +115,7 @@ def validate(params: Params, files: StageFiles) -> Validated:
     if docs is None:
         io.write_text("<p>Data Docs are off (validate.data_docs: false).</p>\n", files["data_docs"] / "index.html")
     validator = Validator(schema, params.validate_, docs, repeats)
-    valid = io.PartsWriter(files["valid"], schema.arrow_types("valid"))
+    valid = io.PartsWriter(files["valid"], _types(schema, "valid", head))
     quarantine = io.PartsWriter(files["quarantine"], schema.arrow_types("raw"))
     keys = occurrences(hashes) if hashes is not None else None
     started, done = time.perf_counter(), 0
@@ -154,8 +164,9 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
         sample = io.parquet_sample(source, IQR_SAMPLE, seed=0, positions=True)
         bounds = outlier_bounds(iqr_rows(sample, schema, rules, repeats), schema, "iqr", rules.outliers.iqr_k)
     cleaner = Cleaner(schema, rules, repeats, bounds)
-    kept = io.PartsWriter(files["clean"], schema.arrow_types("clean"))
-    removed = io.PartsWriter(files["removed"], schema.arrow_types("clean"))
+    types = _types(schema, "clean", io.parquet_head(source, 1))
+    kept = io.PartsWriter(files["clean"], types)
+    removed = io.PartsWriter(files["removed"], types)
     started = time.perf_counter()
     try:
         for batch in io.read_batches(source, rows):
@@ -204,7 +215,8 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
     if not source.exists():
         raise DataError(f"{source} not found: run the stage that writes it first")
     part = _assignment(source, schema, params)
-    writers = {name: io.PartsWriter(files[name], schema.arrow_types("clean")) for name in SPLITS}
+    types = _types(schema, "clean", io.parquet_head(source, 1))
+    writers = {name: io.PartsWriter(files[name], types) for name in SPLITS}
     per_class: dict[str, pd.Series] = {name: pd.Series(dtype="int64") for name in SPLITS}
     hashes, done, started = [], 0, time.perf_counter()
     try:

@@ -119,6 +119,9 @@ def test_training_stage_as_a_ray_job_on_a_cluster(project, ray_cluster):
     report = io.read_json(project / "reports/train.json")
     assert report["epochs_run"] == 2 and (project / "models/model.pt").is_file()
     assert any(storage.glob("d2d-train-*/checkpoint_*")), "checkpoints go to train.storage_path"
+    # the splits the workers read are copies under train.storage_path, where every node sees them
+    staged = {p.name for p in storage.glob("datasets/*/*.parquet")}
+    assert staged == {"train.parquet", "val.parquet"} and len(list(storage.glob("datasets/*/COMPLETE"))) == 2
 
 
 def test_an_unreachable_cluster_is_a_clear_error(project):

@@ -191,3 +191,24 @@ def test_any_folder_of_parts_is_one_line_and_exit_2(monkeypatch, capsys, tmp_pat
     code, out, err = main_in_process(monkeypatch, capsys, root, "stage", "validate", "--set=data.raw=data/raw/parts",
                                      "--set=validate.data_docs=false")
     assert_one_line(code, out, err)
+
+
+def test_shared_copy_is_made_once_per_version(tmp_path):
+    """train.storage_path: a split folder is copied once per content md5; a copy without its
+    marker (interrupted) is made again. A local folder stands in for s3:// (no bucket here)."""
+    split = tmp_path / "train.parquet"
+    split.mkdir()
+    for i in range(2):
+        pd.DataFrame({"x": [i, i + 1]}).to_parquet(split / f"part-{i}.parquet")
+    storage = tmp_path / "shared"
+    target = Path(io.shared_copy(split, str(storage)))
+    assert target.parent.parent == storage / "datasets" and target.name == "train.parquet"
+    pd.testing.assert_frame_equal(io.read_table(target), io.read_table(split))
+    stamp = (target / "part-0.parquet").stat().st_mtime_ns
+    assert Path(io.shared_copy(split, str(storage))) == target
+    assert (target / "part-0.parquet").stat().st_mtime_ns == stamp  # not copied again
+    (target.parent / "COMPLETE").unlink()
+    (target / "part-1.parquet").unlink()
+    assert Path(io.shared_copy(split, str(storage))) == target and (target / "part-1.parquet").is_file()
+    pd.DataFrame({"x": [9]}).to_parquet(split / "part-2.parquet")  # a new version, a new copy
+    assert Path(io.shared_copy(split, str(storage))) != target
