@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -495,6 +496,10 @@ class PartsWriter:
         self._stage = staged_dir(path)
         self.folder = self._stage.__enter__()
         self._empty: pd.DataFrame | None = None
+        # Parquet encoding releases the GIL: parts are written on a thread while the caller
+        # works on the next batch (at most one part waits, so memory holds one more batch)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2d-parts")
+        self._pending: Future[None] | None = None
 
     def _table(self, frame: pd.DataFrame) -> Any:
         import pyarrow as pa
@@ -522,19 +527,33 @@ class PartsWriter:
                             f"{str(e).splitlines()[0]}") from None
 
     def write(self, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         if frame.empty:  # kept only for its columns, should no batch have rows
             self._empty = frame if self._empty is None else self._empty
             return
-        pq.write_table(self._table(frame), self.folder / f"part-{self.parts:05d}.parquet")
+        table = self._table(frame)
+        # No dictionary for floats: measured continuous values rarely repeat, and trying one
+        # before falling back made the write 4x slower (1.5 s against 0.4 s for 500,000 x 64)
+        keep = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+        self._wait()
+        self._pending = self._pool.submit(pq.write_table, table, self.folder / f"part-{self.parts:05d}.parquet",
+                                          use_dictionary=keep)
         self.parts += 1
         self.rows += len(frame)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a failed write raises here
 
     def commit(self) -> Path:
         """Install the folder at `path` (replacing what was there)."""
         import pyarrow.parquet as pq
 
+        self._wait()
+        self._pool.shutdown()
         if self.parts == 0:
             empty = self._empty if self._empty is not None else pd.DataFrame()
             pq.write_table(self._table(empty), self.folder / "part-00000.parquet")
@@ -543,4 +562,15 @@ class PartsWriter:
 
     def discard(self) -> None:
         """Drop what was written; `path` stays as it was."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def prefetched(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """`batches`, with the next one read on a thread while the caller works on this one (file
+    reads and Parquet decoding release the GIL); an error in the reader is raised here."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2d-read") as pool:
+        ahead = pool.submit(next, batches, None)
+        while (batch := ahead.result()) is not None:
+            ahead = pool.submit(next, batches, None)
+            yield batch

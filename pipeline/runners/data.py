@@ -120,7 +120,7 @@ def validate(params: Params, files: StageFiles) -> Validated:
     keys = occurrences(hashes) if hashes is not None else None
     started, done = time.perf_counter(), 0
     try:
-        for batch in io.read_batches(raw, rows):
+        for batch in io.prefetched(io.read_batches(raw, rows)):
             if keys is not None:  # the derived key, counted over the whole dataset
                 batch = batch.assign(**{ROW_KEY: format_keys(hashes[done:done + len(batch)], keys[done:done + len(batch)])})
             ok, bad = validator.check(batch)
@@ -169,7 +169,7 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
     removed = io.PartsWriter(files["removed"], types)
     started = time.perf_counter()
     try:
-        for batch in io.read_batches(source, rows):
+        for batch in io.prefetched(io.read_batches(source, rows)):
             good, gone = cleaner.apply(batch)
             kept.write(good)
             removed.write(gone)
@@ -220,7 +220,7 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
     per_class: dict[str, pd.Series] = {name: pd.Series(dtype="int64") for name in SPLITS}
     hashes, done, started = [], 0, time.perf_counter()
     try:
-        for batch in io.read_batches(source, rows):
+        for batch in io.prefetched(io.read_batches(source, rows)):
             where = part[done:done + len(batch)]
             hashes.append(row_hashes(batch, schema.feature_names))
             for i, name in enumerate(SPLITS):
