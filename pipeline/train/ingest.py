@@ -94,10 +94,17 @@ class ShardedIngest(DataConfig):
         return shards
 
 
+# Object-store bytes Ray Data may hold in flight while it streams the splits to the workers.
+# Unbounded, it filled its share of the store at 20M rows (9.5 GiB used on this 24 GB
+# machine); a few blocks per worker keep the workers fed.
+INGEST_OBJECT_STORE = 1 << 30
+
+
 def ingest_config() -> ShardedIngest:
     """Shards in a fixed order: with one worker and a seed, every run sees the same batches."""
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
+    options.resource_limits = options.resource_limits.copy(object_store_memory=INGEST_OBJECT_STORE)
     return ShardedIngest(execution_options=options)
 
 
