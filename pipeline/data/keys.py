@@ -133,6 +133,15 @@ def row_ids(df: pd.DataFrame, schema: Schema) -> pd.Series:
     return df[schema.id_column].astype(str)
 
 
+def dataset_content_hashes(raw: Path, schema: Schema, rows: int) -> np.ndarray:
+    """Every row's content hash over a whole dataset, read in batches: a derived key counts
+    identical rows over the whole file, so the hashes come first and the keys after."""
+    from pipeline.data import io
+
+    return np.concatenate([content_hash(b, key_columns(schema, b)) for b in io.read_batches(raw, rows, schema.columns)]
+                          or [np.empty(0, "uint64")])
+
+
 def identity_hashes(ids: pd.Series) -> np.ndarray:
     """A 64-bit hash of each row identity's text (`row_ids`): what the known-row index holds."""
     return pd.util.hash_pandas_object(ids.astype(str), index=False).to_numpy()
@@ -171,9 +180,7 @@ class KnownRows:
         if not schema.derived_key:
             return cls(np.concatenate([identity_hashes(b[schema.id_column])
                                        for b in io.read_batches(raw, rows, [schema.id_column])] or [np.empty(0, "uint64")]))
-        # a derived key counts identical rows over the whole file: hashes first, keys after
-        content = np.concatenate([content_hash(b, key_columns(schema, b)) for b in io.read_batches(raw, rows, schema.columns)]
-                                 or [np.empty(0, "uint64")])
+        content = dataset_content_hashes(raw, schema, rows)
         keys = format_keys(content, occurrences(content))
         return cls(identity_hashes(pd.Series(keys)))
 

@@ -85,12 +85,11 @@ def _raw_identity(raw: Path, schema: Schema, rows: int) -> tuple[np.ndarray, np.
     """Before validation, one pass over what identifies rows: the hashes of ids that repeat
     anywhere in the dataset (GX's uniqueness rule sees one batch), or, with no id column, every
     row's content hash, from which its derived key's occurrence number is counted."""
-    from pipeline.data.keys import content_hash, key_columns
+    from pipeline.data.keys import dataset_content_hashes
     from pipeline.data.validate import id_hashes, repeated
 
     if schema.derived_key:
-        hashes = [content_hash(b, key_columns(schema, b)) for b in io.read_batches(raw, rows, schema.columns)]
-        return np.empty(0, dtype="uint64"), np.concatenate(hashes) if hashes else np.empty(0, dtype="uint64")
+        return np.empty(0, dtype="uint64"), dataset_content_hashes(raw, schema, rows)
     ids = [id_hashes(b[schema.id_column]) for b in io.read_batches(raw, rows, [schema.id_column])]
     return repeated(np.concatenate(ids) if ids else np.empty(0, dtype="uint64")), None
 
