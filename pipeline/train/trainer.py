@@ -143,7 +143,7 @@ def make_trainer(config: dict, datasets: dict, params: TrainParams, storage: str
         train_loop_per_worker,
         train_loop_config=config,
         datasets=datasets,
-        dataset_config=ingest_config(),
+        dataset_config=ingest_config(params),
         torch_config=TorchConfig(backend="nccl" if params.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=params.num_workers,

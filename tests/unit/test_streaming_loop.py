@@ -198,3 +198,15 @@ def test_a_fetch_is_whole_batches_within_the_shuffle_buffer(batch, buffer, expec
     from pipeline.train.loop import fetch_rows
 
     assert fetch_rows(batch, buffer) == expected
+
+
+def test_ingest_memory_bounds_ray_datas_object_store_share():
+    """train.ingest_memory_mb reaches Ray Data's execution options; null leaves its own limit."""
+    from pipeline.train.ingest import ingest_config
+
+    capped = ingest_config(TrainParams(ingest_memory_mb=256))._user_execution_options
+    assert capped.resource_limits.object_store_memory == 256 << 20 and capped.preserve_order
+    free = ingest_config(TrainParams())._user_execution_options
+    assert free.resource_limits.object_store_memory != 256 << 20
+    with pytest.raises(ValueError, match="ingest_memory_mb"):
+        TrainParams(ingest_memory_mb=1)
