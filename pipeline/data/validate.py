@@ -221,7 +221,8 @@ def row_failures(result: Any, not_number: pd.DataFrame, not_unique: np.ndarray, 
         return pd.DataFrame(columns=[REASON, EXPECTATIONS], dtype=str)
     every = pd.concat(failures)
     # a repeat GX found in the batch is also a cross-batch repeat: name each rule once per row
-    every = every[~pd.Series(every.index, index=every.index).to_frame().assign(r=every[REASON]).duplicated().to_numpy()]
+    pairs = pd.DataFrame({"row": every.index.to_numpy(), REASON: every[REASON].to_numpy()})
+    every = every[~pairs.duplicated().to_numpy()]
     return every.groupby(level=0).agg("; ".join)
 
 
