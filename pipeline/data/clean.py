@@ -73,25 +73,26 @@ def _drop_repeats(df: pd.DataFrame, of: np.ndarray, ids: dict[int, Any], templat
     return _split_off(df, hit, reason)
 
 
+def _drop_later(df: pd.DataFrame, cols: list[str], schema: Schema, template: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Within one frame: rows whose values in `cols` repeat an earlier row's, each naming it."""
+    first = first_of(row_hashes(df, cols))
+    of = np.where(first != np.arange(len(df)), first, -1)
+    return _drop_repeats(df, of, dict(enumerate(df[schema.id_column].tolist())), template)
+
+
 def drop_duplicates(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows whose features and label repeat an earlier row's; the first one is kept.
 
     The id is left out of the comparison: a re-ingested record gets a new id but is the
     same example, and counting it twice would leak it across splits.
     """
-    first = first_of(row_hashes(df, [*schema.feature_names, schema.target]))
-    of = np.where(first != np.arange(len(df)), first, -1)
-    ids = dict(enumerate(df[schema.id_column].tolist()))
-    return _drop_repeats(df, of, ids, f"duplicate of {schema.id_label} {{}}")
+    return _drop_later(df, [*schema.feature_names, schema.target], schema, f"duplicate of {schema.id_label} {{}}")
 
 
 def drop_conflicting_labels(df: pd.DataFrame, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows whose features repeat an earlier row's under another label: the same input in two
     splits with two answers is leakage and noise, so only the first is kept."""
-    first = first_of(row_hashes(df, schema.feature_names))
-    of = np.where(first != np.arange(len(df)), first, -1)
-    ids = dict(enumerate(df[schema.id_column].tolist()))
-    return _drop_repeats(df, of, ids, f"same features as {schema.id_label} {{}} with another label")
+    return _drop_later(df, schema.feature_names, schema, f"same features as {schema.id_label} {{}} with another label")
 
 
 def drop_missing(df: pd.DataFrame, schema: Schema, missing: MissingParams) -> tuple[pd.DataFrame, pd.DataFrame]:

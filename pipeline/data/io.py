@@ -172,8 +172,7 @@ def parquet_sample(path: Path, rows: int, seed: int = 0, positions: bool = False
 
     total = parquet_rows(path)
     if total <= rows:
-        whole = pd.concat(list(parquet_batches(path)), ignore_index=True) if total else parquet_head(path, 1)
-        return whole
+        return pd.concat(list(parquet_batches(path)), ignore_index=True) if total else parquet_head(path, 1)
     keep = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
     frames, start = [], 0
     for batch in parquet_batches(path):
