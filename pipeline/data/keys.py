@@ -172,14 +172,19 @@ class KnownRows:
         return [[p.relative_to(raw).as_posix() if raw.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
                 for p in io.data_parts(raw)]
 
+    @staticmethod
+    def _id_hashes(paths: list[Path], schema: Schema, rows: int) -> np.ndarray:
+        """The identity hashes of every row of these files or folders, read by the id column only."""
+        from pipeline.data import io
+
+        return np.concatenate([identity_hashes(b[schema.id_column]) for path in paths
+                               for b in io.read_batches(path, rows, [schema.id_column])] or [np.empty(0, "uint64")])
+
     @classmethod
     def build(cls, raw: Path, schema: Schema, rows: int) -> KnownRows:
         """Every row's identity hash, from one pass of batches over the raw data."""
-        from pipeline.data import io
-
         if not schema.derived_key:
-            return cls(np.concatenate([identity_hashes(b[schema.id_column])
-                                       for b in io.read_batches(raw, rows, [schema.id_column])] or [np.empty(0, "uint64")]))
+            return cls(cls._id_hashes([raw], schema, rows))
         content = dataset_content_hashes(raw, schema, rows)
         keys = format_keys(content, occurrences(content))
         return cls(identity_hashes(pd.Series(keys)))
@@ -206,9 +211,8 @@ class KnownRows:
                 return known
             if raw.is_dir() and not schema.derived_key and built and built == parts[:len(built)]:
                 # only new part files since (the monitor's appends): read just those
-                new = [identity_hashes(b[schema.id_column]) for name, _, _ in parts[len(built):]
-                       for b in io.read_batches(raw / name, rows, [schema.id_column])]
-                known = cls(np.concatenate([table.column("hash").to_numpy(), *new]))
+                new = cls._id_hashes([raw / name for name, _, _ in parts[len(built):]], schema, rows)
+                known = cls(np.concatenate([table.column("hash").to_numpy(), new]))
         known = known if known is not None else cls.build(raw, schema, rows)
         table = pa.table({"hash": known.hashes}).replace_schema_metadata({"d2d_raw": stamp})
         with io.atomic(index, private=True) as tmp:
