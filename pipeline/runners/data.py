@@ -202,6 +202,18 @@ def _assignment(source: Path, schema: Schema, params: Params) -> np.ndarray:
     return assign(target, None, split, schema.regression, np.concatenate(buckets) if hashed else None)
 
 
+def _first_ids(source: Path, schema: Schema, rows: int, positions: np.ndarray) -> list[str]:
+    """The ids at a few sorted row positions, read batch by batch (the error names them)."""
+    found, start = [], 0
+    for b in io.read_batches(source, rows, [schema.id_column]):
+        here = positions[(positions >= start) & (positions < start + len(b))] - start
+        found += b[schema.id_column].astype(str).to_numpy()[here].tolist()
+        start += len(b)
+        if len(found) == len(positions):
+            break
+    return found
+
+
 def split(params: Params, files: StageFiles) -> SplitSizes:
     """Split batch by batch into three Parquet datasets, check for leakage over every row's
     feature hash, and fit the preprocessing on (a bounded sample of) the train split only."""
@@ -232,11 +244,9 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
             _progress("split", done, started, rows)
         leaked = leak_mask(np.concatenate(hashes) if hashes else np.empty(0, dtype="uint64"), part)
         if leaked.any():
-            ids = pd.concat([b[schema.id_column].astype(str) for b in io.read_batches(source, rows, [schema.id_column])],
-                            ignore_index=True)[leaked]
             raise DataError(
                 f"{int(leaked.sum())} rows share their exact features with a row in another split ({schema.id_label} "
-                f"{', '.join(ids.head(3))}, ...); set clean.drop_duplicates: true so identical examples are removed "
+                f"{', '.join(_first_ids(source, schema, rows, np.flatnonzero(leaked)[:3]))}, ...); set clean.drop_duplicates: true so identical examples are removed "
                 "before splitting"
             )
         for w in writers.values():

@@ -212,3 +212,15 @@ def test_shared_copy_is_made_once_per_version(tmp_path):
     assert Path(io.shared_copy(split, str(storage))) == target and (target / "part-1.parquet").is_file()
     pd.DataFrame({"x": [9]}).to_parquet(split / "part-2.parquet")  # a new version, a new copy
     assert Path(io.shared_copy(split, str(storage))) != target
+
+
+def test_leakage_across_batches_fails_the_split_and_names_the_rows(tmp_path):
+    """Duplicates kept (clean.drop_duplicates: false) land in two splits: the split stage
+    fails naming the first leaked rows' ids, and writes no split."""
+    raw = demo_raw(tmp_path)
+    root, params = project(tmp_path / "p", raw, "data.batch_rows=400", "clean.drop_duplicates=false")
+    stages.run("validate", params, root)
+    stages.run("clean", params, root)
+    with pytest.raises(DataError, match=r"rows share their exact features with a row in another split \(id \d+, \d+, \d+, \.\.\.\)"):
+        stages.run("split", params, root)
+    assert not any(stages.path(name, root).exists() for name in ("train", "val", "test"))
