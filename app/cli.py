@@ -429,7 +429,7 @@ ShapeOpt = Annotated[str | None, typer.Option("--image-shape", help="C,H,W when 
 
 def _infer(data: Path, target: str, id_column: str | None, image_shape: str | None) -> tuple[dict[str, Any], list[str]]:
     from pipeline.data import io
-    from pipeline.data.infer import infer_schema
+    from pipeline.data.infer import infer_batches
 
     shape = None
     if image_shape:
@@ -437,7 +437,7 @@ def _infer(data: Path, target: str, id_column: str | None, image_shape: str | No
             shape = [int(v) for v in image_shape.split(",")]
         except ValueError:
             raise D2DError(f"--image-shape {image_shape!r}: expected C,H,W such as 1,8,8") from None
-    return infer_schema(io.read_table(data), target, id_column, shape)
+    return infer_batches(io.read_batches(data), target, id_column, shape)
 
 
 def _raw_in_project(data: Path, root: Path) -> tuple[Path, str | None]:

@@ -149,7 +149,9 @@ def main() -> int:
     ap.add_argument("--parts", type=int, default=1, help="Parquet files the raw data is written as (1: one file)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/data-plane"))
     ap.add_argument("--keep", action="store_true", help="keep the project folder afterwards")
-    ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (the bare loop gets as many threads)")
+    ap.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    ap.add_argument("--cpus-per-worker", type=int, default=1,
+                    help="torch threads per worker (the bare loop gets workers × this many threads)")
     args = ap.parse_args()
 
     project = args.workdir
@@ -164,7 +166,7 @@ def main() -> int:
     sampler = Sampler()
     threading.Thread(target=sampler.run, daemon=True).start()
     sets = ["--set", "train.epochs=1", "--set", "train.model=mlp", "--set", "validate.data_docs=false",
-            "--set", f"train.num_workers={args.workers}",
+            "--set", f"train.num_workers={args.workers}", "--set", f"train.cpus_per_worker={args.cpus_per_worker}",
             "--set", f"validate.max_rows={args.rows * 2}", "--set", "register.min_test_accuracy=0"]
     # init-params reads what it is given whole: for a folder of parts, the first part (the
     # schema's ranges are widened by 10%, so the other parts fit them), then data.raw is the folder

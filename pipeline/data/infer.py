@@ -8,6 +8,8 @@ import json
 import math
 import re
 from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,19 +34,6 @@ def _listed(columns: Any) -> str:
     return shown + (f" and {len(columns) - 8} more" if len(columns) > 8 else "")
 
 
-def _find_id(df: pd.DataFrame, target: str, id_column: str | None) -> str | None:
-    """The id column named, or one found by name; None when the data has none (most files):
-    then d2d derives a stable row key itself (pipeline.data.keys)."""
-    if id_column is not None:
-        if id_column not in df.columns:
-            raise DataError(f"id column {_shown(id_column)} is not in the file (columns: {_listed(df.columns)})")
-        return id_column
-    for col in df.columns:
-        if col != target and _id_like(col) and df[col].notna().all() and df[col].is_unique:
-            return col
-    return None
-
-
 def _id_like(col: Any) -> bool:
     name = str(col).lower()
     return name in ID_NAMES or name.endswith("_id")
@@ -53,11 +42,10 @@ def _id_like(col: Any) -> bool:
 FLOAT_MAX = float(np.finfo("float64").max)
 
 
-def numeric_range(x: pd.Series, integral: bool) -> tuple[Any, Any]:
+def numeric_range(lo: float, hi: float, integral: bool) -> tuple[Any, Any]:
     """The observed range widened by RANGE_MARGIN, as params write it: finite, and strictly
     wider than the data even where a margin of 1 is below the spacing of floats (beyond
     2**53) or the widened bound overflows (near 1.8e308)."""
-    lo, hi = float(x.min()), float(x.max())
     margin = (hi - lo) * RANGE_MARGIN or 1.0
     new_lo = max(min(lo - margin, float(np.nextafter(lo, -np.inf))), -FLOAT_MAX)
     new_hi = min(max(hi + margin, float(np.nextafter(hi, np.inf))), FLOAT_MAX)
@@ -81,65 +69,194 @@ def _scalar(v: Any) -> Any:
     return v
 
 
+# The distinct values kept per column while inferring batch by batch: beyond this a text column
+# is free text and a target is not a set of classes, whatever the exact count.
+DISTINCT_CAP = 100_000
+
+
+@dataclass
+class ColumnTally:
+    """What inferring one column needs, summed over the batches of a dataset: the answer is the
+    same as for the whole column read at once (`infer_column`), and memory holds at most
+    DISTINCT_CAP distinct values."""
+
+    kinds: set[str] = field(default_factory=set)  # numpy dtype kinds of the batches
+    nulls: int = 0
+    values: int = 0  # non-null values
+    numbers: int = 0  # non-null values that read as numbers
+    finite: int = 0
+    lo: float = math.inf
+    hi: float = -math.inf
+    whole: bool = True  # every finite number is a whole number
+    distinct: set[str] = field(default_factory=set)  # the values as text
+    overflow: bool = False  # more than DISTINCT_CAP distinct values
+
+    def add(self, col: pd.Series) -> ColumnTally:
+        kind = col.dtype.kind
+        self.kinds.add(kind)
+        values = col.dropna()
+        self.nulls += len(col) - len(values)
+        self.values += len(values)
+        if values.empty or kind in "mM":
+            return self
+        if kind == "b":  # True/False are categories, not 1/0
+            values = values.astype("string")
+        numbers = pd.to_numeric(values, errors="coerce") if kind not in "iuf" else values
+        numbers = numbers.dropna().astype("float64").to_numpy()
+        self.numbers += len(numbers)
+        numbers = numbers[np.isfinite(numbers)]  # an infinity is a bad value, not the range
+        if len(numbers):
+            self.finite += len(numbers)
+            self.lo, self.hi = min(self.lo, float(numbers.min())), max(self.hi, float(numbers.max()))
+            self.whole = self.whole and bool((numbers == np.floor(numbers)).all())
+        if not self.overflow:
+            # A numeric batch's distinct values matter only where a later batch turns the column
+            # to text; a continuous column overflows in its first batch, and then costs nothing.
+            self.distinct.update(pd.Series(values.unique()[: DISTINCT_CAP + 1]).astype("string"))
+            if len(self.distinct) > DISTINCT_CAP:
+                self.overflow, self.distinct = True, set()
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The dtype kind pandas gives the whole column: integer, float, or otherwise object-like."""
+        if self.kinds <= set("iu"):
+            return "i"
+        if self.kinds <= set("iuf"):
+            return "f"
+        return next(iter(self.kinds)) if len(self.kinds) == 1 else "O"
+
+    def spec(self, name: str) -> tuple[dict[str, Any] | None, str]:
+        """A feature spec for the column, or None with the reason it is left out."""
+        nullable = self.nulls > 0
+        kind = self.kind
+        if not self.values:
+            return None, "every value is null"
+        if kind in "mM":
+            return None, "dates are not supported as features yet"
+        if kind in "if" or self.numbers >= NUMERIC_SHARE * self.values:
+            if not self.finite:
+                return None, "no finite numbers"
+            # "int" only where pandas reads integers (or would, but for the nulls): the served
+            # model's signature must match what a CSV reader produces, and MLflow will not cast
+            # float64 "59.0" to int64.
+            integral = kind == "i" or (self.whole and nullable and kind == "f")
+            lo, hi = numeric_range(self.lo, self.hi, integral)
+            spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": lo, "max": hi}
+        else:
+            if self.overflow or len(self.distinct) > MAX_CATEGORIES:
+                count = f"more than {DISTINCT_CAP:,}" if self.overflow else len(self.distinct)
+                return None, f"{count} distinct text values: free text or an identifier"
+            spec = {"name": name, "kind": "categorical", "dtype": "str", "values": sorted(self.distinct)}
+        if nullable:
+            spec["nullable"] = True
+        return spec, ""
+
+
 def infer_column(name: str, col: pd.Series) -> tuple[dict[str, Any] | None, str]:
     """A feature spec for one column, or None with the reason it is left out."""
-    nullable = bool(col.isna().any())
-    values = col.dropna()
-    if values.empty:
-        return None, "every value is null"
-    if col.dtype.kind in "mM":
-        return None, "dates are not supported as features yet"
-    if col.dtype.kind == "b":
-        col, values = col.astype("string"), values.astype("string")
-    numbers = pd.to_numeric(values, errors="coerce") if col.dtype.kind not in "biuf" else values
-    if col.dtype.kind in "iuf" or numbers.notna().mean() >= NUMERIC_SHARE:
-        numbers = numbers.dropna().astype("float64")
-        numbers = numbers[np.isfinite(numbers)]  # an infinity is a bad value, not the range
-        if numbers.empty:
-            return None, "no finite numbers"
-        # "int" only where pandas reads integers (or would, but for the nulls): the served
-        # model's signature must match what a CSV reader produces, and MLflow will not cast
-        # float64 "59.0" to int64.
-        whole = bool((numbers == np.floor(numbers)).all())
-        integral = col.dtype.kind in "iu" or (whole and nullable and col.dtype.kind == "f")
-        lo, hi = numeric_range(numbers, integral)
-        spec = {"name": name, "kind": "numeric", "dtype": "int" if integral else "float", "min": lo, "max": hi}
-    else:
-        distinct = values.astype("string").unique()
-        if len(distinct) > MAX_CATEGORIES:
-            return None, f"{len(distinct)} distinct text values: free text or an identifier"
-        spec = {"name": name, "kind": "categorical", "dtype": "str", "values": sorted(str(v) for v in distinct)}
-    if nullable:
-        spec["nullable"] = True
-    return spec, ""
+    return ColumnTally().add(col).spec(name)
+
+
+@dataclass
+class TargetTally:
+    """What inferring the task needs from the target, summed over batches."""
+
+    kinds: set[str] = field(default_factory=set)
+    first: Any = None  # the first non-null value, to name a single class
+    distinct: set[Any] = field(default_factory=set)
+    overflow: bool = False
+    infinite: int = 0
+    whole: bool = True
+
+    def add(self, y: pd.Series) -> None:
+        values = y.dropna()
+        if values.empty:
+            return
+        self.kinds.add(values.dtype.kind)
+        if self.first is None:
+            self.first = values.iloc[0]
+        if values.dtype.kind in "iuf":
+            numbers = values.to_numpy(dtype="float64")
+            self.infinite += int((~np.isfinite(numbers)).sum())
+            self.whole = self.whole and bool((numbers == np.floor(numbers)).all())
+        if not self.overflow:
+            self.distinct.update(values.unique()[: DISTINCT_CAP + 1])
+            if len(self.distinct) > DISTINCT_CAP:
+                self.overflow, self.distinct = True, set()
+
+    def task(self, name: Any) -> tuple[str, list[Any] | None]:
+        """Classification for text or up to 20 distinct integers; regression for other numbers."""
+        if not self.overflow and len(self.distinct) < 2:
+            raise DataError(f"target {_shown(name)} has a single class "
+                            f"({_shown(self.first) if self.first is not None else 'all null'}): nothing to learn")
+        numeric = bool(self.kinds) and self.kinds <= set("iuf")
+        if numeric and self.infinite:
+            raise DataError(f"target {_shown(name)} holds {self.infinite} infinite value(s): "
+                            "neither a class nor a number to learn")
+        integral = numeric and self.whole
+        if numeric and not (integral and not self.overflow and len(self.distinct) <= 20):
+            return "regression", None
+        if self.overflow:
+            raise DataError(f"target {_shown(name)} has more than {DISTINCT_CAP:,} distinct text values: "
+                            "too many to be classes")
+        return "classification", sorted({_scalar(v) for v in self.distinct}, key=lambda v: (isinstance(v, str), v))
 
 
 def infer_task(y: pd.Series) -> tuple[str, list[Any] | None]:
     """Classification for text or up to 20 distinct integers; regression for other numbers."""
-    values = y.dropna()
-    if values.nunique() < 2:
-        raise DataError(f"target {_shown(y.name)} has a single class ({_shown(values.iloc[0]) if len(values) else 'all null'}): nothing to learn")
-    numeric = values.dtype.kind in "iuf"
-    if numeric and not np.isfinite(values).all():
-        raise DataError(f"target {_shown(y.name)} holds {int((~np.isfinite(values)).sum())} infinite value(s): "
-                        "neither a class nor a number to learn")
-    integral = numeric and bool((values == np.floor(values)).all())
-    if numeric and not (integral and values.nunique() <= 20):
-        return "regression", None
-    classes = sorted({_scalar(v) for v in values}, key=lambda v: (isinstance(v, str), v))
-    return "classification", classes
+    tally = TargetTally()
+    tally.add(y)
+    return tally.task(y.name)
 
 
-def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, image_shape: list[int] | None = None) -> tuple[dict[str, Any], list[str]]:
-    """The `data` section of params.yaml for `df`, and notes on columns left out."""
-    if df.empty:
+@dataclass
+class IdTally:
+    """Whether a column could be the row id: present in every row, and unique (by 64-bit
+    hashes of its values across batches)."""
+
+    nulls: int = 0
+    hashes: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, col: pd.Series) -> None:
+        self.nulls += int(col.isna().sum())
+        self.hashes.append(pd.util.hash_pandas_object(col, index=False).to_numpy())
+
+    def unique(self) -> bool:
+        hashes = np.concatenate(self.hashes) if self.hashes else np.empty(0, "uint64")
+        return self.nulls == 0 and len(np.unique(hashes)) == len(hashes)
+
+
+def infer_batches(batches: Iterable[pd.DataFrame], target: str, id_column: str | None = None,
+                  image_shape: list[int] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The `data` section of params.yaml for a dataset read as batches (one batch in memory at
+    a time), and notes on columns left out: the same answer as for the whole frame at once."""
+    columns: list[Any] | None = None
+    rows = 0
+    tallies: dict[Any, ColumnTally] = {}
+    target_tally = TargetTally()
+    ids: dict[Any, IdTally] = {}
+    for df in batches:
+        if columns is None:
+            columns = list(df.columns)
+            if target not in columns:
+                raise DataError(f"target column {_shown(target)} is not in the file (columns: {_listed(columns)})")
+            if id_column is not None and id_column not in columns:
+                raise DataError(f"id column {_shown(id_column)} is not in the file (columns: {_listed(columns)})")
+            tallies = {c: ColumnTally() for c in columns if c not in (target, id_column)}
+            ids = {c: IdTally() for c in tallies if id_column is None and _id_like(c)}
+        rows += len(df)
+        target_tally.add(df[target])
+        for name, tally in tallies.items():
+            tally.add(df[name])
+        for name, tally in ids.items():
+            tally.add(df[name])
+    if not rows or columns is None:
         raise DataError("the file has no rows")
-    if target not in df.columns:
-        raise DataError(f"target column {_shown(target)} is not in the file (columns: {_listed(df.columns)})")
-    id_col = _find_id(df, target, id_column)
-    task, classes = infer_task(df[target])
+    id_col = id_column if id_column is not None else next((c for c, t in ids.items() if t.unique()), None)
+    task, classes = target_tally.task(target)
     features, notes = [], []
-    for name in df.columns:
+    for name in columns:
         if name in (target, id_col):
             continue
         if str(name) == ROW_KEY:
@@ -148,7 +265,7 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
         if id_col is None and _id_like(name):
             notes.append(f"{_shown(name)[1:-1]}: left out (named like an id, but its values are not unique and present in every row)")
             continue
-        spec, why = infer_column(str(name), df[name])
+        spec, why = tallies[name].spec(str(name))
         if spec is None:
             notes.append(f"{_shown(name)[1:-1]}: left out ({why})")
         else:
@@ -161,6 +278,11 @@ def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, im
             raise DataError(f"--image-shape {image_shape} needs {int(np.prod(image_shape))} numeric features; found {len(features)}")
         data["image_shape"] = list(image_shape)
     return data, notes
+
+
+def infer_schema(df: pd.DataFrame, target: str, id_column: str | None = None, image_shape: list[int] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The `data` section of params.yaml for `df`, and notes on columns left out."""
+    return infer_batches([df], target, id_column, image_shape)
 
 
 # Every stage's defaults with their comments. Static text: nothing from the user's file is

@@ -115,6 +115,93 @@ def test_an_inferred_range_is_finite_and_strictly_wider_than_the_data(values, in
     whose max was not above their min."""
     from pipeline.data.infer import numeric_range
 
-    lo, hi = numeric_range(pd.Series(values), integral)
+    lo, hi = numeric_range(min(values), max(values), integral)
     assert math.isfinite(lo) and math.isfinite(hi) and lo < hi
     assert lo <= min(values) and hi >= max(values)
+
+
+def _cells(kind: str):
+    from hypothesis import strategies as st
+
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    return {
+        "int": st.integers(-1000, 1000),
+        "float": floats,
+        "text": st.sampled_from(["a", "b", "c", None]),
+        "mixed": st.one_of(st.integers(0, 3), st.sampled_from(["x", "y", None])),
+        "bool": st.booleans(),
+        "free": st.text(max_size=4),
+    }[kind]
+
+
+def _frames():
+    """Frames of every column kind inference meets, with nulls, infinities, ids that may repeat
+    and a target that may hold one class, text or numbers."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        rows = draw(st.integers(1, 40))
+        columns = {f"c_{k}": draw(st.lists(_cells(k), min_size=rows, max_size=rows))
+                   for k in draw(st.lists(st.sampled_from(["int", "float", "text", "mixed", "bool", "free"]),
+                                          min_size=1, max_size=6, unique=True))}
+        ids: list = list(draw(st.permutations(range(rows))))  # unique, until one is repeated or missing
+        ids[draw(st.integers(0, rows - 1))] = draw(st.sampled_from([ids[0], None, rows]))
+        columns["row_id"] = ids
+        columns["y"] = draw(st.lists(st.one_of(st.sampled_from(["p", "q"]), st.integers(0, 30), st.floats(0, 1)),
+                                     min_size=rows, max_size=rows))
+        df = pd.DataFrame(columns)
+        return df.astype({"y": draw(st.sampled_from(["object", "str"]))}) if df["y"].map(type).nunique() > 1 else df
+    return build()
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except DataError as e:
+        return str(e)
+
+
+from hypothesis import given, settings  # noqa: E402  (kept beside the test it serves)
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(df=_frames(), cuts=st.lists(st.integers(1, 39), max_size=4))
+def test_inferring_batch_by_batch_gives_the_whole_frame_answer(df, cuts):
+    """init-params reads a dataset in batches, so memory holds one at a time: the params it
+    infers are the ones the whole frame read at once gives, errors included."""
+    from pipeline.data.infer import infer_batches
+
+    edges = sorted({0, len(df), *(c for c in cuts if c < len(df))})
+    batches = [df.iloc[a:b] for a, b in zip(edges, edges[1:])]
+    assert _outcome(lambda: infer_batches(batches, "y")) == _outcome(lambda: infer_schema(df, "y"))
+
+
+def test_batches_that_read_as_numbers_then_text_make_a_text_column(tmp_path):
+    """A CSV read in chunks: a column all numbers in one chunk and text in the next is what a
+    whole read makes it, one text column with every value."""
+    from pipeline.data import io
+    from pipeline.data.infer import infer_batches
+
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"code": ["1", "2", "1", "2", "a", "b"], "x": [1.5, 2, 3, 4, 5, 6], "y": [0, 1] * 3}).to_csv(path, index=False)
+    whole = infer_schema(io.read_table(path), "y")
+    chunked = infer_batches(io.read_batches(path, rows=2), "y")
+    assert chunked == whole
+    assert {f["name"]: f for f in chunked[0]["features"]}["code"]["values"] == ["1", "2", "a", "b"]
+
+
+def test_init_params_reads_a_folder_of_parts_in_batches(tmp_path, monkeypatch):
+    """The whole folder is never read at once: the ranges cover every part."""
+    from pipeline.data import io
+    from pipeline.data.infer import infer_batches
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for i in range(3):
+        pd.DataFrame({"x": [i * 10.0, i * 10.0 + 1], "y": [0, 1]}).to_parquet(folder / f"part-{i}.parquet")
+    monkeypatch.setattr(io, "read_table", lambda *_: pytest.fail("read the dataset whole"))
+    data, _ = infer_batches(io.read_batches(folder, rows=1), "y")
+    x = data["features"][0]
+    assert x["min"] <= 0 and x["max"] >= 21 and data["classes"] == [0, 1]
