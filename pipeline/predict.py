@@ -136,7 +136,7 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
             scored.write_parquet(str(folder))
         # counted from what was written: the row count from the footers, the errors from one column
         rows = io.parquet_rows(output)
-        errors = sum(int((batch["error"].fillna("") != "").sum()) for batch in io.parquet_batches(output, ["error"]))
+        errors = sum(int((batch["error"].fillna("") != "").sum()) for batch in io.read_batches(output, io.SCORE_ROWS, ["error"]))
         return rows, errors
     batches = counted(scored.iter_batches(batch_format="pandas", batch_size=None))
     if output.suffix == ".parquet":  # a dataset folder of one part, written through this process

@@ -152,7 +152,7 @@ def _rescore(model_uri: str, version: str, test: Path, schema: Schema, sample_ro
     from pipeline.tracking import unreachable
 
     try:
-        return {"version": version, "metrics": scoring.score_model(model_uri, io.parquet_batches(test), schema,
+        return {"version": version, "metrics": scoring.score_model(model_uri, io.read_batches(test, io.SCORE_ROWS), schema,
                                                                    sample_rows)}
     except (MlflowException, KeyError, ValueError, TypeError) as e:
         if unreachable(e):  # an outage is not a champion that cannot score: fail, retry later

@@ -134,34 +134,21 @@ def shared_copy(path: Path, storage: str) -> str:
     return f"{storage.split('://')[0]}://{target}" if uri else target
 
 
-def parquet_parts(path: Path) -> list[Path]:
-    """A Parquet file, or the part files of a Parquet dataset folder in name order (the order
-    Ray Data and Spark number them in)."""
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
-    return [path]
-
-
-def parquet_batches(path: Path, columns: list[str] | None = None, rows: int = 65_536) -> Iterator[pd.DataFrame]:
-    """A Parquet file or folder of parts as frames of up to `rows` rows, in order: memory holds one batch."""
-    import pyarrow.parquet as pq
-
-    for part in parquet_parts(path):
-        with pq.ParquetFile(part) as f:
-            for batch in f.iter_batches(batch_size=rows, columns=columns):
-                yield batch.to_pandas()
+# Rows per batch where each batch is scored or sampled: small enough that a model's outputs
+# and a batch's copies stay small beside the data.
+SCORE_ROWS = 65_536
 
 
 def parquet_head(path: Path, rows: int) -> pd.DataFrame:
     """The first `rows` rows of a Parquet file, reading no more than the batch they are in."""
-    return next(parquet_batches(path, rows=rows), pd.DataFrame())
+    return next(read_batches(path, rows), pd.DataFrame())
 
 
 def parquet_rows(path: Path) -> int:
     """Rows in a Parquet file or folder of parts, from their footers."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(part).metadata.num_rows for part in parquet_parts(path))
+    return sum(pq.ParquetFile(part).metadata.num_rows for part in data_parts(path))
 
 
 def parquet_sample(path: Path, rows: int, seed: int = 0, positions: bool = False) -> pd.DataFrame:
@@ -172,10 +159,10 @@ def parquet_sample(path: Path, rows: int, seed: int = 0, positions: bool = False
 
     total = parquet_rows(path)
     if total <= rows:
-        return pd.concat(list(parquet_batches(path)), ignore_index=True) if total else parquet_head(path, 1)
+        return pd.concat(list(read_batches(path, SCORE_ROWS)), ignore_index=True) if total else parquet_head(path, 1)
     keep = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
     frames, start = [], 0
-    for batch in parquet_batches(path):
+    for batch in read_batches(path, SCORE_ROWS):
         lo, hi = np.searchsorted(keep, [start, start + len(batch)])
         if hi > lo:
             frames.append(batch.iloc[keep[lo:hi] - start].set_axis(keep[lo:hi]))

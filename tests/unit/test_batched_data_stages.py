@@ -63,7 +63,7 @@ def test_batches_give_what_one_batch_gives(tmp_path):
         left, right = table(stages.path(name, whole)), table(stages.path(name, batched))
         pd.testing.assert_frame_equal(left, right, check_dtype=True)
         assert stages.path(name, batched).is_dir()
-    assert len(io.parquet_parts(stages.path("valid", batched))) > 3  # one part per batch
+    assert len(io.data_parts(stages.path("valid", batched))) > 3  # one part per batch
     for report in ("validate_report", "clean_report", "split_report"):
         assert io.read_json(stages.path(report, whole)) == io.read_json(stages.path(report, batched))
     assert io.read_json(stages.path("preprocess", whole)) == io.read_json(stages.path("preprocess", batched))

@@ -229,7 +229,7 @@ def test_a_staged_folder_replaces_the_old_one_only_when_written(tmp_path):
         pd.DataFrame({"a": [3]}).to_parquet(folder / "part-0.parquet")
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
     assert io.parquet_rows(target) == 3
-    assert pd.concat(io.parquet_batches(target))["a"].tolist() == [3, 1, 2]  # parts in name order
+    assert pd.concat(io.read_batches(target))["a"].tolist() == [3, 1, 2]  # parts in name order
 
 
 def test_the_file_that_ships_in_the_model_imports_and_fits_without_d2d(tmp_path):
