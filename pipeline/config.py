@@ -114,6 +114,10 @@ class ValidateParams(_Section):
     max_non_numeric_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     # GX Data Docs (HTML) for every run; it takes a few seconds on large data.
     data_docs: bool = True
+    # Where the GX checks run: in this process (local), or on Ray actors, one raw part file
+    # each at a time, with a GX context per actor (ray); auto: ray when a Ray cluster is
+    # configured (train.ray_address or RAY_ADDRESS), else local.
+    engine: Literal["auto", "local", "ray"] = "auto"
 
 
 Imputation = Literal["drop", "median", "most_frequent", "constant"]

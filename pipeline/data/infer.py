@@ -295,6 +295,7 @@ validate:
   max_rows: null
   max_non_numeric_fraction: 0.5      # a numeric column with more text than this fails the dataset
   data_docs: true                    # GX Data Docs at reports/data_docs/index.html
+  engine: auto                       # local (this process) | ray (actors check the raw parts side by side) | auto: ray on a configured cluster
 
 clean:
   drop_duplicates: true              # also drops identical features under another label

@@ -281,6 +281,18 @@ class Tally:
     def rows_quarantined(self) -> int:
         return self.rows_in - self.rows_valid
 
+    def merge(self, other: Tally) -> Tally:
+        """The totals of two disjoint parts of a dataset (checked in separate processes)."""
+        self.rows_in += other.rows_in
+        self.rows_valid += other.rows_valid
+        self.not_number = self.not_number.add(other.not_number, fill_value=0).astype("int64")
+        for reason, n in other.rules.items():
+            self.rules[reason] = self.rules.get(reason, 0) + n
+        self.expectations_failed |= other.expectations_failed
+        self.table_failures.update(other.table_failures)
+        self.labels |= other.labels
+        return self
+
 
 def row_count_reason(rows: int, params: ValidateParams) -> str | None:
     """The dataset-level row count rule, in GX's words (expect_table_row_count_to_be_between)."""
@@ -319,9 +331,10 @@ class Validator:
         self.runner = SuiteRunner(schema, docs_dir)
         self.tally = Tally()
 
-    def check(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """One batch's valid rows (numbers coerced) and quarantined rows (raw values, reasons)."""
-        first = self.tally.rows_in
+    def check(self, df: pd.DataFrame, first: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """One batch's valid rows (numbers coerced) and quarantined rows (raw values, reasons);
+        `first`, the batch's first row in the dataset (Data Docs name pages by their rows)."""
+        first = self.tally.rows_in if first is None else first
         df = with_identity(df, self.schema)
         coerced, not_number = coerce_numeric(df, self.schema)
         result = self.runner.run(coerced, f"rows {first}-{first + len(df) - 1}")
@@ -337,27 +350,35 @@ class Validator:
         self.tally.add(result, not_number, per_row, valid, self.schema)
         return valid, quarantine
 
+    @property
+    def expectations(self) -> int:
+        return len(self.runner.suite.expectations)
+
     def summary(self) -> tuple[Gate, dict[str, Any]]:
         """The gate and the report, once every batch is checked."""
-        t = self.tally
-        if t.rows_in == 0:
-            raise DataError("the dataset has no rows")
-        gate = validation_gate(t, self.schema, self.params)
-        rules = t.rules | {f"{c} is not a number": int(n) for c, n in t.not_number.items() if n}
-        if row_count_reason(t.rows_in, self.params):
-            rules["row count outside validate.min_rows/max_rows"] = 0
-        summary = {
-            "rows_in": t.rows_in,
-            "rows_valid": t.rows_valid,
-            "rows_quarantined": t.rows_quarantined,
-            "bad_row_fraction": round(t.rows_quarantined / t.rows_in, 6),
-            "expectations": len(self.runner.suite.expectations) + 2,  # + the row count and numeric types
-            "expectations_failed": len(t.expectations_failed) + bool(row_count_reason(t.rows_in, self.params)),
-            "failed_rules": rules,
-            "passed": gate.passed,
-            "reasons": gate.reasons,
-        }
-        return gate, summary
+        return dataset_summary(self.tally, self.expectations, self.schema, self.params)
+
+
+def dataset_summary(t: Tally, expectations: int, schema: Schema, params: ValidateParams) -> tuple[Gate, dict[str, Any]]:
+    """The gate and the report from a dataset's totals; `expectations`, the suite's size."""
+    if t.rows_in == 0:
+        raise DataError("the dataset has no rows")
+    gate = validation_gate(t, schema, params)
+    rules = t.rules | {f"{c} is not a number": int(n) for c, n in t.not_number.items() if n}
+    if row_count_reason(t.rows_in, params):
+        rules["row count outside validate.min_rows/max_rows"] = 0
+    summary = {
+        "rows_in": t.rows_in,
+        "rows_valid": t.rows_valid,
+        "rows_quarantined": t.rows_quarantined,
+        "bad_row_fraction": round(t.rows_quarantined / t.rows_in, 6),
+        "expectations": expectations + 2,  # + the row count and numeric types
+        "expectations_failed": len(t.expectations_failed) + bool(row_count_reason(t.rows_in, params)),
+        "failed_rules": rules,
+        "passed": gate.passed,
+        "reasons": gate.reasons,
+    }
+    return gate, summary
 
 
 def validate(df: pd.DataFrame, schema: Schema, params: ValidateParams, docs_dir: Path | None = None) -> ValidationReport:

@@ -94,11 +94,23 @@ def _raw_identity(raw: Path, schema: Schema, rows: int) -> tuple[np.ndarray, np.
     return repeated(np.concatenate(ids) if ids else np.empty(0, dtype="uint64")), None
 
 
+def validate_engine(params: Params) -> str:
+    """Where the GX checks run: validate.engine, with auto meaning ray when a cluster is configured."""
+    import os
+
+    engine = params.validate_.engine
+    if engine == "auto":
+        return "ray" if params.train.ray_address or os.environ.get("RAY_ADDRESS") else "local"
+    return engine
+
+
 def validate(params: Params, files: StageFiles) -> Validated:
     """The raw data, batch by batch through one GX suite: valid rows and quarantined rows (with
-    reasons) written as they come, the gate decided on the exact totals."""
-    from pipeline.data.keys import format_keys, occurrences
-    from pipeline.data.validate import Validator, require_columns
+    reasons) written as they come, the gate decided on the exact totals. On Ray
+    (`validate_engine`), actors check the raw part files side by side and the driver adds up
+    their totals."""
+    from pipeline.data.keys import occurrences
+    from pipeline.data.validate import Validator, dataset_summary, require_columns
 
     raw = files[RAW]
     version = read_data_version(raw, params.data.raw)
@@ -113,21 +125,19 @@ def validate(params: Params, files: StageFiles) -> Validated:
     io.fresh_dir(files["data_docs"])
     if docs is None:
         io.write_text("<p>Data Docs are off (validate.data_docs: false).</p>\n", files["data_docs"] / "index.html")
-    validator = Validator(schema, params.validate_, docs, repeats)
-    valid = io.PartsWriter(files["valid"], _types(schema, "valid", head))
-    quarantine = io.PartsWriter(files["quarantine"], schema.arrow_types("raw"))
     keys = occurrences(hashes) if hashes is not None else None
-    started, done = time.perf_counter(), 0
+    # With Ray, the driver's writers only own the folders: the actors write the parts into them.
+    on_ray = validate_engine(params) == "ray"
+    valid = io.PartsWriter(files["valid"], _types(schema, "valid", head), keep_empty=not on_ray)
+    quarantine = io.PartsWriter(files["quarantine"], schema.arrow_types("raw"), keep_empty=not on_ray)
     try:
-        for batch in io.prefetched(io.read_batches(raw, rows)):
-            if keys is not None:  # the derived key, counted over the whole dataset
-                batch = batch.assign(**{ROW_KEY: format_keys(hashes[done:done + len(batch)], keys[done:done + len(batch)])})
-            ok, bad = validator.check(batch)
-            valid.write(ok)
-            quarantine.write(bad)
-            done += len(batch)
-            _progress("validate", done, started, rows)
-        gate, report = validator.summary()
+        if on_ray:
+            tally, expectations = _check_on_ray(raw, schema, params, docs, repeats, (hashes, keys), valid, quarantine)
+        else:
+            validator = Validator(schema, params.validate_, docs, repeats)
+            _check_batches(validator, io.read_batches(raw, rows), 0, (hashes, keys), valid, quarantine, rows)
+            tally, expectations = validator.tally, validator.expectations
+        gate, report = dataset_summary(tally, expectations, schema, params.validate_)
         quarantine.commit()
         summary = {**report, "data_md5": version.md5, "data_path": version.path}
         if docs:
@@ -140,6 +150,112 @@ def validate(params: Params, files: StageFiles) -> Validated:
         valid.discard()
         quarantine.discard()
     return Validated.from_report(summary)
+
+
+def _check_batches(validator: Any, batches: Any, first: int, identity: tuple[np.ndarray | None, np.ndarray | None],
+                   valid: io.PartsWriter, quarantine: io.PartsWriter, rows: int) -> None:
+    """Batches that start at row `first` of the dataset through the validator, into the
+    writers; `identity`, these rows' content hashes and occurrences (counted over the whole
+    dataset) when d2d derives the row key."""
+    from pipeline.data.keys import format_keys
+
+    hashes, keys = identity
+    started, done = time.perf_counter(), 0
+    for batch in io.prefetched(batches):
+        if hashes is not None and keys is not None:
+            batch = batch.assign(**{ROW_KEY: format_keys(hashes[done:done + len(batch)], keys[done:done + len(batch)])})
+        ok, bad = validator.check(batch, first + done)
+        valid.write(ok)
+        quarantine.write(bad)
+        done += len(batch)
+        _progress("validate", done, started, rows)
+
+
+class PartChecker:
+    """A Ray actor's work for the validate stage: one Validator (one GX context and suite,
+    built once per actor) checking whole raw part files, writing their valid and quarantined
+    rows into the driver's folders as parts named by the part file they come from."""
+
+    def __init__(self, schema: Schema, params: Params, docs: Path | None, repeats: np.ndarray) -> None:
+        from pipeline.data.validate import Validator
+
+        self.params = params
+        self.validator = Validator(schema, params.validate_, docs, repeats)
+
+    def check(self, index: int, part: Path, first: int, identity: tuple[np.ndarray | None, np.ndarray | None],
+              folders: tuple[Path, Path], types: tuple[dict[str, Any], dict[str, Any]]) -> int:
+        rows = self.params.data.batch_rows
+        # names sort as the parts do, so the outputs keep the raw data's row order
+        writers = [io.PartsWriter(folder, kinds, into=folder, prefix=f"p{index:05d}-", keep_empty=index == 0)
+                   for folder, kinds in zip(folders, types)]
+        try:
+            _check_batches(self.validator, io.read_batches(part, rows), first, identity, *writers, rows)
+            for w in writers:
+                w.commit()
+        finally:
+            for w in writers:
+                w.discard()
+        return index
+
+    def tally(self) -> Any:
+        return self.validator.tally
+
+    def expectations(self) -> int:
+        return self.validator.expectations
+
+
+def _part_rows(part: Path, rows: int) -> int:
+    """A part file's rows: a Parquet footer, or a count over a CSV's first column."""
+    if part.suffix == ".parquet":
+        return io.parquet_rows(part)
+    head = next(io.read_batches(part, 1), None)
+    columns = [] if head is None else [head.columns[0]]
+    return sum(len(b) for b in io.read_batches(part, rows, columns or None))
+
+
+def _check_on_ray(raw: Path, schema: Schema, params: Params, docs: Path | None, repeats: np.ndarray,
+                  identity: tuple[np.ndarray | None, np.ndarray | None], valid: io.PartsWriter,
+                  quarantine: io.PartsWriter) -> tuple[Any, int]:
+    """The raw part files checked by Ray actors side by side (one CPU each, as many as the
+    cluster has CPUs for, at most one per part), with their totals added up. The folders
+    must be where every node sees them (a shared path), as data.raw must be."""
+    import ray
+    from ray.util import ActorPool
+
+    from pipeline.ray_runtime import ray_session
+
+    parts = io.data_parts(raw)
+    sizes = [_part_rows(p, params.data.batch_rows) for p in parts]
+    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    hashes, keys = identity
+    with ray_session(params.train, cpus_needed=1):
+        count = max(1, min(len(parts), int(ray.available_resources().get("CPU", 1))))
+        actor = ray.remote(num_cpus=1)(PartChecker)
+        # each actor writes its Data Docs site in its own folder; index.html links them
+        sites = [docs / f"worker-{i}" if docs else None for i in range(count)]
+        actors = [actor.remote(schema, params, site, repeats) for site in sites]
+        folders, types = (valid.folder, quarantine.folder), (valid.types, quarantine.types)
+        jobs = []
+        for i, (part, first, size) in enumerate(zip(parts, firsts, sizes)):
+            ids = (None, None) if hashes is None or keys is None else (hashes[first:first + size], keys[first:first + size])
+            jobs.append((i, part, first, (ids[0], ids[1]), folders, types))
+        try:
+            for done, _ in enumerate(ActorPool(actors).map_unordered(lambda a, job: a.check.remote(*job), jobs), 1):
+                print(f"validate: {done}/{len(parts)} part file(s) checked on Ray", file=sys.stderr, flush=True)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, DataError):  # bad data found on an actor: its one line, not a remote traceback
+                raise DataError(str(e.cause)) from None
+            raise
+        tallies = ray.get([a.tally.remote() for a in actors])
+        expectations = ray.get(actors[0].expectations.remote())
+    total = tallies[0]
+    for t in tallies[1:]:
+        total.merge(t)
+    if docs:
+        links = "".join(f'<li><a href="worker-{i}/index.html">worker {i}</a></li>' for i in range(count))
+        io.write_text(f"<h1>Data Docs</h1><p>The raw parts were checked by {count} Ray actor(s), each with its "
+                      f"own site:</p><ul>{links}</ul>\n", docs / "index.html")
+    return total, expectations
 
 
 def clean(params: Params, files: StageFiles) -> Cleaned:

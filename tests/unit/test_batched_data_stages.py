@@ -224,3 +224,51 @@ def test_leakage_across_batches_fails_the_split_and_names_the_rows(tmp_path):
     with pytest.raises(DataError, match=r"rows share their exact features with a row in another split \(id \d+, \d+, \d+, \.\.\.\)"):
         stages.run("split", params, root)
     assert not any(stages.path(name, root).exists() for name in ("train", "val", "test"))
+
+
+def _parts(root: Path, raw: pd.DataFrame, rows: int) -> None:
+    folder = root / "data/raw/parts"
+    folder.mkdir(parents=True)
+    for i, start in enumerate(range(0, len(raw), rows)):
+        io.write_csv(raw.iloc[start:start + rows], folder / f"part-{i}.csv")
+
+
+def test_validate_on_ray_actors_gives_what_one_process_gives(tmp_path):
+    """validate.engine=ray (what auto picks on a cluster): Ray actors on a local Ray instance,
+    one GX context each, check the raw part files side by side; the valid rows, the quarantine
+    with its reasons (an id repeated across parts included), the derived keys and the report
+    are the one process's, in the same order."""
+    raw = demo_raw(tmp_path)
+    sets = ("data.raw=data/raw/parts", "data.batch_rows=300")
+    local, p_local = project(tmp_path / "local", None, *sets, "validate.engine=local")
+    on_ray, p_ray = project(tmp_path / "ray", None, *sets, "validate.engine=ray", "validate.data_docs=true")
+    for root in (local, on_ray):
+        _parts(root, raw, 450)
+    from dataclasses import replace
+
+    ran = stages.run("validate", p_local, local), stages.run("validate", p_ray, on_ray)
+    assert ran[0] == replace(ran[1], data_docs=None)
+    for name in ("valid", "quarantine"):
+        pd.testing.assert_frame_equal(io.read_table(stages.path(name, local)), io.read_table(stages.path(name, on_ray)))
+    left, right = (io.read_json(stages.path("validate_report", r)) for r in (local, on_ray))
+    assert left == {k: v for k, v in right.items() if k != "data_docs"}
+    quarantine = io.read_table(stages.path("quarantine", on_ray))
+    assert (quarantine["id"] == raw.loc[5, "id"]).sum() == 2  # rows 5 and 1200: parts 0 and 2
+    index = (stages.path("data_docs", on_ray) / "index.html").read_text()
+    assert "worker-0/index.html" in index and (stages.path("data_docs", on_ray) / "worker-0" / "index.html").exists()
+
+
+def test_validate_on_ray_counts_derived_keys_over_the_whole_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.integers(0, 3, 300), "b": rng.integers(0, 3, 300), "y": rng.integers(0, 2, 300)})
+    sets = ["data.id_column=null", "data.target=y", "data.classes=[0,1]", "data.image_shape=null",
+            "data.features=[{name: a, kind: numeric, dtype: int}, {name: b, kind: numeric, dtype: int}]",
+            "data.raw=data/raw/parts", "train.model=mlp", "preprocess.scale=standard", "data.batch_rows=40"]
+    local, p_local = project(tmp_path / "local", None, *sets, "validate.engine=local")
+    on_ray, p_ray = project(tmp_path / "ray", None, *sets, "validate.engine=ray")
+    for root in (local, on_ray):
+        _parts(root, df, 70)
+    stages.run("validate", p_local, local)
+    stages.run("validate", p_ray, on_ray)
+    keys = [io.read_table(stages.path("valid", r))["_d2d_row_key"] for r in (local, on_ray)]
+    assert keys[0].tolist() == keys[1].tolist() and keys[1].is_unique
