@@ -72,13 +72,21 @@ def test_batches_give_what_one_batch_gives(tmp_path):
     assert len(repeated) == 2 and repeated["reason"].str.contains("id is not unique").all()
 
 
+# Two integer features and a label, no id column: many rows repeat, so derived keys count them.
+NO_ID = ["data.id_column=null", "data.target=y", "data.classes=[0,1]", "data.image_shape=null",
+         "data.features=[{name: a, kind: numeric, dtype: int}, {name: b, kind: numeric, dtype: int}]",
+         "train.model=mlp", "preprocess.scale=standard"]
+
+
+def no_id_rows() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"a": rng.integers(0, 3, 300), "b": rng.integers(0, 3, 300), "y": rng.integers(0, 2, 300)})
+
+
 def test_derived_keys_count_repeats_across_batches(tmp_path):
     """With no id column, a row's key numbers the identical rows before it in the whole file."""
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame({"a": rng.integers(0, 3, 300), "b": rng.integers(0, 3, 300), "y": rng.integers(0, 2, 300)})
-    sets = ["data.id_column=null", "data.target=y", "data.classes=[0,1]", "data.image_shape=null",
-            "data.features=[{name: a, kind: numeric, dtype: int}, {name: b, kind: numeric, dtype: int}]",
-            "data.raw=data/raw/rows.csv", "clean.drop_duplicates=false", "train.model=mlp", "preprocess.scale=standard"]
+    df = no_id_rows()
+    sets = [*NO_ID, "data.raw=data/raw/rows.csv", "clean.drop_duplicates=false"]
     whole, p_whole = project(tmp_path / "whole", df, *sets, "data.batch_rows=1000")
     batched, p_batched = project(tmp_path / "batched", df, *sets, "data.batch_rows=7")
     stages.run("validate", p_whole, whole)
@@ -259,11 +267,8 @@ def test_validate_on_ray_actors_gives_what_one_process_gives(tmp_path):
 
 
 def test_validate_on_ray_counts_derived_keys_over_the_whole_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    df = pd.DataFrame({"a": rng.integers(0, 3, 300), "b": rng.integers(0, 3, 300), "y": rng.integers(0, 2, 300)})
-    sets = ["data.id_column=null", "data.target=y", "data.classes=[0,1]", "data.image_shape=null",
-            "data.features=[{name: a, kind: numeric, dtype: int}, {name: b, kind: numeric, dtype: int}]",
-            "data.raw=data/raw/parts", "train.model=mlp", "preprocess.scale=standard", "data.batch_rows=40"]
+    df = no_id_rows()
+    sets = [*NO_ID, "data.raw=data/raw/parts", "data.batch_rows=40"]
     local, p_local = project(tmp_path / "local", None, *sets, "validate.engine=local")
     on_ray, p_ray = project(tmp_path / "ray", None, *sets, "validate.engine=ray")
     for root in (local, on_ray):
