@@ -238,7 +238,7 @@ def _check_on_ray(raw: Path, schema: Schema, params: Params, docs: Path | None, 
         jobs = []
         for i, (part, first, size) in enumerate(zip(parts, firsts, sizes)):
             ids = (None, None) if hashes is None or keys is None else (hashes[first:first + size], keys[first:first + size])
-            jobs.append((i, part, first, (ids[0], ids[1]), folders, types))
+            jobs.append((i, part, first, ids, folders, types))
         try:
             for done, _ in enumerate(ActorPool(actors).map_unordered(lambda a, job: a.check.remote(*job), jobs), 1):
                 print(f"validate: {done}/{len(parts)} part file(s) checked on Ray", file=sys.stderr, flush=True)
