@@ -18,12 +18,34 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray for the module (4 logical CPUs: two 1-CPU workers and the driver)."""
-    import ray
+    """One local Ray for the module, started as d2d starts one (4 logical CPUs: two 1-CPU
+    workers and the driver)."""
+    from pipeline.ray_runtime import ray_session
 
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with ray_session(TrainParams(), cpus_needed=4):
+        yield
+
+
+def idle_workers() -> list:
+    """Ray's idle worker processes on this machine that this test's Ray started."""
+    import psutil
+
+    raylets = [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
+    return [w for r in raylets for w in r.children() if w.cmdline()[:1] == ["ray::IDLE"]]
+
+
+def test_idle_workers_give_their_memory_back(ray_local):
+    """After Ray Data's tasks finish, their worker processes do not stay behind holding the heap
+    the tasks grew (at 6M rows, 1.8 GiB through the whole of training)."""
+    import time
+
+    import ray.data
+
+    ray.data.range(20_000, override_num_blocks=4).map_batches(lambda b: {"x": b["id"] * 2}).materialize()
+    deadline = time.monotonic() + 30
+    while idle_workers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert idle_workers() == []
 
 
 @pytest.fixture(scope="module")
