@@ -261,7 +261,7 @@ def _check_on_ray(raw: Path, schema: Schema, params: Params, docs: Path | None, 
 def clean(params: Params, files: StageFiles) -> Cleaned:
     """The cleaning rules, batch by batch: repeats are found first over every row's hashes, and
     IQR fences fitted on a bounded sample (every row, up to IQR_SAMPLE)."""
-    from pipeline.data.clean import Cleaner, Repeats, iqr_rows, outlier_bounds, row_hashes
+    from pipeline.data.clean import Cleaner, Repeats, iqr_rows, outlier_bounds, repeat_hashes
 
     schema = schema_from_params(params.data)
     rules, rows, source = params.clean, params.data.batch_rows, files["valid"]
@@ -271,8 +271,9 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
     if rules.drop_duplicates:
         full, features = [], []
         for b in io.read_batches(source, rows, [*schema.feature_names, schema.target]):
-            full.append(row_hashes(b, [*schema.feature_names, schema.target]))
-            features.append(row_hashes(b, schema.feature_names))
+            pair = repeat_hashes(b, schema)
+            full.append(pair[0])
+            features.append(pair[1])
         repeats = Repeats.find(np.concatenate(full), np.concatenate(features))
         del full, features
     if rules.outliers.method == "iqr" and schema.numeric:

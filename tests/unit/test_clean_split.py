@@ -162,3 +162,28 @@ def test_leakage_is_detected(tiny_schema):
 def test_split_rejects_too_small_data(tiny_schema, n, strategy, fragment):
     with pytest.raises(DataError, match=fragment):
         split(make_frame(tiny_schema, n), "label", "id", SplitParams(strategy=strategy))
+
+
+from hypothesis import given, settings  # noqa: E402  (kept beside the test it serves)
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.sampled_from([0, 1, 2])), min_size=1, max_size=30))
+def test_repeats_name_the_first_row_as_pandas_does(rows):
+    """Each row's duplicate (same features and label) and conflict (same features, another
+    label) point at the first such row, as pandas' own grouping finds it; the first is never a repeat."""
+    from pipeline.data.clean import repeats_of
+    from pipeline.data.schema import schema_from_params
+
+    schema = schema_from_params(DataParams(classes=[0, 1, 2], features=[
+        {"name": "a", "kind": "numeric"}, {"name": "b", "kind": "numeric"}]))
+    df = pd.DataFrame(rows, columns=["a", "b", "label"]).assign(id=range(len(rows)))
+    here = np.arange(len(df))
+    first_full = df.groupby(["a", "b", "label"])["id"].transform("first")
+    first_features = df.groupby(["a", "b"])["id"].transform("first")
+    duplicate = np.where(first_full != here, first_full, -1)
+    conflict = np.where((duplicate < 0) & (first_features != here), first_features, -1)
+    repeats = repeats_of(df, schema)
+    assert repeats.duplicate_of.tolist() == duplicate.tolist()
+    assert repeats.conflict_of.tolist() == conflict.tolist()
