@@ -111,5 +111,7 @@ def split(df: pd.DataFrame, target: str, id_column: str, params: SplitParams, re
 
 def leak_mask(hashes: np.ndarray, part: np.ndarray) -> np.ndarray:
     """Rows whose feature hash (`row_hashes` of the features) also occurs in another split."""
-    frame = pd.DataFrame({"h": hashes, "part": part})
-    return (frame.groupby("h")["part"].transform("nunique") > 1).to_numpy()
+    codes = pd.factorize(hashes)[0]
+    # the distinct (hash, split) pairs, counted per hash: one hash-table pass, not a groupby
+    pairs = pd.unique(codes * 3 + np.asarray(part, dtype=np.int64))
+    return np.bincount(pairs // 3, minlength=codes.max() + 1 if len(codes) else 0)[codes] > 1
