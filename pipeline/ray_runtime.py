@@ -12,11 +12,11 @@ from pipeline.config import Params, TrainParams
 from pipeline.errors import D2DError, ServiceError
 
 
-# A local instance keeps no worker process idle for more than 10 s. By default Ray keeps one
-# per CPU for reuse, each holding the heap its last task grew: after Ray Data featurised the
-# splits at 6M rows, two idle workers held 1.8 GiB through the whole of training. Tasks that
-# come back within 10 s still find their workers started. A cluster's own config is left alone.
-LOCAL_WORKER_POOL = {"num_workers_soft_limit": 0, "idle_worker_killing_time_threshold_ms": 10_000}
+# A local instance keeps no idle worker process (Ray kills a worker idle for a second). By
+# default Ray keeps one per CPU for reuse, each holding the heap its last task grew: after Ray
+# Data featurised the splits at 6M rows, two idle workers held 1.8 GiB through the whole of
+# training. A cluster's own config is left alone.
+LOCAL_WORKER_POOL = {"num_workers_soft_limit": 0}
 
 
 @contextmanager
