@@ -74,6 +74,10 @@ class DataParams(_Section):
     # Rows the data stages (validate, clean, split) hold at a time: memory stays flat as the
     # file grows. Larger batches pay GX's per-batch cost (about 2 s) fewer times.
     batch_rows: int = Field(default=500_000, ge=1)
+    # Where validate, clean and split run: in this process (local), or on Ray actors, one part
+    # file each at a time (ray); auto: ray when a Ray cluster is configured (train.ray_address
+    # or RAY_ADDRESS), else local.
+    engine: Literal["auto", "local", "ray"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> DataParams:
@@ -114,10 +118,6 @@ class ValidateParams(_Section):
     max_non_numeric_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     # GX Data Docs (HTML) for every run; it takes a few seconds on large data.
     data_docs: bool = True
-    # Where the GX checks run: in this process (local), or on Ray actors, one raw part file
-    # each at a time, with a GX context per actor (ray); auto: ray when a Ray cluster is
-    # configured (train.ray_address or RAY_ADDRESS), else local.
-    engine: Literal["auto", "local", "ray"] = "auto"
 
 
 Imputation = Literal["drop", "median", "most_frequent", "constant"]

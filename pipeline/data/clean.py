@@ -176,12 +176,17 @@ class Cleaner:
     (`Repeats.find` over all rows) and, for IQR fences, whose bounds were fitted beforehand:
     each batch's rows are kept or removed with a reason, and the report sums them."""
 
-    def __init__(self, schema: Schema, params: CleanParams, repeats: Repeats | None, bounds: pd.DataFrame | None) -> None:
+    def __init__(self, schema: Schema, params: CleanParams, repeats: Repeats | None, bounds: pd.DataFrame | None,
+                 names: dict[int, Any] | None = None, position: int = 0) -> None:
+        """`names` and `position`, for a cleaner that starts inside the dataset (a part file on
+        a Ray actor): the ids of every row a repeat names (`Repeats.referenced`), and the
+        dataset position of its first row."""
         self.schema, self.params, self.repeats, self.bounds = schema, params, repeats, bounds
-        self.names: dict[int, Any] = {}  # position → id, for the rows a later repeat names
+        self.names: dict[int, Any] = dict(names or {})  # position → id, for the rows a later repeat names
         self.wanted = repeats.referenced() if repeats is not None else np.empty(0, dtype="int64")
         self.rules: dict[str, dict[str, Any]] = {}
-        self.rows_in = self.rows_out = self.position = 0
+        self.rows_in = self.rows_out = 0
+        self.position = position
 
     def _record(self, rule: str, before: int, removed: pd.DataFrame, parts: list[pd.DataFrame], **extra: int) -> None:
         entry = self.rules.setdefault(rule, {"rule": rule, "rows_in": 0, "rows_out": 0, "removed": 0, **dict.fromkeys(extra, 0)})
@@ -224,6 +229,19 @@ class Cleaner:
     def report(self) -> dict[str, Any]:
         return {"rows_in": self.rows_in, "rows_out": self.rows_out, "removed": self.rows_in - self.rows_out,
                 "rules": list(self.rules.values())}
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Cleaners' reports over consecutive parts of one dataset, as one cleaner's over all of it."""
+    rules: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for entry in report["rules"]:
+            total = rules.setdefault(entry["rule"], dict.fromkeys(entry, 0) | {"rule": entry["rule"]})
+            for k, v in entry.items():
+                if k != "rule":
+                    total[k] += v
+    rows_in, rows_out = sum(r["rows_in"] for r in reports), sum(r["rows_out"] for r in reports)
+    return {"rows_in": rows_in, "rows_out": rows_out, "removed": rows_in - rows_out, "rules": list(rules.values())}
 
 
 def repeats_of(df: pd.DataFrame, schema: Schema) -> Repeats:

@@ -314,7 +314,6 @@ validate:
   max_rows: null
   max_non_numeric_fraction: 0.5      # a numeric column with more text than this fails the dataset
   data_docs: true                    # GX Data Docs at reports/data_docs/index.html
-  engine: auto                       # local (this process) | ray (actors check the raw parts side by side) | auto: ray on a configured cluster
 
 clean:
   drop_duplicates: true              # also drops identical features under another label
@@ -458,6 +457,10 @@ def data_section(data: dict[str, Any], raw: Path | None = None) -> Any:
     if "image_shape" in data:
         section["image_shape"] = _flow_seq(data["image_shape"])
         section.yaml_add_eol_comment("C, H, W", "image_shape", COMMENT_COLUMN)
+    if raw is not None:  # the params file's data section: where its stages run
+        section["engine"] = "auto"
+        section.yaml_add_eol_comment("where validate, clean and split run: local | ray (actors take the part files "
+                                     "side by side) | auto: ray on a configured cluster", "engine", COMMENT_COLUMN)
     return section
 
 

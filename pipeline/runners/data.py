@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,11 +96,11 @@ def _raw_identity(raw: Path, schema: Schema, rows: int) -> tuple[np.ndarray, np.
     return repeated(np.concatenate(ids) if ids else np.empty(0, dtype="uint64")), None
 
 
-def validate_engine(params: Params) -> str:
-    """Where the GX checks run: validate.engine, with auto meaning ray when a cluster is configured."""
+def data_engine(params: Params) -> str:
+    """Where validate, clean and split run: data.engine, with auto meaning ray when a cluster is configured."""
     import os
 
-    engine = params.validate_.engine
+    engine = params.data.engine
     if engine == "auto":
         return "ray" if params.train.ray_address or os.environ.get("RAY_ADDRESS") else "local"
     return engine
@@ -107,7 +109,7 @@ def validate_engine(params: Params) -> str:
 def validate(params: Params, files: StageFiles) -> Validated:
     """The raw data, batch by batch through one GX suite: valid rows and quarantined rows (with
     reasons) written as they come, the gate decided on the exact totals. On Ray
-    (`validate_engine`), actors check the raw part files side by side and the driver adds up
+    (`data_engine`), actors check the raw part files side by side and the driver adds up
     their totals."""
     from pipeline.data.keys import occurrences
     from pipeline.data.validate import Validator, dataset_summary, require_columns
@@ -127,7 +129,7 @@ def validate(params: Params, files: StageFiles) -> Validated:
         io.write_text("<p>Data Docs are off (validate.data_docs: false).</p>\n", files["data_docs"] / "index.html")
     keys = occurrences(hashes) if hashes is not None else None
     # With Ray, the driver's writers only own the folders: the actors write the parts into them.
-    on_ray = validate_engine(params) == "ray"
+    on_ray = data_engine(params) == "ray"
     valid = io.PartsWriter(files["valid"], _types(schema, "valid", head), keep_empty=not on_ray)
     quarantine = io.PartsWriter(files["quarantine"], schema.arrow_types("raw"), keep_empty=not on_ray)
     try:
@@ -171,37 +173,40 @@ def _check_batches(validator: Any, batches: Any, first: int, identity: tuple[np.
         _progress("validate", done, started, rows)
 
 
+@contextmanager
+def _part_writers(index: int, folders: tuple[Path, ...], types: tuple[dict[str, Any], ...]) -> Iterator[list[io.PartsWriter]]:
+    """An actor's writers for the index-th part file: its parts go into the driver's folders
+    (which the driver installs), named so they sort as the part files do, so the outputs keep
+    the input's row order. Part 0 writes an empty part when it has no rows, so that an output
+    with no rows still has its columns."""
+    writers = [io.PartsWriter(folder, kinds, into=folder, prefix=f"p{index:05d}-", keep_empty=index == 0)
+               for folder, kinds in zip(folders, types)]
+    try:
+        yield writers
+        for w in writers:
+            w.commit()
+    finally:
+        for w in writers:
+            w.discard()
+
+
 class PartChecker:
     """A Ray actor's work for the validate stage: one Validator (one GX context and suite,
-    built once per actor) checking whole raw part files, writing their valid and quarantined
-    rows into the driver's folders as parts named by the part file they come from."""
+    built once per actor) checking whole raw part files."""
 
-    def __init__(self, schema: Schema, params: Params, docs: Path | None, repeats: np.ndarray) -> None:
+    def __init__(self, schema: Schema, params: Params, repeats: np.ndarray, docs: Path | None) -> None:
         from pipeline.data.validate import Validator
 
-        self.params = params
+        self.rows = params.data.batch_rows
         self.validator = Validator(schema, params.validate_, docs, repeats)
 
-    def check(self, index: int, part: Path, first: int, identity: tuple[np.ndarray | None, np.ndarray | None],
-              folders: tuple[Path, Path], types: tuple[dict[str, Any], dict[str, Any]]) -> int:
-        rows = self.params.data.batch_rows
-        # names sort as the parts do, so the outputs keep the raw data's row order
-        writers = [io.PartsWriter(folder, kinds, into=folder, prefix=f"p{index:05d}-", keep_empty=index == 0)
-                   for folder, kinds in zip(folders, types)]
-        try:
-            _check_batches(self.validator, io.read_batches(part, rows), first, identity, *writers, rows)
-            for w in writers:
-                w.commit()
-        finally:
-            for w in writers:
-                w.discard()
-        return index
+    def run(self, index: int, part: Path, first: int, identity: tuple[np.ndarray | None, np.ndarray | None],
+            folders: tuple[Path, Path], types: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        with _part_writers(index, folders, types) as (valid, quarantine):
+            _check_batches(self.validator, io.read_batches(part, self.rows), first, identity, valid, quarantine, self.rows)
 
-    def tally(self) -> Any:
-        return self.validator.tally
-
-    def expectations(self) -> int:
-        return self.validator.expectations
+    def totals(self) -> tuple[Any, int]:
+        return self.validator.tally, self.validator.expectations
 
 
 def _part_rows(part: Path, rows: int) -> int:
@@ -213,54 +218,72 @@ def _part_rows(part: Path, rows: int) -> int:
     return sum(len(b) for b in io.read_batches(part, rows, columns or None))
 
 
-def _check_on_ray(raw: Path, schema: Schema, params: Params, docs: Path | None, repeats: np.ndarray,
-                  identity: tuple[np.ndarray | None, np.ndarray | None], valid: io.PartsWriter,
-                  quarantine: io.PartsWriter) -> tuple[Any, int]:
-    """The raw part files checked by Ray actors side by side (one CPU each, as many as the
-    cluster has CPUs for, at most one per part), with their totals added up. The folders
-    must be where every node sees them (a shared path), as data.raw must be."""
+def _part_starts(parts: list[Path], rows: int) -> tuple[list[int], list[int]]:
+    """Each part file's first row in the dataset, and its rows."""
+    sizes = [_part_rows(p, rows) for p in parts]
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist(), sizes
+
+
+def _on_actors(params: Params, stage: str, worker: type, shared: tuple[Any, ...],
+               own: Callable[[int], tuple[Any, ...]], jobs: list[tuple[Any, ...]],
+               collect: str | None = None) -> tuple[list[Any], list[Any]]:
+    """`jobs` (one part file each) run by Ray actors of class `worker`, one CPU each, as many
+    as the cluster has CPUs for and at most one per job; actor i is built with `shared` (put
+    in the object store once, so a large array is not copied per actor) and `own(i)`. Returns
+    each job's `run` result in job order, and each actor's `collect` method's answer. Every
+    path must be where every node sees it (a shared path), as data.raw must be."""
     import ray
     from ray.util import ActorPool
 
     from pipeline.ray_runtime import ray_session
 
-    parts = io.data_parts(raw)
-    sizes = [_part_rows(p, params.data.batch_rows) for p in parts]
-    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-    hashes, keys = identity
     with ray_session(params.train, cpus_needed=1):
-        count = max(1, min(len(parts), int(ray.available_resources().get("CPU", 1))))
-        actor = ray.remote(num_cpus=1)(PartChecker)
-        # each actor writes its Data Docs site in its own folder; index.html links them
-        sites = [docs / f"worker-{i}" if docs else None for i in range(count)]
-        actors = [actor.remote(schema, params, site, repeats) for site in sites]
-        folders, types = (valid.folder, quarantine.folder), (valid.types, quarantine.types)
-        jobs = []
-        for i, (part, first, size) in enumerate(zip(parts, firsts, sizes)):
-            ids = (None, None) if hashes is None or keys is None else (hashes[first:first + size], keys[first:first + size])
-            jobs.append((i, part, first, ids, folders, types))
+        count = max(1, min(len(jobs), int(ray.available_resources().get("CPU", 1))))
+        refs = [ray.put(arg) for arg in shared]
+        actor = ray.remote(num_cpus=1)(worker)
+        actors = [actor.remote(*refs, *own(i)) for i in range(count)]
+        results = []
         try:
-            for done, _ in enumerate(ActorPool(actors).map_unordered(lambda a, job: a.check.remote(*job), jobs), 1):
-                print(f"validate: {done}/{len(parts)} part file(s) checked on Ray", file=sys.stderr, flush=True)
+            for done, result in enumerate(ActorPool(actors).map(lambda a, job: a.run.remote(*job), jobs), 1):
+                results.append(result)
+                print(f"{stage}: {done}/{len(jobs)} part file(s) done on Ray", file=sys.stderr, flush=True)
+            collected = ray.get([getattr(a, collect).remote() for a in actors]) if collect else []
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, DataError):  # bad data found on an actor: its one line, not a remote traceback
                 raise DataError(str(e.cause)) from None
             raise
-        tallies = ray.get([a.tally.remote() for a in actors])
-        expectations = ray.get(actors[0].expectations.remote())
-    total = tallies[0]
-    for t in tallies[1:]:
-        total.merge(t)
+    return results, collected
+
+
+def _check_on_ray(raw: Path, schema: Schema, params: Params, docs: Path | None, repeats: np.ndarray,
+                  identity: tuple[np.ndarray | None, np.ndarray | None], valid: io.PartsWriter,
+                  quarantine: io.PartsWriter) -> tuple[Any, int]:
+    """The raw part files checked by Ray actors side by side, one GX context each, with their
+    totals added up; each actor writes its Data Docs site in its own folder, which index.html links."""
+    parts = io.data_parts(raw)
+    firsts, sizes = _part_starts(parts, params.data.batch_rows)
+    hashes, keys = identity
+    folders, types = (valid.folder, quarantine.folder), (valid.types, quarantine.types)
+    jobs = []
+    for i, (part, first, size) in enumerate(zip(parts, firsts, sizes)):
+        ids = (None, None) if hashes is None or keys is None else (hashes[first:first + size], keys[first:first + size])
+        jobs.append((i, part, first, ids, folders, types))
+    _, totals = _on_actors(params, "validate", PartChecker, (schema, params, repeats),
+                           lambda i: (docs / f"worker-{i}" if docs else None,), jobs, collect="totals")
+    tally, expectations = totals[0]
+    for t, _ in totals[1:]:
+        tally.merge(t)
     if docs:
-        links = "".join(f'<li><a href="worker-{i}/index.html">worker {i}</a></li>' for i in range(count))
-        io.write_text(f"<h1>Data Docs</h1><p>The raw parts were checked by {count} Ray actor(s), each with its "
+        links = "".join(f'<li><a href="worker-{i}/index.html">worker {i}</a></li>' for i in range(len(totals)))
+        io.write_text(f"<h1>Data Docs</h1><p>The raw parts were checked by {len(totals)} Ray actor(s), each with its "
                       f"own site:</p><ul>{links}</ul>\n", docs / "index.html")
-    return total, expectations
+    return tally, expectations
 
 
 def clean(params: Params, files: StageFiles) -> Cleaned:
     """The cleaning rules, batch by batch: repeats are found first over every row's hashes, and
-    IQR fences fitted on a bounded sample (every row, up to IQR_SAMPLE)."""
+    IQR fences fitted on a bounded sample (every row, up to IQR_SAMPLE). On Ray (`data_engine`),
+    actors clean the validated part files side by side with those same repeats and fences."""
     from pipeline.data.clean import Cleaner, Repeats, iqr_rows, outlier_bounds, repeat_hashes
 
     schema = schema_from_params(params.data)
@@ -271,33 +294,77 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
     if rules.drop_duplicates:
         full, features = [], []
         for b in io.read_batches(source, rows, [*schema.feature_names, schema.target]):
-            pair = repeat_hashes(b, schema)
-            full.append(pair[0])
-            features.append(pair[1])
+            pair, alone = repeat_hashes(b, schema)
+            full.append(pair)
+            features.append(alone)
         repeats = Repeats.find(np.concatenate(full), np.concatenate(features))
         del full, features
     if rules.outliers.method == "iqr" and schema.numeric:
         sample = io.parquet_sample(source, IQR_SAMPLE, seed=0, positions=True)
         bounds = outlier_bounds(iqr_rows(sample, schema, rules, repeats), schema, "iqr", rules.outliers.iqr_k)
-    cleaner = Cleaner(schema, rules, repeats, bounds)
     types = _types(schema, "clean", io.parquet_head(source, 1))
-    kept = io.PartsWriter(files["clean"], types)
-    removed = io.PartsWriter(files["removed"], types)
-    started = time.perf_counter()
+    on_ray = data_engine(params) == "ray"
+    kept = io.PartsWriter(files["clean"], types, keep_empty=not on_ray)
+    removed = io.PartsWriter(files["removed"], types, keep_empty=not on_ray)
     try:
-        for batch in io.prefetched(io.read_batches(source, rows)):
-            good, gone = cleaner.apply(batch)
-            kept.write(good)
-            removed.write(gone)
-            _progress("clean", cleaner.rows_in, started, rows)
+        if on_ray:
+            report = _clean_on_ray(source, schema, params, (repeats, bounds), kept, removed)
+        else:
+            cleaner = Cleaner(schema, rules, repeats, bounds)
+            _clean_batches(cleaner, io.read_batches(source, rows), kept, removed, rows)
+            report = cleaner.report()
         kept.commit()
         removed.commit()
     finally:
         kept.discard()
         removed.discard()
-    report = cleaner.report()
     io.write_json(report, files["clean_report"])
     return Cleaned.from_report(report)
+
+
+def _clean_batches(cleaner: Any, batches: Any, kept: io.PartsWriter, removed: io.PartsWriter, rows: int) -> None:
+    started = time.perf_counter()
+    for batch in io.prefetched(batches):
+        good, gone = cleaner.apply(batch)
+        kept.write(good)
+        removed.write(gone)
+        _progress("clean", cleaner.rows_in, started, rows)
+
+
+class PartCleaner:
+    """A Ray actor's work for the clean stage: the validated part files cleaned with the
+    repeats and fences found over the whole dataset, each part by a Cleaner that starts at the
+    part's first row and knows the ids every repeat names."""
+
+    def __init__(self, schema: Schema, params: Params, found: tuple[Any, pd.DataFrame | None], names: dict[int, Any]) -> None:
+        self.schema, self.params, self.found, self.names = schema, params, found, names
+
+    def run(self, index: int, part: Path, first: int, folders: tuple[Path, Path],
+            types: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+        from pipeline.data.clean import Cleaner
+
+        repeats, bounds = self.found
+        cleaner = Cleaner(self.schema, self.params.clean, repeats, bounds, self.names, first)
+        rows = self.params.data.batch_rows
+        with _part_writers(index, folders, types) as (kept, removed):
+            _clean_batches(cleaner, io.read_batches(part, rows), kept, removed, rows)
+        return cleaner.report()
+
+
+def _clean_on_ray(source: Path, schema: Schema, params: Params, found: tuple[Any, pd.DataFrame | None],
+                  kept: io.PartsWriter, removed: io.PartsWriter) -> dict[str, Any]:
+    """The validated part files cleaned by Ray actors side by side; their reports added up."""
+    from pipeline.data.clean import merge_reports
+
+    rows, repeats = params.data.batch_rows, found[0]
+    parts = io.data_parts(source)
+    firsts, _ = _part_starts(parts, rows)
+    named = repeats.referenced() if repeats is not None else np.empty(0, dtype="int64")
+    names = dict(zip(named.tolist(), _values_at(source, schema.id_column, rows, named)))
+    folders, types = (kept.folder, removed.folder), (kept.types, removed.types)
+    jobs = [(i, part, first, folders, types) for i, (part, first) in enumerate(zip(parts, firsts))]
+    reports, _ = _on_actors(params, "clean", PartCleaner, (schema, params, found, names), lambda i: (), jobs)
+    return merge_reports(reports)
 
 
 # Rows IQR fences are fitted on: every row up to this many, else a uniform sample of them.
@@ -319,23 +386,82 @@ def _assignment(source: Path, schema: Schema, params: Params) -> np.ndarray:
     return assign(target, None, split, schema.regression, np.concatenate(buckets) if hashed else None)
 
 
-def _first_ids(source: Path, schema: Schema, rows: int, positions: np.ndarray) -> list[str]:
-    """The ids at a few sorted row positions, read batch by batch (the error names them)."""
-    found, start = [], 0
-    for b in io.read_batches(source, rows, [schema.id_column]):
-        here = positions[(positions >= start) & (positions < start + len(b))] - start
-        found += b[schema.id_column].astype(str).to_numpy()[here].tolist()
-        start += len(b)
+def _values_at(source: Path, column: str, rows: int, positions: np.ndarray) -> list[Any]:
+    """A column's values at sorted row positions, read batch by batch."""
+    found: list[Any] = []
+    start = 0
+    for b in io.read_batches(source, rows, [column]):
         if len(found) == len(positions):
             break
+        here = positions[(positions >= start) & (positions < start + len(b))] - start
+        found += b[column].to_numpy()[here].tolist()
+        start += len(b)
     return found
+
+
+PerClass = dict[str, pd.Series]
+
+
+def _split_batches(batches: Any, part: np.ndarray, schema: Schema, writers: dict[str, io.PartsWriter],
+                   rows: int) -> tuple[np.ndarray, PerClass]:
+    """Batches into the three splits' writers, by `part` (these rows' splits): the rows'
+    feature hashes (for the leakage check) and each split's class counts."""
+    from pipeline.data.clean import row_hashes
+
+    per_class: PerClass = {name: pd.Series(dtype="int64") for name in SPLITS}
+    hashes, done, started = [], 0, time.perf_counter()
+    for batch in io.prefetched(batches):
+        where = part[done:done + len(batch)]
+        hashes.append(row_hashes(batch, schema.feature_names))
+        for i, name in enumerate(SPLITS):
+            rows_here = batch[where == i]
+            writers[name].write(rows_here)
+            if not schema.regression:
+                counts = rows_here[schema.target].astype(str).value_counts()
+                per_class[name] = per_class[name].add(counts, fill_value=0)
+        done += len(batch)
+        _progress("split", done, started, rows)
+    return (np.concatenate(hashes) if hashes else np.empty(0, dtype="uint64")), per_class
+
+
+class PartSplitter:
+    """A Ray actor's work for the split stage: clean part files into the three splits, by the
+    assignment the driver made over every row."""
+
+    def __init__(self, schema: Schema, rows: int) -> None:
+        self.schema, self.rows = schema, rows
+
+    def run(self, index: int, part: Path, where: np.ndarray, folders: tuple[Path, ...],
+            types: tuple[dict[str, Any], ...]) -> tuple[np.ndarray, PerClass, list[int]]:
+        with _part_writers(index, folders, types) as writers:
+            hashes, per_class = _split_batches(io.read_batches(part, self.rows), where, self.schema,
+                                               dict(zip(SPLITS, writers)), self.rows)
+        return hashes, per_class, [w.rows for w in writers]
+
+
+def _split_on_ray(source: Path, schema: Schema, params: Params, part: np.ndarray,
+                  writers: dict[str, io.PartsWriter]) -> tuple[np.ndarray, PerClass, dict[str, int]]:
+    """The clean part files split by Ray actors side by side: their hashes in row order, and
+    their class counts and sizes added up."""
+    rows = params.data.batch_rows
+    parts = io.data_parts(source)
+    firsts, sizes = _part_starts(parts, rows)
+    folders, types = tuple(w.folder for w in writers.values()), tuple(w.types for w in writers.values())
+    jobs = [(i, p, part[first:first + size], folders, types) for i, (p, first, size) in enumerate(zip(parts, firsts, sizes))]
+    results, _ = _on_actors(params, "split", PartSplitter, (schema, rows), lambda i: (), jobs)
+    per_class: PerClass = {name: pd.Series(dtype="int64") for name in SPLITS}
+    for _, counts, _ in results:
+        per_class = {name: per_class[name].add(counts[name], fill_value=0) for name in SPLITS}
+    hashes = np.concatenate([h for h, _, _ in results]) if results else np.empty(0, dtype="uint64")
+    totals = {name: sum(r[2][i] for r in results) for i, name in enumerate(SPLITS)}
+    return hashes, per_class, totals
 
 
 def split(params: Params, files: StageFiles) -> SplitSizes:
     """Split batch by batch into three Parquet datasets, check for leakage over every row's
-    feature hash, and fit the preprocessing on (a bounded sample of) the train split only."""
+    feature hash, and fit the preprocessing on (a bounded sample of) the train split only. On
+    Ray (`data_engine`), actors split the clean part files side by side."""
     from pipeline import preprocess
-    from pipeline.data.clean import row_hashes
     from pipeline.data.split import leak_mask
 
     schema = schema_from_params(params.data)
@@ -344,26 +470,20 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
         raise DataError(f"{source} not found: run the stage that writes it first")
     part = _assignment(source, schema, params)
     types = _types(schema, "clean", io.parquet_head(source, 1))
-    writers = {name: io.PartsWriter(files[name], types) for name in SPLITS}
-    per_class: dict[str, pd.Series] = {name: pd.Series(dtype="int64") for name in SPLITS}
-    hashes, done, started = [], 0, time.perf_counter()
+    on_ray = data_engine(params) == "ray"
+    writers = {name: io.PartsWriter(files[name], types, keep_empty=not on_ray) for name in SPLITS}
     try:
-        for batch in io.prefetched(io.read_batches(source, rows)):
-            where = part[done:done + len(batch)]
-            hashes.append(row_hashes(batch, schema.feature_names))
-            for i, name in enumerate(SPLITS):
-                rows_here = batch[where == i]
-                writers[name].write(rows_here)
-                if not schema.regression:
-                    counts = rows_here[schema.target].astype(str).value_counts()
-                    per_class[name] = per_class[name].add(counts, fill_value=0)
-            done += len(batch)
-            _progress("split", done, started, rows)
-        leaked = leak_mask(np.concatenate(hashes) if hashes else np.empty(0, dtype="uint64"), part)
+        if on_ray:
+            hashes, per_class, sizes = _split_on_ray(source, schema, params, part, writers)
+        else:
+            hashes, per_class = _split_batches(io.read_batches(source, rows), part, schema, writers, rows)
+            sizes = {name: writers[name].rows for name in SPLITS}
+        leaked = leak_mask(hashes, part)
         if leaked.any():
+            first = ", ".join(map(str, _values_at(source, schema.id_column, rows, np.flatnonzero(leaked)[:3])))
             raise DataError(
                 f"{int(leaked.sum())} rows share their exact features with a row in another split ({schema.id_label} "
-                f"{', '.join(_first_ids(source, schema, rows, np.flatnonzero(leaked)[:3]))}, ...); set clean.drop_duplicates: true so identical examples are removed "
+                f"{first}, ...); set clean.drop_duplicates: true so identical examples are removed "
                 "before splitting"
             )
         for w in writers.values():
@@ -374,7 +494,6 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
     train = io.parquet_sample(files["train"], params.preprocess.fit_rows)
     state = preprocess.fit(train, preprocess.preprocess_spec(schema, params.clean, params.preprocess))
     io.write_json(state, files["preprocess"])
-    sizes = {name: writers[name].rows for name in SPLITS}
     report = {
         "sizes": sizes,
         "strategy": params.split.strategy,

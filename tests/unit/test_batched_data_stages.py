@@ -241,36 +241,54 @@ def _parts(root: Path, raw: pd.DataFrame, rows: int) -> None:
         io.write_csv(raw.iloc[start:start + rows], folder / f"part-{i}.csv")
 
 
-def test_validate_on_ray_actors_gives_what_one_process_gives(tmp_path):
-    """validate.engine=ray (what auto picks on a cluster): Ray actors on a local Ray instance,
-    one GX context each, check the raw part files side by side; the valid rows, the quarantine
-    with its reasons (an id repeated across parts included), the derived keys and the report
-    are the one process's, in the same order."""
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module's engine=ray tests: the stages use the Ray that is up."""
+    from pipeline.config import TrainParams
+    from pipeline.ray_runtime import ray_session
+
+    with ray_session(TrainParams(), cpus_needed=2):
+        yield
+
+
+def test_the_data_stages_on_ray_actors_give_what_one_process_gives(tmp_path, local_ray):
+    """data.engine=ray (what auto picks on a cluster): Ray actors on a local Ray instance take
+    the part files side by side in all three stages (validate with a GX context each). Every
+    output, the quarantines with their reasons (an id repeated across parts, a duplicate that
+    names a row in an earlier part), the reports and the fitted preprocessing are the one
+    process's, in the same order."""
     raw = demo_raw(tmp_path)
+    # a duplicate far from its first row: clean's actor for the later part must name the id
+    raw.loc[1250, [c for c in raw.columns if c != "id"]] = raw.loc[7, [c for c in raw.columns if c != "id"]]
     sets = ("data.raw=data/raw/parts", "data.batch_rows=300")
-    local, p_local = project(tmp_path / "local", None, *sets, "validate.engine=local")
-    on_ray, p_ray = project(tmp_path / "ray", None, *sets, "validate.engine=ray", "validate.data_docs=true")
+    local, p_local = project(tmp_path / "local", None, *sets, "data.engine=local")
+    on_ray, p_ray = project(tmp_path / "ray", None, *sets, "data.engine=ray", "validate.data_docs=true")
     for root in (local, on_ray):
         _parts(root, raw, 450)
     from dataclasses import replace
 
-    ran = stages.run("validate", p_local, local), stages.run("validate", p_ray, on_ray)
-    assert ran[0] == replace(ran[1], data_docs=None)
-    for name in ("valid", "quarantine"):
+    ran = run_stages(local, p_local), run_stages(on_ray, p_ray)
+    assert ran[0]["validate"] == replace(ran[1]["validate"], data_docs=None)
+    assert ran[0]["clean"] == ran[1]["clean"] and ran[0]["split"] == ran[1]["split"]
+    for name in ("valid", "quarantine", "clean", "removed", "train", "val", "test"):
         pd.testing.assert_frame_equal(io.read_table(stages.path(name, local)), io.read_table(stages.path(name, on_ray)))
-    left, right = (io.read_json(stages.path("validate_report", r)) for r in (local, on_ray))
-    assert left == {k: v for k, v in right.items() if k != "data_docs"}
+    assert len(io.data_parts(stages.path("train", on_ray))) > 3  # the actors' parts, one per input part at least
+    for report in ("validate_report", "clean_report", "split_report", "preprocess"):
+        left, right = (io.read_json(stages.path(report, r)) for r in (local, on_ray))
+        assert left == {k: v for k, v in right.items() if k != "data_docs"}
     quarantine = io.read_table(stages.path("quarantine", on_ray))
     assert (quarantine["id"] == raw.loc[5, "id"]).sum() == 2  # rows 5 and 1200: parts 0 and 2
+    removed = io.read_table(stages.path("removed", on_ray))
+    assert removed.loc[removed["id"] == raw.loc[1250, "id"], "reason"].tolist() == [f"duplicate of id {raw.loc[7, 'id']}"]
     index = (stages.path("data_docs", on_ray) / "index.html").read_text()
     assert "worker-0/index.html" in index and (stages.path("data_docs", on_ray) / "worker-0" / "index.html").exists()
 
 
-def test_validate_on_ray_counts_derived_keys_over_the_whole_dataset(tmp_path):
+def test_validate_on_ray_counts_derived_keys_over_the_whole_dataset(tmp_path, local_ray):
     df = no_id_rows()
     sets = [*NO_ID, "data.raw=data/raw/parts", "data.batch_rows=40"]
-    local, p_local = project(tmp_path / "local", None, *sets, "validate.engine=local")
-    on_ray, p_ray = project(tmp_path / "ray", None, *sets, "validate.engine=ray")
+    local, p_local = project(tmp_path / "local", None, *sets, "data.engine=local")
+    on_ray, p_ray = project(tmp_path / "ray", None, *sets, "data.engine=ray")
     for root in (local, on_ray):
         _parts(root, df, 70)
     stages.run("validate", p_local, local)

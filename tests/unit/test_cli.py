@@ -170,7 +170,7 @@ def test_any_data_path_is_one_line_and_exit_2(monkeypatch, capsys, project, text
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(["data.batch_rows", "preprocess.fit_rows", "train.storage_path", "train.ingest_memory_mb",
-                           "validate.engine"]),
+                           "data.engine"]),
        text=st.one_of(HOSTILE, st.integers(-10**20, 10**20).map(str)))
 def test_any_streaming_param_value_is_one_line_and_exit_2(monkeypatch, capsys, project, key, text):
     """The data plane's keys (issue 16): a bad value names the key; a good one ends at the

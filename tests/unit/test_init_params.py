@@ -44,7 +44,7 @@ def round_trip(names: list[str], target: str, raw: Path, tmp_path: Path) -> None
     text = render_params(data, raw, notes)
     loaded = yaml.safe_load(text)
     assert list(loaded) == SECTIONS  # nothing in a name adds a key
-    assert set(loaded["data"]) == {"raw", "id_column", "target", "task", "classes", "features"}
+    assert set(loaded["data"]) == {"raw", "id_column", "target", "task", "classes", "features", "engine"}
     path = tmp_path / "p.yaml"
     path.write_text(text, encoding="utf-8")
     params = load_params(path)
@@ -81,7 +81,8 @@ def test_the_template_keeps_its_comments():
     text = render_params(data, Path("t.csv"), [])
     for comment in ("# inferred; ranges carry a 10% margin", "# no id column: d2d derives a stable row key",
                     "# up to 30% of a raw dataset may be wrong", "# stratified | random | hash",
-                    "# early stopping on validation loss", "# fitted on the train split only"):
+                    "# early stopping on validation loss", "# fitted on the train split only",
+                    "# where validate, clean and split run"):
         assert comment in text
 
 
