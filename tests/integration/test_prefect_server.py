@@ -68,8 +68,9 @@ def prefect_server(tmp_path):
 
 def run_on_worker(api: str, deployment_id: str, env: dict[str, str], cwd: Path) -> dict:
     """A flow run of the deployment, executed by `prefect worker start --run-once`; its state must be COMPLETED."""
-    flow_run = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, auth=basic_auth(env), timeout=30).json()
-    return run_scheduled_on_worker(api, flow_run["id"], env, cwd)
+    answer = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, auth=basic_auth(env), timeout=30)
+    assert answer.is_success, f"create_flow_run: {answer.status_code} {answer.text[:2000]}"
+    return run_scheduled_on_worker(api, answer.json()["id"], env, cwd)
 
 
 def run_scheduled_on_worker(api: str, flow_run_id: str, env: dict[str, str], cwd: Path) -> dict:
