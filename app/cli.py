@@ -178,7 +178,7 @@ def serve(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     from ray import serve as ray_serve
 
     replicas = cfg.serve.autoscaling.max_replicas if cfg.serve.autoscaling else cfg.serve.num_replicas
-    with ray_session(cfg.train, cpus_needed=int(replicas * cfg.serve.cpus_per_replica) + 1):
+    with ray_session(cfg.train, cpus_needed=int(replicas * cfg.serve.cpus_per_replica) + 1, dashboard=True):
         ray_serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         # no access log line per request on the console: the inference log keeps every request
         ray_serve.run(build_app(ServeSettings.from_params(cfg, uri, root)), name="d2d", route_prefix="/",

@@ -3,6 +3,7 @@
 process in a fresh project, with the peak memory of the whole process tree.
 
     .venv/bin/python bench/data_plane.py --rows 1000000 [--workdir /tmp/data-plane] [--keep]
+    .venv/bin/python bench/data_plane.py --rows 20000000 --parts 8 --epochs 1 --whole-run  # `d2d run` at 20M
 
 The data is generated in chunks of --chunk rows and written as it is made (one Parquet file
 with a row group per chunk, or --parts files), so the generator never holds the dataset.
@@ -168,6 +169,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     ap.add_argument("--cpus-per-worker", type=int, default=1,
                     help="torch threads per worker (the bare loop gets workers × this many threads)")
+    ap.add_argument("--whole-run", action="store_true",
+                    help="one `d2d run` (the Prefect flow, validate to register, in one process tree) instead of a "
+                         "`d2d stage` process per stage")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more params for every command")
     args = ap.parse_args()
 
     project = args.workdir
@@ -184,14 +189,19 @@ def main() -> int:
     sets = ["--set", f"train.epochs={args.epochs}", "--set", "train.patience=1000", "--set", "train.model=mlp",
             "--set", "validate.data_docs=false",
             "--set", f"train.num_workers={args.workers}", "--set", f"train.cpus_per_worker={args.cpus_per_worker}",
-            "--set", f"validate.max_rows={args.rows * 2}", "--set", "register.min_test_accuracy=0"]
+            "--set", f"validate.max_rows={args.rows * 2}", "--set", "register.min_test_accuracy=0",
+            *(x for kv in args.set for x in ("--set", kv))]
     # init-params reads the folder of parts in batches, as the stages do
     timings = {"init-params": d2d(project, "init-params", "--data", str(raw.relative_to(project)), "--target",
                                   "label", "--id", "id")}
     peaks = {"init-params": sampler.stage_peaks()}
-    for stage in ("validate", "clean", "split", "train", "evaluate", "register"):
-        timings[stage] = d2d(project, "stage", stage, *sets)
-        peaks[stage] = sampler.stage_peaks()
+    if args.whole_run:
+        timings["d2d run"] = d2d(project, "run", *sets)
+        peaks["d2d run"] = sampler.stage_peaks()
+    else:
+        for stage in ("validate", "clean", "split", "train", "evaluate", "register"):
+            timings[stage] = d2d(project, "stage", stage, *sets)
+            peaks[stage] = sampler.stage_peaks()
     timings["predict"] = d2d(project, "predict", "--input", str(raw.relative_to(project)), "--output", "predictions.parquet",
                              *sets)
     peaks["predict"] = sampler.stage_peaks()
@@ -210,12 +220,13 @@ def main() -> int:
     accuracy = pd.read_json(stages.path("metrics", project), typ="series").get("test_accuracy")
     rows = {"init-params": args.rows, "validate": args.rows, "clean": args.rows, "split": args.rows,
             "train": sizes["train"], "evaluate": sizes["val"] + sizes["test"], "register": sizes["test"],
-            "predict": args.rows}
+            "predict": args.rows, "d2d run": args.rows}
     print(f"\n{'stage':<12}{'seconds':>10}{'rows/s':>14}{'tree GiB':>10}{'tree RSS GiB':>14}{'system GiB':>12}")
     for stage, seconds in timings.items():
         p = {k: v / 2**30 for k, v in peaks[stage].items()}
         print(f"{stage:<12}{seconds:>10.1f}{rows[stage] / seconds:>14,.0f}{p['tree']:>10.2f}{p['rss']:>14.2f}{p['system']:>12.2f}")
-    print(f"{'validate+clean+split':<24}{sum(timings[s] for s in ('validate', 'clean', 'split')):.1f} s")
+    if not args.whole_run:
+        print(f"{'validate+clean+split':<24}{sum(timings[s] for s in ('validate', 'clean', 'split')):.1f} s")
     p = {k: v / 2**30 for k, v in sampler.peaks.items()}
     print(f"peak memory: process tree (private + /dev/shm) {p['tree']:.2f} GiB (RSS {p['rss']:.2f}), "
           f"system used + /dev/shm above the start {p['system']:.2f} GiB")

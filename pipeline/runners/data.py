@@ -137,7 +137,8 @@ def validate(params: Params, files: StageFiles) -> Validated:
             tally, expectations = _check_on_ray(raw, schema, params, docs, repeats, (hashes, keys), valid, quarantine)
         else:
             validator = Validator(schema, params.validate_, docs, repeats)
-            _check_batches(validator, io.read_batches(raw, rows), 0, (hashes, keys), valid, quarantine, rows)
+            _check_batches(validator, io.coalesced(io.read_batches(raw, rows), rows), 0, (hashes, keys), valid,
+                           quarantine, rows)
             tally, expectations = validator.tally, validator.expectations
         gate, report = dataset_summary(tally, expectations, schema, params.validate_)
         quarantine.commit()

@@ -32,7 +32,7 @@ def train(params: Params, files: StageFiles) -> Trained:
     state = io.read_json(files["preprocess"])
     columns = [*input_columns(state), schema.target]
     pinned, init_state = _warm_start(params, files.root)
-    with ray_session(params.train, cpus_needed=cpus_for_training(params)):
+    with ray_session(params.train, cpus_needed=cpus_for_training(params), dashboard=params.tune.enabled):
         # lazy Ray Datasets: the workers stream them; this process never holds a split. With
         # train.storage_path, the splits are read from a copy there, which every node can reach.
         storage = params.train.storage_path

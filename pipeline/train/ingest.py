@@ -79,12 +79,21 @@ def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[
 
 
 class ShardedIngest(DataConfig):
-    """Both splits are sharded across the workers. Train is cut into equal shards (DDP's ranks
+    """Both splits are sharded across the workers (one worker takes them whole). Train is cut into equal shards (DDP's ranks
     must take the same number of steps); validation is cut without dropping a row, since its
     sums are all-reduced and each row must count once."""
 
     def configure(self, datasets: dict[str, Dataset], world_size: int, worker_handles: Any, worker_node_ids: Any,
                   **kwargs: Any) -> list[dict[str, DataIterator]]:
+        if world_size == 1:
+            # One worker iterates the datasets itself: streaming_split would add a coordinator
+            # actor per split (about 110 MiB each) that serves no one else.
+            only = {}
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                only[name] = ds.iterator()
+            return [only]
         rest = {k: v for k, v in datasets.items() if k != VAL}
         shards = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         if VAL in datasets:

@@ -295,3 +295,27 @@ def test_validate_on_ray_counts_derived_keys_over_the_whole_dataset(tmp_path, lo
     stages.run("validate", p_ray, on_ray)
     keys = [io.read_table(stages.path("valid", r))["_d2d_row_key"] for r in (local, on_ray)]
     assert keys[0].tolist() == keys[1].tolist() and keys[1].is_unique
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), max_size=12), floats=st.lists(st.booleans(), max_size=12),
+       rows=st.integers(1, 60))
+def test_coalesced_batches_keep_every_row_and_type(sizes, floats, rows):
+    """Small batches joined up to `rows` rows: the same rows in the same order, no batch over
+    `rows` unless it came that way, and a batch whose types differ never joined (no value is
+    converted: an int column stays int beside a float one)."""
+    batches = [pd.DataFrame({"a": np.arange(n, dtype="float64" if i < len(floats) and floats[i] else "int64")})
+               for i, n in enumerate(sizes)]
+    out = list(io.coalesced(iter(batches), rows))
+    joined = pd.concat(out, ignore_index=True) if out else pd.DataFrame({"a": []})
+    expected = [v for b in batches for v in b["a"].tolist()]
+    assert joined["a"].tolist() == expected and sum(map(len, out)) == len(expected)
+    assert all(len(b) <= rows or len(b) in {len(x) for x in batches} for b in out)
+    assert len(out) <= len(batches)
+    quarters = [pd.DataFrame({"a": np.arange(25)})] * 4
+    assert [len(b) for b in io.coalesced(iter(quarters), 50)] == [50, 50]
+    assert [len(b) for b in io.coalesced(iter([*quarters[:2], quarters[0].head(1)]), 50)] == [50, 1]
+    for b in out:  # each output is a run of inputs of one type
+        assert b["a"].dtype in (np.dtype("int64"), np.dtype("float64"))
+    ints = [b for b in out if b["a"].dtype == "int64"]
+    assert sum(map(len, ints)) == sum(len(b) for b in batches if b["a"].dtype == "int64")
