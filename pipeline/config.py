@@ -490,12 +490,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# Keys an earlier d2d wrote into params files, and where they are now.
+MOVED = {"validate.engine": "data.engine (where validate, clean and split run)"}
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "params"
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        return f"params: unknown key '{key}'{extra}"
+        moved = f": it is now {MOVED[key]}" if key in MOVED else ""
+        return f"params: unknown key '{key}'{moved}{extra}"
     return f"params: {key}: {first['msg']}{extra}"
 
 

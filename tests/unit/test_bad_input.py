@@ -94,6 +94,7 @@ def test_too_few_rows_to_split(project, rows, fragment):
     [
         (lambda r: r["split"].update(train=0.8), "train + val + test must be 1.0"),
         (lambda r: r["clean"].update(dedupe=True), "unknown key 'clean.dedupe'"),
+        (lambda r: r["validate"].update(engine="ray"), "unknown key 'validate.engine': it is now data.engine"),
     ],
 )
 def test_bad_params_file(project, mutate, fragment):
