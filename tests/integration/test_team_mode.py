@@ -84,6 +84,11 @@ def test_training_and_the_drift_monitor_on_team_servers(tmp_path: Path):
         assert float(tags["d2d.test_accuracy"]) >= 0.5 and tags["d2d.decision"] == "promoted"
         assert (tmp_path / "dvc-remote/files/md5" / raw_md5[:2] / raw_md5[2:]).is_file()  # the data version, pushed
         assert any((tmp_path / "artifacts").rglob("MLmodel"))  # artifacts went through the server to its store
+        # the data stages ran on the cluster's actors (data.engine: auto), which name their
+        # parts after the input part they came from (p00000-...), where one process writes part-...
+        for folder in ("data/validated/valid.parquet", "data/clean/clean.parquet", "data/split/train.parquet"):
+            names = [p.name for p in (root / folder).glob("*.parquet")]
+            assert names and all(n.startswith("p00000-") for n in names), (folder, names)
 
         # the training ran on the cluster: its driver is a job there, and it succeeded
         jobs = JobSubmissionClient(ray["dashboard"], headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}).list_jobs()
