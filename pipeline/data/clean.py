@@ -183,7 +183,9 @@ class Cleaner:
         dataset position of its first row."""
         self.schema, self.params, self.repeats, self.bounds = schema, params, repeats, bounds
         self.names: dict[int, Any] = dict(names or {})  # position → id, for the rows a later repeat names
-        self.wanted = repeats.referenced() if repeats is not None else np.empty(0, dtype="int64")
+        # the positions whose ids to note as batches pass; none when `names` has them all already
+        # (a cleaner per part file: `referenced` sorts every repeat, which need not be done per part)
+        self.wanted = repeats.referenced() if repeats is not None and names is None else np.empty(0, dtype="int64")
         self.rules: dict[str, dict[str, Any]] = {}
         self.rows_in = self.rows_out = 0
         self.position = position
