@@ -43,7 +43,13 @@ def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[
     if schema.regression:
         return x, scale_target(df[schema.target], state)
     index = {str(c): i for i, c in enumerate(schema.classes)}
-    y = df[schema.target].astype(str).map(index).to_numpy(dtype="int64")
+    # A batch holds a few distinct labels: look those up, not every row's string.
+    codes, uniques = pd.factorize(df[schema.target])
+    lookup = np.array([index.get(str(u), -1) for u in uniques] + [-1], dtype="int64")  # code -1: a null
+    y = lookup[codes]
+    if (y < 0).any():
+        bad = df[schema.target].iloc[int(np.flatnonzero(y < 0)[0])]
+        raise ValueError(f"label {bad!r} is not one of the classes the model was trained on")
     return x, y
 
 

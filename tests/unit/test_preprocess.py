@@ -1,4 +1,5 @@
 import io
+import re
 
 import numpy as np
 import pandas as pd
@@ -7,7 +8,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import preprocess
@@ -154,6 +155,38 @@ def test_hostile_values_give_a_checked_row_or_a_message_never_an_exception(pairs
     assert all(e == "" or e.startswith(("column a", "column b")) for e in errors)
     if len(checked):
         assert np.isfinite(preprocess.transform(checked, state)).all()
+
+
+NUMBERS_ONLY = {"numeric": [{"name": "a", "min": 0, "max": 10, "impute": "median"},
+                            {"name": "b", "min": 0, "max": 4, "impute": None, "dtype": "int"},
+                            {"name": "d", "min": None, "max": None, "impute": None}],
+                "categorical": [], "scale": "standard", "fill_value": 0, "max_categories": 50}
+# ordinary values (most rows pass, so the fast path runs) and hostile ones
+NUMBER = st.one_of(st.floats(-1e6, 1e6), st.integers(-1000, 1000), st.none(), st.floats(allow_nan=True),
+                   st.integers(-2**70, 2**70), st.sampled_from([1e300, -1e39, 0.5]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(NUMBER, NUMBER, NUMBER), min_size=1, max_size=8), st.booleans())
+@example([(1.0, 0.5, 1.0)], False)  # a fraction in the integer column b, every value finite
+def test_a_numbers_only_model_s_transform_gives_what_the_checked_rows_give(rows, as_objects):
+    """transform scales a numbers-only model's inputs in one float64 block (training takes
+    every batch through it); the result, or the first bad row's message, is check_rows'
+    rows imputed and standardised by hand."""
+    state = preprocess.fit(pd.DataFrame({"a": [1.0, 2.0, 3.0, np.nan], "b": [0, 2, 4, 2], "d": [5.0, -1.0, 0.5, 2.0]}),
+                           NUMBERS_ONLY)
+    frame = pd.DataFrame(rows, columns=["a", "b", "d"], dtype=object if as_objects else None)
+    checked, errors = preprocess.check_rows(frame, preprocess.input_spec(state))
+    bad = np.flatnonzero(errors != "")
+    if len(bad):
+        with pytest.raises(ValueError, match=re.escape(f"row {bad[0]}: {errors[bad[0]]}")):
+            preprocess.transform(frame, state)
+        return
+    num = state["numeric"]
+    x = checked[num["names"]].to_numpy(dtype="float64")
+    x = np.where(np.isnan(x), np.array([np.nan if f is None else f for f in num["fill"]]), x)
+    expected = ((x - np.array(num["center"])) / np.array(num["scale"])).astype("float32")
+    np.testing.assert_array_equal(preprocess.transform(frame, state), expected)
 
 
 def test_the_logged_signature_lets_every_reader_s_numbers_reach_the_model_s_own_check():
