@@ -89,16 +89,16 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 # Parquet files up to this size become a Ray Dataset from this process (one block in the
-# object store); Ray Data's file reader costs about 3 s of listing and read tasks each time a
-# dataset executes here, which a small split would pay on every run.
+# object store): a small split is then not read again by tasks every time it executes.
 SMALL_PARQUET = 64 << 20
 
 
 def read_dataset(path: Path | str, columns: list[str] | None = None) -> Any:
     """A Parquet file (or a folder of Parquet parts; or a URI such as s3://, see `shared_copy`)
     as a Ray Dataset of `columns`. A local file of at most SMALL_PARQUET bytes is read here and
-    put in the object store; anything larger is read lazily, in blocks, by Ray's tasks when
-    something iterates it, never whole in this process. Needs a running Ray (pipeline.ray_runtime)."""
+    put in the object store; anything larger is read lazily by Ray Data tasks, a row group at a
+    time in batches of SCORE_ROWS, when something iterates it, never whole in this process.
+    Needs a running Ray (pipeline.ray_runtime)."""
     import pyarrow.parquet as pq
     import ray.data
 
@@ -109,7 +109,27 @@ def read_dataset(path: Path | str, columns: list[str] | None = None) -> Any:
         raise DataError(f"data file not found: {path}")
     if path.is_file() and path.stat().st_size <= SMALL_PARQUET:
         return ray.data.from_arrow(pq.read_table(path, columns=columns))
-    return ray.data.read_parquet(str(path.resolve()), columns=columns)
+    # Ray Data's own Parquet reader (2.60) lists the files and starts FooterReader actors each
+    # time the dataset executes, that is every epoch, for every split: on 2 cores, new
+    # processes cost more CPU than reading the data. The row groups are known here, so each
+    # task is handed its own and reads it with pyarrow, in file order.
+    pieces = [{"path": str(f.resolve()), "row_group": g} for f in data_parts(path)
+              for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    if not pieces:  # no rows: nothing to stream
+        return ray.data.from_arrow(pq.read_table(path, columns=columns))
+    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        read_row_groups, fn_kwargs={"columns": columns}, batch_size=None, batch_format="pyarrow")
+
+
+def read_row_groups(pieces: Any, columns: list[str] | None) -> Iterator[Any]:
+    """A block of (path, row_group) pieces → their rows, in batches of SCORE_ROWS."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path, group in zip(pieces["path"].to_pylist(), pieces["row_group"].to_pylist()):
+        with pq.ParquetFile(path) as f:
+            for batch in f.iter_batches(batch_size=SCORE_ROWS, row_groups=[group], columns=columns):
+                yield pa.Table.from_batches([batch])
 
 
 def shared_copy(path: Path, storage: str) -> str:

@@ -120,6 +120,30 @@ def test_what_reaches_the_workers_does_not_grow_with_the_rows(ray_local, digits,
     assert abs(sizes[0][1] - sizes[1][1]) < 256 and sizes[1][1] < 100_000  # the 48,000 rows are 12 MB of floats
 
 
+def test_a_large_split_streams_every_row_group_in_order(ray_local, tmp_path, monkeypatch):
+    """Past SMALL_PARQUET, a folder of parts is read by Ray Data tasks a row group at a time:
+    every row once, in file and row group order, with only the columns asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import io
+
+    monkeypatch.setattr(io, "SMALL_PARQUET", 0)
+    folder = tmp_path / "train.parquet"
+    folder.mkdir()
+    ids = np.arange(1_000)
+    for part, rows in enumerate(np.array_split(ids, 3)):  # 3 parts of 2 or 3 row groups each
+        pq.write_table(pa.table({"id": rows, "x": rows * 0.5, "skip": rows.astype(str)}),
+                       folder / f"part-{part:05d}.parquet", row_group_size=150)
+    pq.write_table(pa.table({"id": ids[:0], "x": ids[:0] * 0.5, "skip": ids[:0].astype(str)}),
+                   folder / "part-00003.parquet")  # an empty part: no row group
+    ds = io.read_dataset(folder, ["id", "x"])
+    ds.context.execution_options.preserve_order = True  # as training's ingest sets it
+    data = ds.to_pandas()
+    assert data.columns.tolist() == ["id", "x"] and data["id"].tolist() == ids.tolist()
+    assert (data["x"] == data["id"] * 0.5).all()
+
+
 def test_a_lost_worker_resumes_from_its_checkpoint(ray_local, digits, tmp_path):
     """Rank 0 exits hard at the start of epoch 3 of 5; Ray restarts the 2-worker group, which
     resumes from the latest checkpoint the controller had recorded (epoch 2's, or epoch 1's if
