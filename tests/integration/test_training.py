@@ -99,7 +99,7 @@ def test_what_reaches_the_workers_does_not_grow_with_the_rows(ray_local, digits,
     import cloudpickle
 
     from pipeline.data import io
-    from pipeline.train.ingest import training_datasets
+    from pipeline.train.ingest import IdleBackoff, training_datasets
     from pipeline.train.models import ModelSpec
     from pipeline.train.trainer import loop_config, make_trainer, model_spec, n_inputs
 
@@ -113,6 +113,7 @@ def test_what_reaches_the_workers_does_not_grow_with_the_rows(ray_local, digits,
         io.write_parquet(val_df, folder / "val.parquet")
         data = training_datasets(io.read_dataset(folder / "train.parquet"), io.read_dataset(folder / "val.parquet"),
                                  schema, state, params)
+        assert all(IdleBackoff in d.context.custom_execution_callback_classes for d in data.values())
         spec: ModelSpec = model_spec(schema, n_inputs(state), params)
         trainer = make_trainer(loop_config(spec, schema, state, params), data, params, str(tmp_path), "sizes")
         sizes.append((len(cloudpickle.dumps(trainer.train_loop_config)), len(cloudpickle.dumps(data))))

@@ -210,3 +210,22 @@ def test_ingest_memory_bounds_ray_datas_object_store_share():
     assert free.resource_limits.object_store_memory != 256 << 20
     with pytest.raises(ValueError, match="ingest_memory_mb"):
         TrainParams(ingest_memory_mb=1)
+
+
+def test_ray_data_s_scheduling_loop_pauses_only_when_a_step_came_straight_back(monkeypatch):
+    """IdleBackoff sleeps after a step that returned within SPIN_S (it waited on nothing),
+    and not after one that blocked in ray.wait; Ray Data instantiates it from the datasets'
+    context, so it must build without arguments."""
+    from pipeline.train import ingest
+
+    clock = [100.0]
+    slept = []
+    monkeypatch.setattr(ingest.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(ingest.time, "sleep", slept.append)
+    backoff = ingest.IdleBackoff()
+    clock[0] += 0.001  # a step that came straight back
+    backoff.on_execution_step(None)
+    assert slept == [ingest.IdleBackoff.PAUSE_S]
+    clock[0] += 0.1  # a step that waited on a task
+    backoff.on_execution_step(None)
+    assert slept == [ingest.IdleBackoff.PAUSE_S]
