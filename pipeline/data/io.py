@@ -164,6 +164,24 @@ def parquet_head(path: Path, rows: int) -> pd.DataFrame:
     return next(read_batches(path, rows), pd.DataFrame())
 
 
+def column_types(path: Path) -> pd.DataFrame | None:
+    """A frame with no rows and the dataset's columns and types, as `read_batches` gives them:
+    a Parquet dataset's from its first part's footer, without decoding a row group (a 1M-row
+    group took 0.9 s); a CSV's from its first row. None for a CSV with no rows."""
+    import pyarrow.parquet as pq
+
+    part = data_parts(path)[0]
+    if part.suffix != ".parquet":
+        head = next(read_batches(part, 1), None)
+        return None if head is None else head.iloc[:0]
+    if part.stat().st_size == 0:
+        raise DataError(f"{part} is empty")
+    try:
+        return pq.read_schema(part).empty_table().to_pandas()
+    except (ValueError, OSError) as e:
+        raise _unreadable(part, e) from None
+
+
 def parquet_rows(path: Path) -> int:
     """Rows in a Parquet file or folder of parts, from their footers."""
     import pyarrow.parquet as pq

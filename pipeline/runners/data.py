@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,12 +26,17 @@ if TYPE_CHECKING:
     from pipeline.stages import StageFiles
 
 
-def read_data_version(raw: Path, declared: str) -> DataVersion:
-    """The raw file's (or folder's) md5, as DVC records it, and whether it matches the committed
-    .dvc file; `declared` is data.raw as params give it."""
+def require_raw(raw: Path) -> None:
+    """A DataError naming what is wrong when the raw data is missing, or is not data files."""
     if not raw.exists():
         raise DataError(f"raw data not found: {raw} (run `d2d data demo` for the demo dataset, or `dvc pull`)")
     io.data_parts(raw)  # a folder without parts, or a file of another type, is named here
+
+
+def read_data_version(raw: Path, declared: str) -> DataVersion:
+    """The raw file's (or folder's) md5, as DVC records it, and whether it matches the committed
+    .dvc file; `declared` is data.raw as params give it."""
+    require_raw(raw)
     md5 = io.dvc_md5(raw)
     recorded = io.dvc_recorded_md5(raw)
     return DataVersion(str(declared), md5, recorded, recorded == md5)
@@ -111,32 +117,48 @@ def validate(params: Params, files: StageFiles) -> Validated:
     reasons) written as they come, the gate decided on the exact totals. On Ray
     (`data_engine`), actors check the raw part files side by side and the driver adds up
     their totals."""
-    from pipeline.data.keys import occurrences
-    from pipeline.data.validate import Validator, dataset_summary, require_columns
+    from pipeline.data.validate import SuiteRunner, require_columns
 
     raw = files[RAW]
-    version = read_data_version(raw, params.data.raw)
     schema = schema_from_params(params.data)
-    rows = params.data.batch_rows
-    head = next(io.read_batches(raw, 1), None)
+    require_raw(raw)
+    head = io.column_types(raw)
     require_columns(head.columns if head is not None else pd.Index([]), schema)
-    repeats, hashes = _raw_identity(raw, schema, rows)
     docs = files["data_docs"] if params.validate_.data_docs else None
     # A fresh folder each run: GX adds pages to an existing site, and DVC records this one as
     # an output, so it must hold this run's docs only (or a note that they are off).
     io.fresh_dir(files["data_docs"])
     if docs is None:
         io.write_text("<p>Data Docs are off (validate.data_docs: false).</p>\n", files["data_docs"] / "index.html")
-    keys = occurrences(hashes) if hashes is not None else None
     # With Ray, the driver's writers only own the folders: the actors write the parts into them.
     on_ray = data_engine(params) == "ray"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2d-gx") as pool:
+        # GX's import, context and suite (about 3 s of Python) are built beside the md5, the ids'
+        # pass and the first batch's read, which spend their time in hashlib and pyarrow
+        suite = None if on_ray else pool.submit(SuiteRunner, schema, docs)
+        return _validate(params, files, (raw, schema, head, docs), suite)
+
+
+def _validate(params: Params, files: StageFiles, dataset: tuple[Path, Schema, pd.DataFrame, Path | None],
+              suite: Future[Any] | None) -> Validated:
+    """`validate` once its input is known to have the columns: `suite`, the GX suite being built
+    on another thread (None on Ray, where each actor builds its own)."""
+    from pipeline.data.keys import occurrences
+    from pipeline.data.validate import Validator, dataset_summary
+
+    raw, schema, head, docs = dataset
+    rows = params.data.batch_rows
+    on_ray = data_engine(params) == "ray"
+    version = read_data_version(raw, params.data.raw)
+    repeats, hashes = _raw_identity(raw, schema, rows)
+    keys = occurrences(hashes) if hashes is not None else None
     valid = io.PartsWriter(files["valid"], _types(schema, "valid", head), keep_empty=not on_ray)
     quarantine = io.PartsWriter(files["quarantine"], schema.arrow_types("raw"), keep_empty=not on_ray)
     try:
         if on_ray:
             tally, expectations = _check_on_ray(raw, schema, params, docs, repeats, (hashes, keys), valid, quarantine)
         else:
-            validator = Validator(schema, params.validate_, docs, repeats)
+            validator = Validator(schema, params.validate_, docs, repeats, suite)
             _check_batches(validator, io.coalesced(io.read_batches(raw, rows), rows), 0, (hashes, keys), valid,
                            quarantine, rows)
             tally, expectations = validator.tally, validator.expectations
@@ -303,7 +325,7 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
     if rules.outliers.method == "iqr" and schema.numeric:
         sample = io.parquet_sample(source, IQR_SAMPLE, seed=0, positions=True)
         bounds = outlier_bounds(iqr_rows(sample, schema, rules, repeats), schema, "iqr", rules.outliers.iqr_k)
-    types = _types(schema, "clean", io.parquet_head(source, 1))
+    types = _types(schema, "clean", io.column_types(source))
     on_ray = data_engine(params) == "ray"
     kept = io.PartsWriter(files["clean"], types, keep_empty=not on_ray)
     removed = io.PartsWriter(files["removed"], types, keep_empty=not on_ray)
@@ -470,7 +492,7 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
     if not source.exists():
         raise DataError(f"{source} not found: run the stage that writes it first")
     part = _assignment(source, schema, params)
-    types = _types(schema, "clean", io.parquet_head(source, 1))
+    types = _types(schema, "clean", io.column_types(source))
     on_ray = data_engine(params) == "ray"
     writers = {name: io.PartsWriter(files[name], types, keep_empty=not on_ray) for name in SPLITS}
     try:

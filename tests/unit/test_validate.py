@@ -93,3 +93,57 @@ def test_input_frame_is_not_modified(tiny_schema):
     before = df.copy()
     validate(df, tiny_schema, LOOSE)
     pd.testing.assert_frame_equal(df, before)
+
+
+def test_a_batch_is_checked_quickly_only_when_it_passes(tiny_schema, monkeypatch):
+    """SuiteRunner checks a batch after a passing one with BOOLEAN_ONLY results first and
+    again with COMPLETE when that fails: the quarantine and the tally must be what COMPLETE
+    alone gives, batch by batch, whatever the order of clean and dirty batches."""
+    import numpy as np
+
+    from pipeline.data.validate import Validator
+
+    def batches() -> list[pd.DataFrame]:
+        out = []
+        for i, dirty in enumerate([False, True, True, False, False, True, False]):
+            df = make_frame(tiny_schema, 20, seed=i).astype("object")
+            df[tiny_schema.id_column] = range(20 * i, 20 * i + 20)
+            if dirty:
+                df.loc[3, "f2"], df.loc[7, "label"] = 11, 9
+            out.append(df)
+        return out
+
+    from great_expectations import ValidationDefinition
+
+    formats: list[str] = []
+    real_run = ValidationDefinition.run
+
+    def spy(self, *a, **k):
+        formats.append(k["result_format"]["result_format"])
+        return real_run(self, *a, **k)
+
+    def check_all(always_complete: bool) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+        v = Validator(tiny_schema, LOOSE, None, np.empty(0, dtype="uint64"))
+        out = []
+        for b in batches():
+            if always_complete:
+                v.runner.last_passed = False
+            out.append(v.check(b))
+        return [*out, (pd.DataFrame([v.summary()[1]]), pd.DataFrame())]
+
+    monkeypatch.setattr(ValidationDefinition, "run", spy)
+    adaptive = check_all(always_complete=False)
+    assert formats == ["BOOLEAN_ONLY",                  # clean: passes quickly
+                       "BOOLEAN_ONLY", "COMPLETE",      # dirty: fails quickly, then in full
+                       "COMPLETE",                      # dirty, straight to COMPLETE
+                       "COMPLETE",                      # clean, after a dirty batch
+                       "BOOLEAN_ONLY",                  # clean again
+                       "BOOLEAN_ONLY", "COMPLETE",      # dirty
+                       "COMPLETE"]                      # clean, after a dirty batch
+    formats.clear()
+    full = check_all(always_complete=True)
+    assert set(formats) == {"COMPLETE"}
+    for (ok_a, bad_a), (ok_f, bad_f) in zip(adaptive, full, strict=True):
+        pd.testing.assert_frame_equal(ok_a, ok_f)
+        pd.testing.assert_frame_equal(bad_a, bad_f)
+    assert len(full[1][1]) == 2 and full[1][1][REASON].tolist() == ["f2 outside [0, 10]", "label not in the allowed values"]
