@@ -185,7 +185,9 @@ class PreprocessParams(_Section):
 
 
 class TrainParams(_Section):
-    model: Literal["cnn", "mlp", "lstm", "transformer"] = "cnn"
+    # resnetNN: He et al.'s residual network with torchvision's parameter names (pipeline/train/resnet.py)
+    model: Literal["cnn", "mlp", "lstm", "transformer", "resnet18", "resnet34", "resnet50", "resnet101",
+                   "resnet152"] = "cnn"
     channels: list[int] = Field(default=[32, 64], min_length=1)  # cnn
     hidden: list[int] = Field(default=[128], min_length=0)  # the dense head after any encoder
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
@@ -446,8 +448,8 @@ class Params(_Section):
             n for f in self.data.features for n in f.names()
         } | {self.data.target}:
             raise ValueError(f"evaluate.slice_column '{self.evaluate.slice_column}' is not a column of the dataset")
-        if self.train.model == "cnn" and self.data.image_shape is None:
-            raise ValueError("train.model 'cnn' needs data.image_shape; use 'mlp' for tabular data")
+        if (self.train.model == "cnn" or self.train.model.startswith("resnet")) and self.data.image_shape is None:
+            raise ValueError(f"train.model '{self.train.model}' needs data.image_shape; use 'mlp' for tabular data")
         if self.preprocess.scale == "range":
             open_ended = [n for f in self.data.features if f.kind == "numeric" and (f.min is None or f.max is None) for n in f.names()]
             if open_ended:

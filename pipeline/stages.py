@@ -198,7 +198,27 @@ class StageFiles:
 def run(name: str, params: Params, root: Path, lineage: Mapping[str, str] | None = None) -> summaries.Summary:
     """Run one stage in the project at `root` (what `d2d stage NAME` and the flow's tasks call)."""
     s = stage(name)
-    return s.run(params, StageFiles(s, params, root, dict(lineage or {})))
+    try:
+        return s.run(params, StageFiles(s, params, root, dict(lineage or {})))
+    finally:
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Give the memory a stage has freed back to the OS. With the system allocator (see
+    pipeline/__init__) glibc keeps freed heap for reuse, and `d2d run` runs every stage in
+    one process: what validate freed would still be counted while training runs."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)  # glibc only; elsewhere there is nothing to do
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
 
 
 def describe() -> list[dict[str, str]]:

@@ -339,7 +339,7 @@ preprocess:                          # fitted on the train split only, saved wit
   max_categories: 50
 
 train:
-  model: mlp                         # cnn | mlp | lstm | transformer
+  model: mlp                         # cnn | mlp | lstm | transformer | resnet18 ... resnet152 (images)
   channels: [32, 64]                 # cnn only
   hidden: [128, 64]                  # the dense head
   dropout: 0.2

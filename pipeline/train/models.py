@@ -89,6 +89,22 @@ def cnn(spec: ModelSpec) -> nn.Module:
     return nn.Sequential(*layers, *_head(c * h * w, spec))
 
 
+def _resnet(depth: int) -> Callable[[ModelSpec], nn.Module]:
+    def build(spec: ModelSpec) -> nn.Module:
+        """A ResNet whose `fc` is the head (`hidden` and `dropout` do not apply)."""
+        from pipeline.train.resnet import ResNet
+
+        if spec.image_shape is None:
+            raise ValueError(f"resnet{depth} needs an image_shape")
+        return ResNet(depth, spec.image_shape, spec.n_classes)
+
+    return build
+
+
+for _depth in (18, 34, 50, 101, 152):
+    register(f"resnet{_depth}")(_resnet(_depth))
+
+
 def _steps(spec: ModelSpec) -> tuple[int, int]:
     """A row as a sequence: an image's rows (H steps of C·W values), else one feature per step."""
     if spec.image_shape:

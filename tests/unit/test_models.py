@@ -9,6 +9,7 @@ from pipeline.train.models import ModelSpec, build_model, load_model, save_model
     [
         ("cnn", (1, 8, 8), 64), ("cnn", (3, 5, 7), 105), ("cnn", (2, 2, 2), 8), ("mlp", None, 13),
         ("lstm", None, 13), ("lstm", (1, 8, 8), 64), ("transformer", None, 13), ("transformer", (2, 4, 4), 32),
+        ("resnet18", (1, 8, 8), 64), ("resnet18", (3, 5, 7), 105),
     ],
 )
 @pytest.mark.parametrize("norm", ["auto", "layer", "none"])
@@ -34,7 +35,7 @@ def test_save_load_roundtrip(tmp_path):
     assert torch.allclose(model(x), loaded(x))
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "lstm", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lstm", "transformer", "resnet18"])
 def test_every_model_exports_for_serving(kind):
     """torch.export with a dynamic batch is how the model ships in MLflow."""
     spec = ModelSpec(kind, 64, 3, (1, 8, 8), (4,), (8,), 0.0, width=8, heads=2)
