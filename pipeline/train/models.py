@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from pipeline.train.resnet import DEPTHS, ResNet
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -92,8 +94,6 @@ def cnn(spec: ModelSpec) -> nn.Module:
 def _resnet(depth: int) -> Callable[[ModelSpec], nn.Module]:
     def build(spec: ModelSpec) -> nn.Module:
         """A ResNet whose `fc` is the head (`hidden` and `dropout` do not apply)."""
-        from pipeline.train.resnet import ResNet
-
         if spec.image_shape is None:
             raise ValueError(f"resnet{depth} needs an image_shape")
         return ResNet(depth, spec.image_shape, spec.n_classes)
@@ -101,7 +101,7 @@ def _resnet(depth: int) -> Callable[[ModelSpec], nn.Module]:
     return build
 
 
-for _depth in (18, 34, 50, 101, 152):
+for _depth in DEPTHS:
     register(f"resnet{_depth}")(_resnet(_depth))
 
 

@@ -8,10 +8,10 @@ depends on it. So the network is written here, block for block as torchvision wr
 user saved from torchvision's or timm's `resnet18` ... `resnet152` loads into it unchanged:
 `conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`, ..., `fc`.
 
-Two things that hold no parameters may differ from torchvision's, so the same weights fit:
-- `small_input`: for images under 64 pixels on a side, the stem keeps its 7×7 convolution
+Two things that hold no parameters differ from torchvision's, so the same weights fit:
+- for images under `SMALL_INPUT` (64) pixels on a side, the stem keeps its 7×7 convolution
   but with stride 1 and no max pool (torchvision's stem divides the image by 4 before the
-  first block, which leaves a 32×32 image 2×2 by `layer4`);
+  first block, which leaves a 32×32 image 1×1 by `layer4`);
 - the model also takes its input flat, (N, C·H·W), as every model in d2d's zoo does.
 """
 
