@@ -92,6 +92,24 @@ def print_run_summary(result: TrainingRun, seconds: float, tracking_uri: str | N
                       "once the remote is reachable", style="yellow")
 
 
+# The background services of a long-lived Prefect server. With no PREFECT_API_URL, Prefect
+# starts a temporary server for one `d2d run`, `monitor` or `predict`, on the same database as a
+# local `prefect server` (so its scheduler would start that server's scheduled runs). On this
+# 2-core machine these services took the streamed epochs of a 1M `d2d run` from 53.6k to 41.7k
+# samples/s (second epochs, two runs each; bench/RESULTS.md).
+TEMPORARY_SERVER_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+                        "CANCELLATION_CLEANUP", "DB_VACUUM", "CLEANUP_RECONCILER", "TRIGGERS")
+
+
+def lean_temporary_server() -> None:
+    """Settings for the temporary Prefect server a flow command may start: no analytics, and
+    none of TEMPORARY_SERVER_OFF. Each is a default: a value in the environment wins, and a
+    server named by PREFECT_API_URL is not affected."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for service in TEMPORARY_SERVER_OFF:
+        os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
+
+
 @app.command()
 def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Run the whole pipeline as a Prefect flow: validate, clean, split, train, evaluate, register."""
@@ -99,7 +117,7 @@ def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
 
     overrides = set_ or []
     load_params(params, overrides)  # fail in a second on bad params, before any server starts
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    lean_temporary_server()
     from flows.training import training_flow
     from pipeline import lock, stages
 
@@ -123,7 +141,7 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
 
     overrides = set_ or []
     load_params(params, overrides)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    lean_temporary_server()
     from flows.monitor import monitor_flow
 
     _quiet_user_errors()
@@ -213,7 +231,7 @@ def predict(
     overrides = set_ or []
     load_params(params, overrides)
     check_output(output, force)  # before Prefect and Ray start
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    lean_temporary_server()
     from flows.predict import predict_flow
 
     _quiet_user_errors()

@@ -201,3 +201,23 @@ def test_an_impossible_params_path_is_a_plain_error(monkeypatch, capsys, tmp_pat
 def test_a_params_file_that_is_not_text_is_a_plain_error(monkeypatch, capsys, tmp_path):
     (tmp_path / "params.yaml").write_bytes(b"\xff\xfe\x00\x81 binary")
     assert_one_line(*main_in_process(monkeypatch, capsys, tmp_path, "stage", "validate"), "params.yaml")
+
+
+def test_the_temporary_prefect_server_runs_without_a_long_lived_server_s_services(monkeypatch):
+    """`d2d run`, `monitor` and `predict` turn off the scheduler, late runs, automations ... of the
+    temporary server Prefect starts when no PREFECT_API_URL is set, but never a value the
+    user's environment already gives."""
+    from prefect.settings import Settings
+
+    from app import cli
+
+    for service in cli.TEMPORARY_SERVER_OFF:  # set, then removed: monkeypatch undoes both, so
+        monkeypatch.setenv(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "unset")  # what the
+        monkeypatch.delenv(f"PREFECT_SERVER_SERVICES_{service}_ENABLED")  # helper sets goes too
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_FOREMAN_ENABLED", "true")  # the user's own
+    cli.lean_temporary_server()
+    services = Settings().server.services  # what a server started from this environment reads
+    assert not services.scheduler.enabled and not services.late_runs.enabled and not services.triggers.enabled
+    assert not services.repossessor.enabled and not services.db_vacuum.enabled
+    assert services.foreman.enabled
+    assert services.event_persister.enabled and services.task_run_recorder.enabled  # the run's own records
