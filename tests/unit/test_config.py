@@ -51,6 +51,21 @@ def test_cnn_needs_image_shape(tmp_path):
         load_params(write(tmp_path, lambda r: r["data"].update(image_shape=None)))
 
 
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_a_resnet_needs_image_shape(tmp_path, model):
+    def change(r):
+        r["data"].update(image_shape=None)
+        r["train"].update(model=model)
+
+    with pytest.raises(ConfigError, match=f"train.model '{model}' needs data.image_shape"):
+        load_params(write(tmp_path, change))
+
+
+def test_an_unknown_resnet_depth_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="train.model"):
+        load_params(write(tmp_path, lambda r: r["train"].update(model="resnet20")))
+
+
 @pytest.mark.parametrize("override, key", [("train.epochz=3", "train.epochz"), ("train.lr=-1", "train.lr")])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
