@@ -106,7 +106,7 @@ def publish(batch: monitor.Batch, screened: Screened, inspection: Inspection, de
 
 @task(name="append-batch", retry_condition_fn=retry_worthwhile, cache_policy=NO_CACHE)
 def append_batch(intent: dict[str, Any], params: Params, root: Path) -> dict[str, str]:
-    """Swap in the raw file's next version (the intent the ledger holds) and version it."""
+    """Move the raw dataset's new part in (the intent the ledger holds) and version it."""
     appended = monitor.install_append(intent, params, root)
     get_run_logger().info("appended %d rows to %s: md5 %s → %s; %s; %s", intent["rows"], appended["path"],
                           appended["md5_before"][:8], appended["md5_after"][:8], appended["dvc"], appended["git"])
@@ -192,8 +192,8 @@ def process_batch(batch: monitor.Batch, ledger: dict[str, Any], run: MonitorCont
     ledger["batches"][batch.md5] = entry
     monitor.write_ledger(ledger, params, project)
     done = complete(batch.md5, entry, ledger, run)
-    if done is None:  # only a next version a killed run built can be gone; this run built it just now
-        raise RuntimeError(f"{batch.name}: the raw file's next version vanished before it was swapped in")
+    if done is None:  # only a part a killed run built can be gone; this run built it just now
+        raise RuntimeError(f"{batch.name}: the raw dataset's new part vanished before it was moved in")
     return retrain(batch.md5, done, ledger, run)
 
 

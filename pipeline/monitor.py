@@ -5,13 +5,15 @@ A batch is a CSV or Parquet file in the inbox. It is processed once: the ledger
 monitor, or a file copied in twice, never counts a batch again. Each batch is validated with
 the pipeline's own expectations (bad rows go to a quarantine file with their reasons),
 compared with the reference (the train split the champion was trained on) and scored by the
-champion. A batch that drifted joins the raw dataset as a new DVC version: the raw file's
-old bytes stay as they were, the new rows are appended after them, and DVC caches both.
+champion. A batch that drifted joins the raw dataset as a new DVC version: a new part file,
+with every existing byte left as it was, so DVC caches only the new part. A single raw file
+becomes, on its first append, a folder of the same name whose first part is that file
+(`io.install_part`).
 
-Appending is a recorded transaction (write-ahead): the next version of the raw file is built
-beside it, the ledger records the intent (the md5 before and after), the file is swapped in,
-versioned, and the entry is completed. A run killed in between leaves a `pending` entry that
-the next run finishes, once: it never appends the rows a second time.
+Appending is a recorded transaction (write-ahead): the new part is built beside the dataset,
+the ledger records the intent (the md5 before and after), the part is moved in, versioned,
+and the entry is completed. A run killed in between leaves a `pending` entry that the next
+run finishes, once: it never appends the rows a second time.
 
 The inbox is read only as regular files that are really in it: a symbolic link, or anything
 that resolves outside the inbox, is refused with the reason and left untouched. Quarantined
@@ -55,7 +57,7 @@ def state_dir(params: Params, root: Path) -> Path:
 
 LEDGER = "ledger.json"
 PENDING, COMPLETE = "pending", "complete"
-FAULT_DRILL = "D2D_FAULT_DRILL"  # `monitor-after-append`: exit hard right after the raw file is swapped
+FAULT_DRILL = "D2D_FAULT_DRILL"  # `monitor-after-append`: exit hard right after the new part is moved in
 
 
 def ledger_path(params: Params, root: Path) -> Path:
@@ -476,9 +478,8 @@ def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: P
 
 
 def stage_append(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, Any]:
-    """Step 1 of appending: the raw file's next version (or, for a folder of parts, the new part
-    file), built beside it but not swapped in, and what the ledger records before the swap (the
-    intent). The version being replaced is
+    """Step 1 of appending: the raw dataset's new part file, built beside it but not moved in,
+    and what the ledger records before the move (the intent). The version being added to is
     first cached and pushed by DVC, so it stays restorable."""
     from pipeline import versioning
 
@@ -486,29 +487,29 @@ def stage_append(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, An
     before = io.dvc_md5(raw)
     recorded = io.dvc_recorded_md5(raw)
     pushed = versioning.push_tracked(raw, root) if recorded is not None and recorded == before else None
-    if raw.is_dir():  # a dataset folder gets a new part file: nothing already there is rewritten
-        staged, part = io.stage_part(rows, raw)
-        after = io.dvc_md5_with(raw, staged, part)
-    else:
-        staged, part = io.staged_append(rows, raw), None
-        after = io.file_md5(staged)
-    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before, "md5_after": after,
-            "staged": staged.name, "part": part, "tracked": recorded is not None, "pushed_before": pushed}
+    staged, part = io.stage_part(rows, raw)
+    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before,
+            "md5_after": io.dvc_md5_with(raw, staged, part), "staged": staged.name, "part": part,
+            "tracked": recorded is not None, "pushed_before": pushed}
 
 
 def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[str, Any]:
-    """Step 2, after the intent is in the ledger: swap the new version in (unless a run that was
+    """Step 2, after the intent is in the ledger: move the new part in (unless a run that was
     killed already did), then `dvc add`, push and commit its .dvc record. Safe to repeat."""
     from pipeline import versioning
 
     raw = raw_path(params, root)
-    current = io.dvc_md5(raw)
-    if current == intent["md5_before"]:
-        io.move(raw.with_name(intent["staged"]), raw / intent["part"] if intent.get("part") else raw)
+    staged = raw.with_name(intent["staged"])
+    current = io.dvc_md5(raw) if raw.exists() else None  # None: killed while a file became a folder
+    if current == intent["md5_before"] or (current is None and io.building_folder(staged).is_dir()):
+        if intent.get("part"):
+            io.install_part(staged, raw, intent["part"])
+        else:  # a ledger written before appends became part files: the file's whole next version
+            io.move(staged, raw)
     elif current != intent["md5_after"]:
-        raise D2DError(f"{raw} changed while a batch was being appended to it (md5 {current[:8]}, expected "
-                       f"{intent['md5_before'][:8]} or {intent['md5_after'][:8]}); restore it with `dvc checkout` "
-                       f"and run the monitor again")
+        raise D2DError(f"{raw} changed while a batch was being appended to it (md5 {(current or 'missing')[:8]}, "
+                       f"expected {intent['md5_before'][:8]} or {intent['md5_after'][:8]}); restore it with "
+                       f"`dvc checkout` and run the monitor again")
     if os.environ.get(FAULT_DRILL) == "monitor-after-append":
         os._exit(137)  # the fault drill: the rows are in, nothing after them is recorded yet
     tracked = intent["tracked"]
@@ -520,18 +521,24 @@ def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[s
 
 
 def append_abandoned(intent: dict[str, Any], params: Params, root: Path) -> bool:
-    """Whether a recorded append never happened and never can: the raw file is still the
-    version before it, and the next version its run built is gone."""
+    """Whether a recorded append never happened and never can: the raw dataset is still the
+    version before it, and the part its run built is gone."""
     raw = raw_path(params, root)
-    return io.dvc_md5(raw) == intent["md5_before"] and not raw.with_name(intent["staged"]).is_file()
+    staged = raw.with_name(intent["staged"])
+    built = staged.is_file() or (io.building_folder(staged) / (intent.get("part") or "")).is_file()
+    return raw.exists() and io.dvc_md5(raw) == intent["md5_before"] and not built
 
 
 def discard_stale_stages(ledger: dict[str, Any], params: Params, root: Path) -> None:
-    """Next versions of the raw file that a killed run built but never recorded: nothing refers to them."""
+    """Parts (and a single file's folder being built) that a killed run left but never
+    recorded: nothing refers to them."""
     raw = raw_path(params, root)
     wanted = {e["append"]["staged"] for e in ledger["batches"].values() if e.get("state") == PENDING and e.get("append")}
     for stale in raw.parent.glob(f".{raw.name}.*.next"):
         if stale.name not in wanted:
+            io.remove(stale)
+    for stale in raw.parent.glob(f".{raw.name}.*.dir"):
+        if stale.with_suffix(".next").name not in wanted and raw.exists():
             io.remove(stale)
 
 
@@ -588,8 +595,8 @@ def ledger_entry(batch: Batch, screened: Screened, decision: BatchDecision, repo
 def open_entry(batch: Batch, screened: Screened, decision: BatchDecision, report: Path, quarantine: Path | None,
                params: Params, root: Path) -> dict[str, Any]:
     """A measured batch's entry, written ahead of what its decision entails: pending when it
-    raised an alarm (the event, the retrain and, for labelled rows, the raw file's next
-    version, built here but not swapped in yet), complete otherwise. "act" is `alarm`."""
+    raised an alarm (the event, the retrain and, for labelled rows, the raw dataset's new
+    part, built here but not moved in yet), complete otherwise. "act" is `alarm`."""
     entry = ledger_entry(batch, screened, decision, report, None, quarantine, root)
     entry |= {"key": batch.key, "act": decision.alarm, "state": PENDING if decision.alarm else COMPLETE}
     if decision.alarm and screened.labelled:

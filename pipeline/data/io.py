@@ -330,47 +330,6 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def staged_append(rows: pd.DataFrame, path: Path) -> Path:
-    """The next version of `path` in a new temporary file beside it, for the caller to check
-    (its md5) and install with os.replace, or delete. A CSV keeps its old bytes unchanged,
-    then `rows` in the file's own column order; Parquet is rewritten with the rows after."""
-    import shutil
-
-    if path.suffix == ".parquet":
-        frame = pd.concat([read_table(path), rows], ignore_index=True)
-    else:
-        header = pd.read_csv(path, nrows=0).columns.tolist()
-        missing = [c for c in header if c not in rows.columns]
-        if missing:
-            raise DataError(f"cannot append to {path}: the new rows lack column(s) {', '.join(missing[:5])}")
-    tmp = _beside(path, ".next")
-    try:
-        if path.suffix == ".parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            shutil.copyfile(path, tmp)
-            with tmp.open("rb+") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell():
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        f.write(b"\n")
-            rows[header].to_csv(tmp, mode="a", header=False, index=False, lineterminator="\n")
-        shutil.copymode(path, tmp)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def append_csv(rows: pd.DataFrame, path: Path) -> Path:
-    """A new version of a CSV: its old bytes unchanged, then `rows` in the file's own column
-    order. Written beside it and renamed into place, so a crash leaves the old version."""
-    return move(staged_append(rows, path), path)
-
-
 def write_text(text: str, path: Path, private: bool = False) -> Path:
     with atomic(path, private) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -457,28 +416,39 @@ def dvc_md5(path: Path) -> str:
     return _dir_md5(_dvc_listing(path)) if path.is_dir() else file_md5(path)
 
 
-def dvc_md5_with(folder: Path, extra: Path, name: str) -> str:
-    """The folder's DVC md5 once `extra` is moved into it as `name`."""
-    return _dir_md5([*_dvc_listing(folder), {"md5": file_md5(extra), "relpath": name}])
+def dvc_md5_with(dataset: Path, extra: Path, name: str) -> str:
+    """The dataset's DVC md5 once `extra` is installed in it as part `name` (`install_part`):
+    a single file has become a folder whose first part it is."""
+    listing = (_dvc_listing(dataset) if dataset.is_dir()
+               else [{"md5": file_md5(dataset), "relpath": first_part_name(dataset)}])
+    return _dir_md5([*listing, {"md5": file_md5(extra), "relpath": name}])
 
 
-def stage_part(rows: pd.DataFrame, folder: Path) -> tuple[Path, str]:
-    """A new part file of a dataset folder, written beside the folder (hidden, `.next`) for the
-    caller to move in, and the name it gets there: after every existing part in name order, so
-    readers see the new rows last. CSV parts take the first part's columns; Parquet parts its
-    column types where the rows fit them. The existing parts are never rewritten."""
+def first_part_name(path: Path) -> str:
+    """The name a single-file dataset keeps as the first part of the folder it becomes on its
+    first append: its own name, after a prefix that sorts before every appended part's."""
+    return f"0-{path.name}"
+
+
+def stage_part(rows: pd.DataFrame, dataset: Path) -> tuple[Path, str]:
+    """A new part file of a dataset (a folder of parts, or a single file), written beside it
+    (hidden, `.next`) for `install_part` to move in, and the name it gets there: after every
+    existing part in name order, so readers see the new rows last. CSV parts take the first
+    part's columns; Parquet parts its column types where the rows fit them. The existing parts
+    are never rewritten."""
     import datetime as dt
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = data_parts(folder)
-    first, last = parts[0], parts[-1].relative_to(folder).parts[0]
+    parts = data_parts(dataset)
+    first = parts[0]
+    last = parts[-1].relative_to(dataset).parts[0] if dataset.is_dir() else first_part_name(dataset)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"append-{stamp}{first.suffix}"
     if name <= last:
         name = "~" + name  # sorts after letters and digits
-    tmp = _beside(folder, ".next")
+    tmp = _beside(dataset, ".next")
     try:
         if first.suffix == ".parquet":
             table = pa.Table.from_pandas(rows, preserve_index=False)
@@ -491,7 +461,7 @@ def stage_part(rows: pd.DataFrame, folder: Path) -> tuple[Path, str]:
             header = pd.read_csv(first, nrows=0, sep="\t" if first.suffix == ".tsv" else ",").columns.tolist()
             missing = [c for c in header if c not in rows.columns]
             if missing:
-                raise DataError(f"cannot append to {folder}: the new rows lack column(s) {', '.join(missing[:5])}")
+                raise DataError(f"cannot append to {dataset}: the new rows lack column(s) {', '.join(missing[:5])}")
             rows[header].to_csv(tmp, index=False, lineterminator="\n", sep="\t" if first.suffix == ".tsv" else ",")
         os.chmod(tmp, 0o666 & ~_umask())
         with tmp.open("rb") as f:
@@ -500,6 +470,38 @@ def stage_part(rows: pd.DataFrame, folder: Path) -> tuple[Path, str]:
         tmp.unlink(missing_ok=True)
         raise
     return tmp, name
+
+
+def building_folder(staged: Path) -> Path:
+    """Where `install_part` assembles the folder a single-file dataset becomes (beside it, hidden)."""
+    return staged.with_suffix(".dir")
+
+
+def install_part(staged: Path, dataset: Path, name: str) -> Path:
+    """Move a part that `stage_part` wrote into its dataset. A single file first becomes a
+    folder of the same name (as Spark and Dask name their dataset folders), holding the file
+    byte for byte as its first part (`first_part_name`; a hard link, so nothing is copied) and
+    the new part: no existing bytes are rewritten, and DVC caches only the new part. Safe to
+    call again after a crash at any step: it finishes what is left."""
+    building = building_folder(staged)
+    if dataset.is_file():
+        building.mkdir(exist_ok=True)
+        first = building / first_part_name(dataset)
+        if not first.exists():
+            try:
+                os.link(dataset, first)
+            except OSError:  # a file system without hard links: a copy, installed whole
+                with atomic(first) as tmp:
+                    shutil.copyfile(dataset, tmp)
+        if staged.exists():
+            move(staged, building / name)
+        dataset.unlink()  # the bytes live on in the folder's first part
+    if building.is_dir() and not dataset.exists():
+        os.rename(building, dataset)
+        return dataset / name
+    if not dataset.is_dir():
+        raise DataError(f"{dataset} is missing: restore it with `dvc checkout`")
+    return move(staged, dataset / name)
 
 
 class PartsWriter:

@@ -169,8 +169,10 @@ class KnownRows:
     def stamp(raw: Path) -> list[list[Any]]:
         from pipeline.data import io
 
-        return [[p.relative_to(raw).as_posix() if raw.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns]
-                for p in io.data_parts(raw)]
+        # a single file under the name it keeps as the first part of the folder it becomes on its
+        # first append (a hard link: same size and time), so that index is extended, not rebuilt
+        return [[p.relative_to(raw).as_posix() if raw.is_dir() else io.first_part_name(raw), p.stat().st_size,
+                 p.stat().st_mtime_ns] for p in io.data_parts(raw)]
 
     @staticmethod
     def _id_hashes(paths: list[Path], schema: Schema, rows: int) -> np.ndarray:

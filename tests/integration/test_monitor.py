@@ -52,6 +52,14 @@ def project(tmp_path_factory, prefect_harness):
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
+def dataset_files(path: Path) -> dict[str, bytes]:
+    """The raw dataset's files, by the name each has as a part (a single file: the name it keeps
+    as the first part of the folder it becomes on its first append)."""
+    if path.is_dir():
+        return {p.relative_to(path).as_posix(): p.read_bytes() for p in io.data_parts(path)}
+    return {io.first_part_name(path): path.read_bytes()}
+
+
 def batches(root: Path, inbox: str, kind: str, strength: float, seeds: range, rows: int = 300) -> list[Path]:
     params = load_params(root / "params.yaml")
     schema = schema_from_params(params.data)
@@ -89,11 +97,11 @@ def test_no_drift_batches_rarely_retrain_and_a_rerun_does_nothing(project):
     assert len(ledger["batches"]) == 20 and all((project / e["report"]).is_file() for e in ledger["batches"].values())
 
     # the same inbox again: nothing new, nothing appended, nothing logged twice
-    raw_md5, runs = io.file_md5(project / RAW), monitoring_runs(project)
+    raw_md5, runs = io.dvc_md5(project / RAW), monitoring_runs(project)
     again = monitor(project, *free)
     assert again.batches == () and again.retrains == 0
     assert io.read_json(project / "data/monitor-none/ledger.json") == ledger
-    assert io.file_md5(project / RAW) == raw_md5 and monitoring_runs(project) == runs
+    assert io.dvc_md5(project / RAW) == raw_md5 and monitoring_runs(project) == runs
 
 
 def monitoring_runs(root: Path) -> int:
@@ -112,7 +120,7 @@ def test_a_corrupted_batch_is_quarantined_and_not_appended(project):
     bad.loc[120:125, "pixel_3"] = "smudge"
     io.write_csv(bad, path)
     (inbox / "truncated.parquet").write_bytes(b"PAR1 not really")
-    raw_md5, dvc_file, n_versions = io.file_md5(project / RAW), (project / f"{RAW}.dvc").read_text(), len(versions(project))
+    raw_md5, dvc_file, n_versions = io.dvc_md5(project / RAW), (project / f"{RAW}.dvc").read_text(), len(versions(project))
 
     result = monitor(project, "monitor.inbox=data/inbox-bad", "monitor.state=data/monitor-bad")
     by_batch = {b.batch: b for b in result.batches}
@@ -124,7 +132,7 @@ def test_a_corrupted_batch_is_quarantined_and_not_appended(project):
     kept = pd.read_parquet(quarantined)
     assert len(kept) == 300 and kept["reason"].str.len().gt(0).all()
     assert kept.loc[kept["id"].astype(int).isin(bad.loc[:119, "id"]), "reason"].str.contains("pixel_10").all()
-    assert io.file_md5(project / RAW) == raw_md5 and (project / f"{RAW}.dvc").read_text() == dvc_file
+    assert io.dvc_md5(project / RAW) == raw_md5 and (project / f"{RAW}.dvc").read_text() == dvc_file
     assert len(versions(project)) == n_versions
     assert (inbox / "truncated.parquet").read_bytes() == b"PAR1 not really"  # inbox files are never changed
 
@@ -135,8 +143,8 @@ def test_a_shifted_batch_appends_a_data_version_and_retrains_exactly_once(projec
     shifted = batches(project, "data/inbox-shift", "thicken", 0.8, range(1, 2))
     later = batches(project, "data/inbox-shift", "shift", 1.0, range(2, 3))  # drifted too, inside the cooldown
     os.utime(later[0], (time.time() + 5, time.time() + 5))  # processed after the first
-    old_raw = (project / RAW).read_bytes()
-    old_md5, n_versions = io.file_md5(project / RAW), len(versions(project))
+    old_files, old_rows = dataset_files(project / RAW), len(io.read_table(project / RAW))
+    old_md5, n_versions = io.dvc_md5(project / RAW), len(versions(project))
 
     result = monitor(project, "monitor.inbox=data/inbox-shift", "monitor.state=data/monitor-shift")
     first, second = result.batches
@@ -152,16 +160,18 @@ def test_a_shifted_batch_appends_a_data_version_and_retrains_exactly_once(projec
     assert version.tags["d2d.decision"] in ("promoted", "rejected") and version.tags["d2d.promotion"]
     assert version.tags["d2d.data_md5"] != old_md5  # trained on the new data version
 
-    # both batches joined the dataset as new DVC versions; the old bytes are the new file's prefix
-    new_raw = (project / RAW).read_bytes()
-    assert new_raw.startswith(old_raw) and new_raw.count(b"\n") - old_raw.count(b"\n") == 600
+    # both batches joined the dataset as new DVC versions, each a new part file: the raw file
+    # became a folder of that name, with its bytes unchanged as the first part
+    new_files = dataset_files(project / RAW)
+    assert (project / RAW).is_dir() and new_files.items() >= old_files.items() and len(new_files) == len(old_files) + 2
+    assert len(io.read_table(project / RAW)) - old_rows == 600
     ledger = io.read_json(project / "data/monitor-shift/ledger.json")
     by_file = {e["file"]: e for e in ledger["batches"].values()}
     appended = [by_file[shifted[0].name]["appended"], by_file[later[0].name]["appended"]]
     assert appended[0]["md5_before"] == old_md5 and appended[1]["md5_before"] == appended[0]["md5_after"]
     for md5 in (old_md5, appended[0]["md5_after"], appended[1]["md5_after"]):
         assert (project.parent / "remote/files/md5" / md5[:2] / md5[2:]).is_file()  # pushed: every version restorable
-    assert io.dvc_recorded_md5(project / RAW) == io.file_md5(project / RAW)
+    assert io.dvc_recorded_md5(project / RAW) == io.dvc_md5(project / RAW)
     log = subprocess.run(["git", "log", "--format=%s", "-3"], cwd=project, capture_output=True, text=True).stdout
     assert log.count("d2d monitor: 300 new rows") == 2
 
@@ -219,7 +229,7 @@ def test_links_in_the_inbox_are_refused_and_nothing_they_point_at_is_copied(proj
     outside = staged.rename(tmp_path / staged.name)  # a drifted batch, but not in the inbox
     (inbox / "leak.csv").symlink_to(secret)
     (inbox / "outside.csv").symlink_to(outside)
-    raw_md5 = io.file_md5(project / RAW)
+    raw_md5 = io.dvc_md5(project / RAW)
 
     result = monitor(project, "monitor.inbox=data/inbox-links", "monitor.state=data/monitor-links")
     by_batch = {b.batch: b for b in result.batches}
@@ -227,7 +237,7 @@ def test_links_in_the_inbox_are_refused_and_nothing_they_point_at_is_copied(proj
     assert "symbolic link" in by_batch["leak.csv"].decision.reasons[0]
     # nothing was read: no quarantine file, no report, no append; the link and its target are as they were
     assert not list((project / "data/quarantine/monitor").glob("leak-*")) and not list((project / "reports/monitor").glob("leak-*"))
-    assert io.file_md5(project / RAW) == raw_md5 and secret.read_text() == "id,label\n1,hunter2\n"
+    assert io.dvc_md5(project / RAW) == raw_md5 and secret.read_text() == "id,label\n1,hunter2\n"
     assert (inbox / "leak.csv").is_symlink() and os.readlink(inbox / "leak.csv") == str(secret)
     ledger = io.read_json(project / "data/monitor-links/ledger.json")
     assert sorted(e["action"] for e in ledger["batches"].values()) == ["refused", "refused"]
@@ -252,7 +262,7 @@ def test_a_corrupt_ledger_stops_the_monitor_with_one_line_and_is_kept(project):
 def test_a_monitor_killed_right_after_the_append_finishes_the_batch_exactly_once(project):
     [path] = batches(project, "data/inbox-kill", "thicken", 0.8, range(30, 31))
     ids = set(pd.read_csv(path)["id"])
-    old_raw, old_md5 = (project / RAW).read_bytes(), io.file_md5(project / RAW)
+    old_files, old_md5 = dataset_files(project / RAW), io.dvc_md5(project / RAW)
     commits = int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=project, capture_output=True, text=True).stdout)
     sets = ["monitor.inbox=data/inbox-kill", "monitor.state=data/monitor-kill", "monitor.cooldown_hours=0"]
 
@@ -261,31 +271,31 @@ def test_a_monitor_killed_right_after_the_append_finishes_the_batch_exactly_once
     # killed between the two steps: the rows are in the raw file, the ledger says only that they were to be
     [entry] = io.read_json(project / "data/monitor-kill/ledger.json")["batches"].values()
     assert entry["state"] == "pending" and entry["append"]["md5_before"] == old_md5
-    assert io.file_md5(project / RAW) == entry["append"]["md5_after"] and (project / entry["report"]).is_file()
+    assert io.dvc_md5(project / RAW) == entry["append"]["md5_after"] and (project / entry["report"]).is_file()
     assert io.dvc_recorded_md5(project / RAW) == old_md5  # not versioned yet
 
     finished = d2d_monitor(project, *sets)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "finishing what a previous run recorded" in finished.stdout + finished.stderr
-    raw = pd.read_csv(project / RAW)
+    raw = io.read_table(project / RAW)
     assert raw["id"].isin(ids).sum() == len(ids) == 300  # the batch's rows, once
-    assert (project / RAW).read_bytes().startswith(old_raw)
+    assert dataset_files(project / RAW).items() >= old_files.items()  # every old byte as it was
     ledger = io.read_json(project / "data/monitor-kill/ledger.json")
     [entry] = ledger["batches"].values()
-    assert entry["state"] == "complete" and entry["action"] == "retrain" and entry["appended"]["md5_after"] == io.file_md5(project / RAW)
+    assert entry["state"] == "complete" and entry["action"] == "retrain" and entry["appended"]["md5_after"] == io.dvc_md5(project / RAW)
     assert (project / entry["report"]).is_file() and (project / entry["report"].replace(".html", ".json")).is_file()
     assert [r["batch"] for r in ledger["retrains"]] == [entry["key"]]  # one retrain decision
-    assert io.dvc_recorded_md5(project / RAW) == io.file_md5(project / RAW)  # versioned by the re-run
+    assert io.dvc_recorded_md5(project / RAW) == io.dvc_md5(project / RAW)  # versioned by the re-run
     log = subprocess.run(["git", "log", "--format=%s", "-1"], cwd=project, capture_output=True, text=True).stdout
     assert int(subprocess.run(["git", "rev-list", "--count", "HEAD"], cwd=project, capture_output=True, text=True).stdout) == commits + 1
     assert log.strip() == "d2d monitor: 300 new rows in data/raw/digits.csv"
-    assert not list((project / RAW).parent.glob(".*.next"))  # the staged version was swapped in, nothing left over
+    assert not list((project / RAW).parent.glob(".*.next")) and not list((project / RAW).parent.glob(".*.dir"))
 
     # and once more: nothing is pending, nothing is new, nothing changes
-    raw_md5 = io.file_md5(project / RAW)
+    raw_md5 = io.dvc_md5(project / RAW)
     third = d2d_monitor(project, *sets)
     assert third.returncode == 0 and "no new batches" in third.stdout
-    assert io.file_md5(project / RAW) == raw_md5 and io.read_json(project / "data/monitor-kill/ledger.json") == ledger
+    assert io.dvc_md5(project / RAW) == raw_md5 and io.read_json(project / "data/monitor-kill/ledger.json") == ledger
 
 
 def test_a_retrain_that_could_not_run_stays_pending_and_the_next_monitor_runs_it(project):

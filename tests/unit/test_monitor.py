@@ -180,24 +180,49 @@ def test_the_inference_log_is_read_part_by_part_once_enough_rows_arrived(project
     assert monitor.pending_batches(off, root, {"batches": {}, "log_parts": []}) == []
 
 
-def test_appending_keeps_the_old_bytes_as_the_prefix(tmp_path, tiny_schema):
+def test_a_single_raw_file_becomes_a_folder_whose_first_part_it_is(tmp_path, tiny_schema):
+    """Issue 16, point 3: the file's bytes are never rewritten (its first part is the same inode),
+    the new rows are a part after it, and readers see the old rows, then the new."""
     raw = tmp_path / "raw.csv"
     raw.write_text("id,f0,f1,f2,f3,label\n1,abc,2,3,4,0")  # a corrupt value and no final newline
-    old = raw.read_bytes()
+    old, inode = raw.read_bytes(), raw.stat().st_ino
     rows = make_frame(tiny_schema, 3).assign(id=[7, 8, 9])[["label", "f3", "f2", "f1", "f0", "id"]]
-    io.append_csv(rows, raw)
-    new = raw.read_bytes()
-    assert new.startswith(old) and new.count(b"\n") == 5
-    back = pd.read_csv(raw)
+    staged, name = io.stage_part(rows, raw)
+    assert raw.read_bytes() == old and staged.parent == tmp_path and staged.name.startswith(".raw.csv.")
+    expected = io.dvc_md5_with(raw, staged, name)
+    io.install_part(staged, raw, name)
+    first, new = io.data_parts(raw)
+    assert first == raw / "0-raw.csv" and first.read_bytes() == old and first.stat().st_ino == inode
+    assert new.name == name and io.dvc_md5(raw) == expected
+    back = io.read_table(raw)
     assert back["id"].tolist() == [1, 7, 8, 9] and back.loc[1:, "f0"].astype(int).tolist() == rows["f0"].tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv"]  # nothing left beside it
+
+
+@pytest.mark.parametrize("killed_after", ["link", "move", "unlink"])
+def test_a_file_becoming_a_folder_finishes_after_a_kill_at_any_step(tmp_path, tiny_schema, killed_after):
+    raw = tmp_path / "raw.parquet"
+    make_frame(tiny_schema, 5).to_parquet(raw, index=False)
+    old = raw.read_bytes()
+    staged, name = io.stage_part(make_frame(tiny_schema, 2).assign(id=[50, 51]), raw)
+    building = io.building_folder(staged)
+    building.mkdir()  # what install_part had done when the process died
+    os.link(raw, building / io.first_part_name(raw))
+    if killed_after in ("move", "unlink"):
+        io.move(staged, building / name)
+    if killed_after == "unlink":
+        raw.unlink()
+    io.install_part(staged, raw, name)
+    assert (raw / "0-raw.parquet").read_bytes() == old and io.read_table(raw)["id"].tolist() == [0, 1, 2, 3, 4, 50, 51]
+    assert not building.exists() and not staged.exists()
 
 
 def test_appending_rows_without_a_column_fails_and_leaves_the_file(tmp_path):
     raw = tmp_path / "raw.csv"
     raw.write_text("id,x,label\n1,2,0\n")
     with pytest.raises(DataError, match="lack column"):
-        io.append_csv(pd.DataFrame({"id": [2], "label": [1]}), raw)
-    assert raw.read_text() == "id,x,label\n1,2,0\n" and not list(tmp_path.glob(".*.tmp"))
+        io.stage_part(pd.DataFrame({"id": [2], "label": [1]}), raw)
+    assert raw.read_text() == "id,x,label\n1,2,0\n" and [p.name for p in tmp_path.iterdir()] == ["raw.csv"]
 
 
 def test_a_second_monitor_run_is_refused_while_one_holds_the_lock(project):
@@ -350,20 +375,28 @@ def test_a_ledger_from_before_write_ahead_still_reads(project):
 
 # --- appending is a transaction: staged, recorded, installed; repeating it appends once ---
 
-def test_installing_a_staged_append_twice_appends_once(project, tiny_schema):
+def test_installing_a_staged_append_twice_appends_once(project, tiny_schema, monkeypatch):
     params, root = project
     raw = root / params.data.raw
     old = raw.read_bytes()
+    assert len(monitor.known_ids(params, root)) == 30  # the index of the single file
     rows = make_frame(tiny_schema, 4).assign(id=range(500, 504))
     intent = monitor.stage_append(rows, params, root)
-    assert raw.read_bytes() == old  # nothing is swapped in before the ledger records the intent
-    staged = raw.with_name(intent["staged"])
-    assert intent["md5_before"] == io.file_md5(raw) and intent["md5_after"] == io.file_md5(staged)
+    assert raw.read_bytes() == old  # nothing is moved in before the ledger records the intent
+    assert intent["md5_before"] == io.file_md5(raw) and intent["part"]
     first = monitor.install_append(intent, params, root)
     again = monitor.install_append(intent, params, root)  # a re-run after a kill
-    assert first["md5_after"] == again["md5_after"] == io.file_md5(raw)
-    assert raw.read_bytes().startswith(old) and pd.read_csv(raw)["id"].tolist().count(503) == 1
-    assert not list(raw.parent.glob(".*.next"))
+    assert first["md5_after"] == again["md5_after"] == io.dvc_md5(raw)
+    assert (raw / io.first_part_name(raw)).read_bytes() == old and io.read_table(raw)["id"].tolist().count(503) == 1
+    assert not list(raw.parent.glob(".*.next")) and not list(raw.parent.glob(".*.dir"))
+    assert not monitor.append_abandoned(intent, params, root)
+
+    def no_rebuild(*_: object) -> KnownRows:
+        raise AssertionError("the index was rebuilt instead of extended by the new part")
+
+    monkeypatch.setattr(KnownRows, "build", classmethod(no_rebuild))  # the file became its folder's first part
+    known = monitor.known_ids(params, root)
+    assert len(known) == 34 and known.isin(pd.Series(["503", "504"])).tolist() == [True, False]
 
 
 def test_installing_over_a_raw_file_that_changed_meanwhile_is_refused(project, tiny_schema):
@@ -386,6 +419,11 @@ def test_stale_next_versions_are_discarded_but_a_pending_one_is_kept(project, ti
     ledger = {"batches": {"m": {"file": "a.csv", "state": monitor.PENDING, "append": kept}}, "retrains": []}
     monitor.discard_stale_stages(ledger, params, root)
     assert raw.with_name(kept["staged"]).is_file() and not raw.with_name(stale["staged"]).exists()
+    half_built = io.building_folder(raw.with_name(stale["staged"]))  # a killed run's folder, never recorded
+    half_built.mkdir()
+    os.link(raw, half_built / io.first_part_name(raw))
+    monitor.discard_stale_stages(ledger, params, root)
+    assert not half_built.exists() and raw.is_file() and raw.with_name(kept["staged"]).is_file()
     assert monitor.unfinished(ledger) == [("m", ledger["batches"]["m"])]
 
 
