@@ -428,13 +428,35 @@ def simulate_drift(
     console.print(f"wrote {len(batch)} labelled rows ({kind}, strength {strength:g}) to {path}")
 
 
+DemoKindOpt = Annotated[str, typer.Option(
+    "--kind", help="table: the digits as a CSV at data.raw; images: the digits as an image folder (DIR/<label>/*.png).")]
+DemoOutOpt = Annotated[Path, typer.Option("--out", help="Where --kind images writes its folder (it must not exist yet).")]
+
+
 @data_app.command("demo")
-def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw."""
+def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, kind: DemoKindOpt = "table",
+              out_dir: DemoOutOpt = Path("data/raw/digit-images")) -> None:
+    """Write the demo dataset (scikit-learn digits with ~3% seeded corruptions) to data.raw,
+    or, with --kind images, the digits as an image folder with flawed files among them."""
     from pipeline.config import load_params
     from pipeline.runners.data import make_demo
 
-    out = make_demo(load_params(params, set_ or []), Path.cwd())
+    if kind not in ("table", "images"):
+        raise D2DError(f"unknown demo kind '{kind}': expected table or images")
+    config = load_params(params, set_ or [])
+    if kind == "images":
+        from pipeline.data.demo import write_image_folder
+
+        if out_dir.exists():
+            raise D2DError(f"{out_dir} already exists: choose a new folder with --out (a user's folder is never changed)")
+        flawed = write_image_folder(out_dir, config.data.demo.rows, config.data.demo.seed)
+        files = sum(1 for p in out_dir.rglob("*") if p.is_file())
+        console.print(f"wrote {files} files in {len({p.parent for p in out_dir.rglob('*') if p.is_file()})} class "
+                      f"folders to {out_dir}")
+        for flaw, paths in flawed.items():
+            console.print(f"  flawed {len(paths):3d} files: {flaw}")
+        return
+    out = make_demo(config, Path.cwd())
     console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")
     for kind, ids in out["corrupted"].items():
         console.print(f"  corrupted {len(ids):3d} rows: {kind}")

@@ -3,6 +3,8 @@ share of rows corrupted so that validation and cleaning have real work to do."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -58,3 +60,64 @@ def corrupt(df: pd.DataFrame, schema: Schema, fraction: float, seed: int) -> tup
         ids = out[schema.id_column].iloc[chunk] if not schema.derived_key else chunk
         manifest[kind] = sorted(int(i) for i in ids)
     return out, manifest
+
+
+IMAGE_FLAWS = ("truncated", "not_an_image", "exact_duplicate", "two_labels", "too_small", "extreme_aspect", "cmyk")
+
+
+def write_image_folder(folder: Path, rows: int | None = None, seed: int = 0, flaws: int = 2) -> dict[str, list[str]]:
+    """The digits as an image folder in torchvision's `ImageFolder` layout,
+    `folder/<digit>/<id>.png`: each 8×8 digit drawn at 24–40 pixels a side (sizes vary, as a
+    user's images do), in grey (L) or colour (RGB, a tinted background), some saved as JPEG.
+    `flaws` files of each IMAGE_FLAWS kind are added among them, so that per-file validation
+    has real work to do; their paths by kind are returned. Deterministic for a seed."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    bunch = load_digits()
+    n = len(bunch.target) if rows is None else min(rows, len(bunch.target))
+    written: list[Path] = []
+    for i in range(n):
+        label = int(bunch.target[i])
+        grey = Image.fromarray((bunch.images[i] * (255 / 16)).astype(np.uint8), "L")
+        side = int(rng.choice([24, 32, 40]))
+        image = grey.resize((side, side), Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            tint = rng.integers(0, 60, size=3)
+            rgb = np.stack([np.asarray(image, np.int16)] * 3, axis=-1) + tint
+            image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+        suffix = ".jpg" if rng.random() < 0.2 else ".png"
+        path = folder / str(label) / f"{i:05d}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=95) if suffix == ".jpg" else image.save(path)
+        written.append(path)
+    flawed: dict[str, list[str]] = {kind: [] for kind in IMAGE_FLAWS}
+    picks = rng.choice(len(written), size=min(len(written), flaws * len(IMAGE_FLAWS)), replace=False)
+    for k, index in enumerate(picks):
+        kind, source = IMAGE_FLAWS[k % len(IMAGE_FLAWS)], written[int(index)]
+        label = source.parent.name
+        target = folder / label / f"flaw-{kind}-{k}.png"
+        if kind == "truncated":
+            data = source.read_bytes()
+            target = target.with_suffix(source.suffix)
+            target.write_bytes(data[: len(data) * 2 // 3])
+        elif kind == "not_an_image":
+            target.write_text("this is a note someone saved with an image's name\n")
+        elif kind == "exact_duplicate":
+            target = target.with_suffix(source.suffix)
+            target.write_bytes(source.read_bytes())
+        elif kind == "two_labels":
+            other = str((int(label) + 1) % 10)
+            target = folder / other / f"flaw-{kind}-{k}{source.suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+        elif kind == "too_small":
+            Image.open(source).resize((4, 4)).save(target)
+        elif kind == "extreme_aspect":
+            Image.open(source).resize((240, 8)).save(target)
+        else:  # cmyk: a mode the model does not take and the params do not convert
+            target = target.with_suffix(".jpg")
+            Image.open(source).convert("CMYK").save(target)
+        flawed[kind].append(target.relative_to(folder).as_posix())
+    return flawed

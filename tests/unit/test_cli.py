@@ -110,6 +110,18 @@ def test_simulate_drift_writes_a_labelled_batch_to_the_inbox(project):
     one_line_error(d2d("simulate-drift", "--kind", "blur", cwd=project), "unknown drift kind 'blur'")
 
 
+def test_the_image_demo_writes_a_folder_once_and_never_over_one(project):
+    out = d2d("data", "demo", "--kind", "images", "--out", "imgs", "--set", "data.demo.rows=40", cwd=project)
+    assert out.returncode == 0, out.stderr
+    files = [p for p in (project / "imgs").rglob("*") if p.is_file()]
+    assert len(files) == 40 + 14 and {p.parent.name for p in files} == {str(d) for d in range(10)}
+    assert "flawed   2 files: truncated" in out.stdout
+    before = {p: p.read_bytes() for p in files}
+    one_line_error(d2d("data", "demo", "--kind", "images", "--out", "imgs", cwd=project), "imgs already exists")
+    assert {p: p.read_bytes() for p in files} == before
+    one_line_error(d2d("data", "demo", "--kind", "video", cwd=project), "unknown demo kind 'video'")
+
+
 # --- whatever the user types is printed as itself: one line, exit 2, never a traceback ---
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

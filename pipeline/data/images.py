@@ -1,0 +1,266 @@
+"""Image files as a dataset (issue 17): where the images are, and what each one is.
+
+Two layouts, as users keep them:
+- class subfolders, `DIR/<label>/...` (torchvision's `ImageFolder` layout). Every file under a
+  class folder is a row, so a stray text file is quarantined as "not an image" rather than
+  skipped without a word; a file beside the class folders is quarantined too;
+- a manifest: a CSV or Parquet file with a path column (relative to the manifest's folder), a
+  label column and any extra columns.
+
+Each file is read once and decoded once, with Pillow (what Ray Data's `read_images` uses).
+The decode gives everything the checks and the image table need: format, size, mode, a
+content hash (exact duplicates), a perceptual hash (near duplicates, by ImageHash) and
+brightness and contrast. A user's folder is only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow calls the formats of IMAGE_SUFFIXES
+PATH, LABEL, REASON = "path", "label", "reason"
+FACTS = ("bytes", "sha256", "format", "width", "height", "mode", "brightness", "contrast", "phash")
+
+
+@dataclass(frozen=True)
+class ImageChecks:
+    """What a usable image is. `mode` is the mode the model takes; `convert` lists the modes
+    turned into it (RGBA → RGB drops alpha, L → RGB repeats the grey level); any other mode
+    is quarantined."""
+
+    mode: str = "RGB"
+    convert: tuple[str, ...] = ("RGBA", "L", "LA", "P", "RGB")
+    min_side: int = 8
+    max_aspect: float = 10.0
+    max_pixels: int = 40_000_000  # a decompression bomb is refused before it is decoded
+    max_bytes: int = 50 * 2**20
+
+
+def is_image_folder(path: Path) -> bool:
+    """Whether `path` is a folder of class subfolders holding image files (and not a folder of
+    CSV or Parquet part files)."""
+    if not path.is_dir():
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()
+               and not _hidden(p.relative_to(path)))
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def list_folder(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every file under `root`'s class folders as (path relative to root, label), in path
+    order; and the files that cannot be rows, with their reasons: a file beside the class
+    folders (no label), or a symbolic link that leads out of the folder."""
+    rows, refused = [], []
+    top = root.resolve()
+    for path in sorted(p for p in root.rglob("*") if not p.is_dir()):
+        relative = path.relative_to(root)
+        if _hidden(relative):
+            continue
+        name = relative.as_posix()
+        if len(relative.parts) < 2:
+            refused.append((name, None, "not in a class folder: put it in DIR/<label>/"))
+        elif not path.resolve().is_relative_to(top):
+            refused.append((name, relative.parts[0], "a symbolic link that leads out of the image folder"))
+        elif path.is_file():
+            rows.append((name, relative.parts[0]))
+    if not rows:
+        raise DataError(f"{root} holds no files in class folders: expected {root}/<label>/<image>")
+    return (pd.DataFrame(rows, columns=[PATH, LABEL]),
+            pd.DataFrame(refused, columns=[PATH, LABEL, REASON]))
+
+
+def read_manifest(manifest: Path, path_column: str, label_column: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A manifest's rows (its path column renamed `path`, its label column `label`, the other
+    columns kept), and the rows whose path is empty or leads out of the manifest's folder,
+    with their reasons."""
+    from pipeline.data import io
+
+    frame = io.read_table(manifest)
+    missing = [c for c in (path_column, label_column) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{manifest}: no column {missing[0]!r} (columns: {', '.join(map(str, frame.columns[:10]))})")
+    frame = frame.rename(columns={path_column: PATH, label_column: LABEL})
+    top = manifest.parent.resolve()
+    paths = frame[PATH].astype("string")
+
+    def why(value: Any) -> str | None:
+        if pd.isna(value) or not str(value).strip():
+            return "no path"
+        target = Path(str(value))
+        if target.is_absolute() or not (top / target).resolve().is_relative_to(top):
+            return "a path outside the manifest's folder"
+        return None
+
+    reasons = paths.map(why)
+    bad = reasons.notna()
+    refused = frame[bad].assign(**{REASON: reasons[bad]})
+    return frame[~bad].assign(**{PATH: paths[~bad].astype(str)}).reset_index(drop=True), refused.reset_index(drop=True)
+
+
+def inspect(data: bytes, checks: ImageChecks) -> tuple[dict[str, Any], str | None]:
+    """One image file's facts (FACTS) and, when it cannot be used, why. Decoded once: the
+    header first, so a decompression bomb is refused before its pixels are."""
+    from PIL import Image, UnidentifiedImageError
+
+    facts: dict[str, Any] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if not data:
+        return facts, "an empty file"
+    if len(data) > checks.max_bytes:
+        return facts, f"{len(data) / 2**20:.1f} MiB, over the limit of {checks.max_bytes / 2**20:.0f} MiB"
+    try:
+        image = Image.open(_io.BytesIO(data))
+    except UnidentifiedImageError:
+        return facts, "not an image (Pillow cannot identify it)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return facts, f"unreadable: {_first_line(e)}"
+    width, height = image.size
+    facts |= {"format": image.format, "width": width, "height": height, "mode": image.mode}
+    if image.format not in FORMATS:
+        return facts, f"a {image.format} file: expected PNG, JPEG, WebP or BMP"
+    if width * height > checks.max_pixels:
+        return facts, f"{width}×{height} is {width * height:,} pixels, over the limit of {checks.max_pixels:,}"
+    if image.mode not in checks.convert and image.mode != checks.mode:
+        return facts, f"mode {image.mode}: expected {checks.mode} (or one of {', '.join(checks.convert)}, converted)"
+    try:
+        image.load()  # the pixels: a truncated or corrupt file fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return facts, f"truncated or corrupt: {_first_line(e)}"
+    if min(width, height) < checks.min_side:
+        return facts, f"too small: {width}×{height}, the model needs at least {checks.min_side} pixels a side"
+    if max(width, height) / min(width, height) > checks.max_aspect:
+        return facts, f"extreme aspect ratio: {width}×{height} (over {checks.max_aspect:g}:1)"
+    return facts | _appearance(image), None
+
+
+def _appearance(image: Any) -> dict[str, Any]:
+    """Brightness and contrast (the mean and standard deviation of the grey levels, 0–1) and
+    the perceptual hash, from one greyscale copy."""
+    import imagehash
+
+    grey = image.convert("L")
+    levels = np.asarray(grey, dtype=np.float32) / 255.0
+    return {"brightness": float(levels.mean()), "contrast": float(levels.std()),
+            "phash": str(imagehash.phash(grey))}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def read_file(path: Path, checks: ImageChecks) -> tuple[bytes, str | None]:
+    """A file's bytes, unless it is missing, not a regular file or over the size limit."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            return b"", "not a regular file"
+        if size > checks.max_bytes:
+            return b"", f"{size / 2**20:.1f} MiB, over the limit of {checks.max_bytes / 2**20:.0f} MiB"
+        return path.read_bytes(), None
+    except OSError as e:
+        return b"", f"cannot be read: {e.strerror or type(e).__name__}"
+
+
+def inspect_files(rows: pd.DataFrame, root: Path, checks: ImageChecks, batch: int = 256) -> Iterator[pd.DataFrame]:
+    """`rows` (a `path` relative to `root`, a label, extras) in batches, each row with its
+    facts and its reason (null when the image is usable). Threads overlap the reads and
+    decodes (Pillow releases the GIL while it decodes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(relative: str) -> dict[str, Any]:
+        data, why = read_file(root / relative, checks)
+        if why is not None:
+            return {REASON: why}
+        facts, why = inspect(data, checks)
+        return {**facts, REASON: why}
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        for start in range(0, len(rows), batch):
+            chunk = rows.iloc[start:start + batch].reset_index(drop=True)
+            found = pd.DataFrame(list(pool.map(one, chunk[PATH])), columns=[*FACTS, REASON])
+            yield pd.concat([chunk, found], axis=1)
+
+
+def duplicate_reasons(inspected: pd.DataFrame) -> pd.Series:
+    """Why a usable image is not kept though it decodes: the same bytes as an earlier file
+    with the same label (the first copy is kept), or the same bytes under two labels (no copy
+    is kept: which label is right is the user's call). Null for the images kept."""
+    usable = inspected[REASON].isna().to_numpy()
+    paths, labels = inspected[PATH].astype(str).to_numpy(), inspected[LABEL].astype(str).to_numpy()
+    copies: dict[str, list[int]] = {}
+    for at, digest in enumerate(inspected["sha256"].to_numpy()):
+        if usable[at]:
+            copies.setdefault(digest, []).append(at)
+    reasons = np.full(len(inspected), None, dtype=object)
+    for group in (g for g in copies.values() if len(g) > 1):
+        named = sorted(set(labels[group]))
+        if len(named) > 1:
+            reasons[group] = f"the same image under labels {', '.join(named[:5])}: " + ", ".join(paths[group[:3]])
+        else:
+            reasons[group[1:]] = f"an exact duplicate of {paths[group[0]]}"
+    return pd.Series(reasons, index=inspected.index, dtype="string")
+
+
+def near_duplicates(left: Iterable[str], right: Iterable[str], max_distance: int = 4) -> list[tuple[int, int, int]]:
+    """Pairs (i, j, distance) of perceptual hashes from two sets within `max_distance` bits:
+    near-duplicate images, such as the same photo resized or re-encoded. Compared 64 bits at
+    a time with numpy (one row of `left` against all of `right`)."""
+    a = _hash_bits(left)
+    b = _hash_bits(right)
+    pairs = []
+    if len(a) == 0 or len(b) == 0:
+        return pairs
+    for i, row in enumerate(a):
+        distance = np.unpackbits((row ^ b).view(np.uint8).reshape(len(b), -1), axis=1).sum(axis=1)
+        pairs.extend((i, int(j), int(distance[j])) for j in np.flatnonzero(distance <= max_distance))
+    return pairs
+
+
+def _hash_bits(hashes: Iterable[str]) -> np.ndarray:
+    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
+
+
+def image_table(kept: pd.DataFrame) -> dict[str, Any]:
+    """The image table of `reports/validate.json`: sizes, modes, formats, per-class counts,
+    and brightness and contrast (mean, standard deviation, range) of the kept images."""
+    if kept.empty:
+        return {"images": 0}
+
+    def spread(column: str) -> dict[str, float]:
+        values = kept[column].astype(float)
+        return {"mean": round(float(values.mean()), 4), "std": round(float(values.std(ddof=0)), 4),
+                "min": round(float(values.min()), 4), "max": round(float(values.max()), 4)}
+
+    sizes = (kept["width"].astype(int).astype(str) + "×" + kept["height"].astype(int).astype(str)).value_counts()
+    return {
+        "images": len(kept),
+        "classes": {str(k): int(v) for k, v in kept[LABEL].astype(str).value_counts().sort_index().items()},
+        "sizes": {k: int(v) for k, v in sizes.head(20).items()},
+        "distinct_sizes": int(len(sizes)),
+        "width": spread("width"), "height": spread("height"),
+        "modes": {str(k): int(v) for k, v in kept["mode"].value_counts().items()},
+        "formats": {str(k): int(v) for k, v in kept["format"].value_counts().items()},
+        "brightness": spread("brightness"), "contrast": spread("contrast"),
+    }
+
+
+def training_size(widths: pd.Series, heights: pd.Series) -> int:
+    """A square training size for these images: the median short side, rounded down to a
+    multiple of 8 and kept within 32–224 (the sizes small CNNs and ResNets are trained at)."""
+    short = float(np.median(np.minimum(widths.astype(float), heights.astype(float))))
+    return int(min(224, max(32, math.floor(short / 8) * 8)))
