@@ -239,6 +239,22 @@ class TrainParams(_Section):
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     compile: bool = False  # torch.compile the model (pays on long GPU runs; compiling takes a while)
     channels_last: bool = False  # cnn: NHWC memory layout, faster convolutions on tensor-core GPUs
+    # Transfer learning (the resnet models). pretrained: a ResNet state_dict saved elsewhere in
+    # torchvision's or timm's naming, a .safetensors or .pt file (a path relative to the
+    # project, or absolute); d2d downloads nothing. The head is new. (A registered model's
+    # weights: init_from.)
+    pretrained: Path | None = None
+    # none; backbone (only the new head trains); or N: all but the last N blocks held fixed.
+    freeze: str | int = "none"
+    unfreeze_epoch: int | None = Field(default=None, ge=2)  # from this epoch (1-based) everything trains
+    backbone_lr_scale: float = Field(default=1.0, gt=0.0, le=1.0)  # the backbone's rate: train.lr times this
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _freeze(cls, value: Any) -> str | int:
+        if value in ("none", "backbone") or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError(f"expected none, backbone or a number of blocks to keep training (0 or more), not {value!r}")
 
     @model_validator(mode="after")
     def _heads(self) -> TrainParams:
@@ -250,6 +266,14 @@ class TrainParams(_Section):
             raise ValueError(f"shuffle_buffer ({self.shuffle_buffer}) must hold at least one batch ({self.batch_size})")
         if self.init_from is not None and not self.init_from.startswith(("models:/", "runs:/")):
             raise ValueError(f"init_from {self.init_from!r}: expected an MLflow model URI (models:/NAME@champion or runs:/ID/model)")
+        transfer = [name for name, on in (("pretrained", self.pretrained is not None), ("freeze", self.freeze != "none"),
+                                          ("backbone_lr_scale", self.backbone_lr_scale != 1.0)) if on]
+        if transfer and not self.model.startswith("resnet"):
+            raise ValueError(f"{transfer[0]} is for the resnet models, not {self.model}")
+        if self.pretrained is not None and self.init_from is not None:
+            raise ValueError("give pretrained (a weights file) or init_from (a registered model), not both")
+        if self.unfreeze_epoch is not None and self.freeze == "none":
+            raise ValueError("unfreeze_epoch needs freeze: backbone or a number of blocks")
         return self
 
 

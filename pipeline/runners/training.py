@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipeline.config import Params
+from pipeline.errors import ConfigError
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.summaries import Trained
@@ -32,6 +33,7 @@ def train(params: Params, files: StageFiles) -> Trained:
     state = io.read_json(files["preprocess"])
     columns = [*input_columns(state), schema.target]
     pinned, init_state = _warm_start(params, files.root)
+    pretrained = pretrained_weights(params, files.root)  # a bad file fails here, before Ray starts
     with ray_session(params.train, cpus_needed=cpus_for_training(params), dashboard=params.tune.enabled):
         # lazy Ray Datasets: the workers stream them; this process never holds a split. With
         # train.storage_path, the splits are read from a copy there, which every node can reach.
@@ -41,7 +43,8 @@ def train(params: Params, files: StageFiles) -> Trained:
         rows = io.parquet_rows(files["train"]) + io.parquet_rows(files["val"])
         tuned, trials = _tune(params, train_data, val_data, schema, state, files["ray_storage"], rows)
         train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train
-        result = fit(train_data, val_data, schema, state, train_params, files["ray_storage"], init_state, rows)
+        result = fit(train_data, val_data, schema, state, train_params, files["ray_storage"], init_state, rows,
+                     pretrained)
     io.write_json(tuned, files["tune_report"])
     io.write_csv(trials, files["tune_trials"])
     save_model(result.model, result.spec, str(files["model"]))
@@ -60,6 +63,18 @@ def _warm_start(params: Params, root: Path) -> tuple[str | None, dict[str, Any] 
     tracking.configure(root)
     pinned = tracking.pin_version(params.train.init_from)
     return pinned, tracking.network_weights(pinned)
+
+
+def pretrained_weights(params: Params, root: Path) -> dict[str, Any] | None:
+    """train.pretrained's tensors, read from the file (relative to the project)."""
+    if params.train.pretrained is None:
+        return None
+    from pipeline.train.resnet import read_weights
+
+    try:
+        return read_weights(root / params.train.pretrained)
+    except ValueError as e:
+        raise ConfigError(f"train.pretrained: {e}") from None
 
 
 def _tune(params: Params, train_data: Dataset, val_data: Dataset, schema: Schema, state: dict[str, Any],
@@ -88,5 +103,7 @@ def _train_report(result: TrainResult, num_workers: int, tuned: dict[str, Any], 
         **({"tuned": tuned["best_config"]} if tuned["enabled"] else {}),
         **({"init_from": result.transfer["init_from"], "init_from_version": pinned,
             "transferred_tensors": result.transfer["transferred"], "fresh_tensors": result.transfer["fresh"]}
-           if result.transfer else {}),
+           if "init_from" in result.transfer else {}),
+        **({"pretrained": result.transfer["pretrained"], "transferred_tensors": result.transfer["transferred"],
+            "fresh_tensors": result.transfer["fresh"]} if "pretrained" in result.transfer else {}),
     }

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.train.models import ModelSpec, build_model
+from pipeline.train.resnet import ResNet, frozen_prefixes, hold_frozen_norms, parameter_groups, set_frozen
 
 if TYPE_CHECKING:
     from ray.data import DataIterator
@@ -126,12 +127,37 @@ def _first_drill(marker: str) -> bool:
 
 
 def make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer over every parameter (frozen ones have no gradient and are skipped); a
+    ResNet's backbone and head in two groups, the backbone at `backbone_lr_scale` × lr."""
     lr, wd = config["lr"], config["weight_decay"]
+    net = unwrap(model)
+    params: Any = (parameter_groups(net, lr, config.get("backbone_lr_scale", 1.0)) if isinstance(net, ResNet)
+                   else net.parameters())
     if config["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     if config["optimizer"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+
+
+def frozen_at(config: dict[str, Any], epoch: int) -> bool:
+    """Whether `train.freeze` holds blocks fixed in this (0-based) epoch."""
+    thaw = config.get("unfreeze_epoch")
+    return config.get("freeze", "none") != "none" and (thaw is None or epoch + 1 < thaw)
+
+
+def thaw_if_due(worker: Worker, config: dict[str, Any], epoch: int) -> None:
+    """From `unfreeze_epoch` on (also after a resume past it), every block trains. DDP fixes
+    which parameters it reduces when it wraps the model, so with several workers the model
+    is wrapped again (and compiled again when asked)."""
+    net = unwrap(worker.model)
+    if frozen_at(config, epoch) or all(p.requires_grad for p in net.parameters()):
+        return
+    import ray.train.torch
+
+    set_frozen(net, ())
+    if worker.world_size > 1:
+        worker.model = ray.train.torch.prepare_model(torch.compile(net) if config.get("compile") else net)
 
 
 def load_state(path: str, map_location: Any) -> dict[str, Any]:
@@ -212,6 +238,8 @@ def set_up_worker(config: dict[str, Any], warm_start: bool) -> Worker:
     model = build_model(ModelSpec.from_dict(config["spec"]))
     if warm_start and config.get("init_state"):
         model.load_state_dict(config["init_state"], strict=False)
+    if isinstance(model, ResNet) and frozen_at(config, 0):  # before DDP wraps it: it reduces what trains
+        set_frozen(model, frozen_prefixes(model, config["freeze"]))
     if config.get("channels_last"):
         # the convolutions' weights in NHWC; their outputs follow the weights' layout
         model = model.to(memory_format=torch.channels_last)
@@ -325,6 +353,7 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
     model, accum = worker.model, config.get("grad_accum_steps", 1)
     started = time.perf_counter()
     model.train()
+    hold_frozen_norms(model)
     worker.optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(2, dtype=torch.float64, device=worker.device)  # loss sum, rows: on the device
     pending = 0  # micro-batches since the last step
@@ -413,7 +442,7 @@ def run_epoch(worker: Worker, data: WorkerData, progress: Progress, epoch: int, 
                         config["regression"], worker.device)
     val_loss, val_metric = split_metrics(*_all_sum(val), config["regression"], config["target_scale"])
     improved = track_best(worker, progress, val_loss)
-    lr = worker.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+    lr = worker.optimizer.param_groups[-1]["lr"]  # the rate this epoch trained with (a ResNet's head's)
     step_scheduler(worker.scheduler, val_loss)
     row = {
         "epoch": epoch + 1,
@@ -445,6 +474,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = resume(checkpoint, worker) if checkpoint else Progress()
     data = worker_data()
     for epoch in range(progress.start_epoch, config["epochs"]):
+        thaw_if_due(worker, config, epoch)
         fault_drill(config, worker.rank, epoch)
         if run_epoch(worker, data, progress, epoch, config, loop_started):
             break

@@ -18,6 +18,8 @@ Two things that hold no parameters differ from torchvision's, so the same weight
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,10 +141,14 @@ class ResNet(nn.Module):
 
 def load_backbone(model: ResNet, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Load a torchvision- or timm-named ResNet `state_dict` into `model`, all but the head
-    (`fc`, which the new classes replace). A missing or extra backbone tensor, or one of
-    another shape, is a ValueError naming it. Returns the names of the tensors loaded."""
+    (`fc`, which the new classes replace). Weights for another number of input channels are
+    adapted as timm's `adapt_input_conv` does (RGB filters summed for greyscale, a grey
+    filter spread over three channels). A missing or extra backbone tensor, or one of another
+    shape, is a ValueError naming it. Returns the names of the tensors loaded."""
     own = model.state_dict()
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if "conv1.weight" in backbone:
+        backbone["conv1.weight"] = adapt_input_conv(backbone["conv1.weight"], own["conv1.weight"].shape[1])
     missing = sorted(k for k in own if not k.startswith("fc.") and k not in backbone)
     extra = sorted(k for k in backbone if k not in own)
     shapes = sorted(f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})"
@@ -153,3 +159,91 @@ def load_backbone(model: ResNet, state: Mapping[str, torch.Tensor]) -> list[str]
         raise ValueError("the weights do not fit this ResNet; " + "; ".join(problems))
     model.load_state_dict(backbone, strict=False)
     return sorted(backbone)
+
+
+def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """The first convolution's weights for `channels` input channels: summed over RGB for one
+    channel, a single channel repeated and rescaled for more (so activations keep their scale)."""
+    given = weight.shape[1]
+    if given == channels:
+        return weight
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if given == 1:
+        return weight.repeat(1, channels, 1, 1) / channels
+    return weight  # no rule fits: load_backbone names the shapes
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A saved `state_dict` from a file: `.safetensors` (read without pickle) or a PyTorch
+    `.pt`/`.pth`/`.bin` (tensors and plain values only: `weights_only`). A checkpoint that
+    wraps it (`{"state_dict": ...}` or `{"model": ...}`) and DDP's `module.` prefix are
+    unwrapped. Anything else is a ValueError naming the file."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pretrained weights {path} not found (d2d downloads nothing: copy the file there)")
+    from safetensors import SafetensorError
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"pretrained weights {path} cannot be read: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained weights {path}: expected a state_dict (parameter names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return dict(state)
+
+
+def blocks(model: ResNet) -> list[str]:
+    """The network's blocks from input to head, as parameter-name prefixes: the stem
+    (`conv1` + `bn1`) and each residual block (`layer1.0`, ..., `layer4.N`)."""
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    return ["stem", *(f"layer{s}.{b}" for s, stage in enumerate(stages, 1) for b in range(len(stage)))]
+
+
+def frozen_prefixes(model: ResNet, freeze: str | int) -> tuple[str, ...]:
+    """What `train.freeze` holds fixed: nothing (`none`), every block but the head
+    (`backbone`), or all but the last N blocks (an integer)."""
+    if freeze == "none":
+        return ()
+    names = blocks(model)
+    keep = 0 if freeze == "backbone" else int(freeze)
+    held = names[: max(0, len(names) - keep)]
+    return tuple(p for name in held for p in (("conv1.", "bn1.") if name == "stem" else (name + ".",)))
+
+
+def set_frozen(model: nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Hold the parameters under `prefixes` fixed (no gradient) and let the rest train;
+    returns how many tensors are held."""
+    held = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not name.startswith(prefixes))
+        held += not parameter.requires_grad
+    return held
+
+
+def hold_frozen_norms(model: nn.Module) -> None:
+    """Batch norms whose weights are frozen keep their running statistics too (evaluation
+    mode), as fine-tuning a frozen backbone expects; call after each `model.train()`."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d) and module.weight is not None and not module.weight.requires_grad:
+            module.eval()
+
+
+def parameter_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict[str, Any]]:
+    """The head (`fc`) at `lr` and the backbone at `lr × backbone_scale`: pretrained features
+    move less than the new head."""
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    return [{"params": backbone, "lr": lr * backbone_scale, "name": "backbone"}, {"params": head, "lr": lr, "name": "head"}]

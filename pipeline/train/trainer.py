@@ -31,7 +31,7 @@ class TrainResult:
     history: pd.DataFrame
     best_epoch: int
     seconds: float
-    transfer: dict = field(default_factory=dict)  # warm start: what was initialised from init_from
+    transfer: dict = field(default_factory=dict)  # warm start: what was initialised from init_from or pretrained
 
 
 def features_and_labels(df: pd.DataFrame, schema: Schema, state: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +115,7 @@ def loop_config(spec: ModelSpec, schema: Schema, state: dict, params: TrainParam
         # validation RMSE is reported in the target's own units
         "target_scale": state["target"]["scale"] if schema.regression else 1.0,
         "init_state": None,
+        "freeze": params.freeze, "unfreeze_epoch": params.unfreeze_epoch, "backbone_lr_scale": params.backbone_lr_scale,
         **ingest_options(params),
     }
 
@@ -181,16 +182,33 @@ def n_inputs(state: dict) -> int:
     return len(state["outputs"])
 
 
+def pretrained_backbone(spec: ModelSpec, weights: dict, source: str) -> dict:
+    """The backbone tensors of a ResNet `spec` loaded from `weights` (torchvision naming,
+    input channels adapted); a mismatch is a D2DError naming the file and the tensors."""
+    from pipeline.train.models import build_model
+    from pipeline.train.resnet import ResNet, load_backbone
+
+    model = build_model(spec)
+    if not isinstance(model, ResNet):
+        raise D2DError(f"train.pretrained {source}: pretrained weights are for the resnet models, not {spec.kind}")
+    try:
+        loaded = load_backbone(model, weights)
+    except ValueError as e:
+        raise D2DError(f"train.pretrained {source}: {e}") from None
+    return {k: v for k, v in model.state_dict().items() if k in loaded}
+
+
 def train(
     train_data: Dataset, val_data: Dataset, schema: Schema, state: dict, params: TrainParams, storage: Path,
-    init_state: dict | None = None, rows: int | None = None,
+    init_state: dict | None = None, rows: int | None = None, pretrained: dict | None = None,
 ) -> TrainResult:
     """Fit the model from params with Ray Train's TorchTrainer; returns the best epoch's weights.
 
     `train_data` and `val_data` are Ray Datasets of raw split rows (read from the split files);
     the workers read them featurised, shard by shard; `rows`, their row count when known (from
     the files' footers). `init_state` (a state dict, for a warm start) initialises every
-    tensor that fits the model.
+    tensor that fits the model; `pretrained` (a ResNet state dict in torchvision's naming)
+    initialises the backbone, every tensor of it, and leaves the head new.
     """
     from pipeline.train.ingest import training_datasets
     from pipeline.train.models import build_model
@@ -204,6 +222,10 @@ def train(
             raise D2DError(f"train.init_from {params.init_from}: none of its weights fit a {spec.kind} model for these inputs")
         config["init_state"] = kept
         transfer = {"init_from": params.init_from, "transferred": len(kept), "fresh": fresh}
+    if pretrained is not None:
+        config["init_state"] = pretrained_backbone(spec, pretrained, str(params.pretrained))
+        transfer = {"pretrained": str(params.pretrained), "transferred": len(config["init_state"]),
+                    "fresh": ["fc.bias", "fc.weight"]}
     _check_resources(params)
     datasets = training_datasets(train_data, val_data, schema, state, params, rows)
     name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"

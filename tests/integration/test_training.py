@@ -64,14 +64,14 @@ def digits() -> tuple[Schema, pd.DataFrame, pd.DataFrame, dict]:
     return schema, df.iloc[:480], df.iloc[480:], state
 
 
-def fit(digits, tmp_path, val_parts: int = 1, **overrides):
+def fit(digits, tmp_path, val_parts: int = 1, pretrained: dict | None = None, **overrides):
     """Train on the digits as Ray Datasets (the validation split in `val_parts` blocks)."""
     import ray.data
 
     schema, train_df, val_df, state = digits
     params = TrainParams(**{"epochs": 4, "batch_size": 32, "num_workers": 1, "patience": 10, **overrides})
     val = ray.data.from_pandas([val_df.iloc[i::val_parts] for i in range(val_parts)])
-    return train(ray.data.from_pandas(train_df), val, schema, state, params, tmp_path)
+    return train(ray.data.from_pandas(train_df), val, schema, state, params, tmp_path, pretrained=pretrained)
 
 
 def test_validation_is_sharded_and_counts_every_row_once(ray_local, digits, tmp_path):
@@ -215,3 +215,48 @@ def test_workers_that_leave_no_cpu_for_the_data_are_a_clear_error(ray_local, dig
     # 4 CPUs: two 2-CPU workers would take them all and wait for Ray Data's reads forever
     with pytest.raises(D2DError, match="has 4 CPU.*need 5, one for Ray Data's reads"):
         fit(digits, tmp_path, num_workers=2, cpus_per_worker=2)
+
+
+def test_a_pretrained_backbone_held_fixed_trains_only_the_new_head(ray_local, digits, tmp_path):
+    """Issue 17, point 5: torchvision-named RGB weights from a .safetensors file fine-tune on
+    the grey digits; with freeze: backbone every backbone tensor, batch-norm statistics
+    included, is the pretrained one at the end, and the new head learned."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.train.resnet import ResNet, adapt_input_conv, read_weights
+
+    torch.manual_seed(1)
+    source = ResNet(18, (3, 224, 224), 1000).state_dict()  # stands in for torchvision's, same names and shapes
+    save_file({k: v.contiguous() for k, v in source.items()}, str(tmp_path / "resnet18.safetensors"))
+    weights = read_weights(tmp_path / "resnet18.safetensors")
+    result = _fit_pretrained(digits, tmp_path, weights, epochs=2, freeze="backbone")
+    state = result.model.state_dict()
+    backbone = [k for k in source if not k.startswith("fc.")]
+    assert result.transfer["transferred"] == len(backbone)
+    assert torch.equal(state["conv1.weight"], adapt_input_conv(source["conv1.weight"], 1))
+    assert all(torch.equal(state[k], source[k]) for k in backbone if k != "conv1.weight")
+    assert state["fc.weight"].shape == (10, 512)
+    assert result.history["val_loss"].iloc[-1] < result.history["val_loss"].iloc[0]
+
+
+def test_blocks_thaw_at_the_unfreeze_epoch_on_two_workers(ray_local, digits, tmp_path):
+    """freeze: 2 with unfreeze_epoch: 2 under DDP (the model is wrapped again when it thaws):
+    the best epoch's stem is the pretrained one if that epoch was the first, trained if not."""
+    import torch
+
+    from pipeline.train.resnet import ResNet, adapt_input_conv
+
+    torch.manual_seed(2)
+    source = ResNet(18, (1, 8, 8), 10).state_dict()
+    result = _fit_pretrained(digits, tmp_path, source, epochs=2, freeze=2, unfreeze_epoch=2, num_workers=2,
+                             backbone_lr_scale=0.5)
+    state = result.model.state_dict()
+    stem_kept = torch.equal(state["conv1.weight"], adapt_input_conv(source["conv1.weight"], 1))
+    assert stem_kept == (result.best_epoch == 1), (result.best_epoch, result.history.to_dict("records"))
+    assert not torch.equal(state["layer4.1.conv2.weight"], source["layer4.1.conv2.weight"])  # never frozen
+    assert len(result.history) == 2
+
+
+def _fit_pretrained(digits, tmp_path, weights, **overrides):
+    return fit(digits, tmp_path, pretrained=weights, **{"model": "resnet18", **overrides})

@@ -66,6 +66,27 @@ def test_an_unknown_resnet_depth_is_refused(tmp_path):
         load_params(write(tmp_path, lambda r: r["train"].update(model="resnet20")))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.freeze=2"], "freeze is for the resnet models, not cnn"),
+    (["train.model=mlp", "train.pretrained=w.pt"], "pretrained is for the resnet models, not mlp"),
+    (["train.model=resnet18", "train.freeze=-1"], "train.freeze: .*0 or more.*not -1"),
+    (["train.model=resnet18", "train.freeze=all"], "train.freeze: .*not 'all'"),
+    (["train.model=resnet18", "train.unfreeze_epoch=3"], "unfreeze_epoch needs freeze"),
+    (["train.model=resnet18", "train.freeze=backbone", "train.unfreeze_epoch=1"], "train.unfreeze_epoch"),
+    (["train.model=resnet18", "train.backbone_lr_scale=2"], "train.backbone_lr_scale"),
+    (["train.model=resnet18", "train.pretrained=w.pt", "train.init_from=models:/m@champion"], "not both"),
+])
+def test_transfer_learning_params_are_checked_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(REPO / "params.yaml", overrides)
+
+
+def test_transfer_learning_params_that_fit_load():
+    params = load_params(REPO / "params.yaml", ["train.model=resnet18", "train.freeze=3", "train.unfreeze_epoch=4",
+                                                "train.backbone_lr_scale=0.1", "train.pretrained=weights/r18.safetensors"])
+    assert (params.train.freeze, params.train.unfreeze_epoch, str(params.train.pretrained)) == (3, 4, "weights/r18.safetensors")
+
+
 @pytest.mark.parametrize("override, key", [("train.epochz=3", "train.epochz"), ("train.lr=-1", "train.lr")])
 def test_bad_override_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -99,3 +99,111 @@ def test_flat_rows_and_images_give_the_same_logits_and_gradients_flow():
 def test_an_unknown_depth_is_a_clear_error():
     with pytest.raises(ValueError, match="18, 34, 50, 101, 152, not 20"):
         ResNet(20, (3, 32, 32), 2)
+
+
+# --- transfer learning (issue 17, point 5): weights from files, frozen blocks, two learning rates ---
+
+from pipeline.train.resnet import (  # noqa: E402
+    adapt_input_conv,
+    blocks,
+    frozen_prefixes,
+    hold_frozen_norms,
+    parameter_groups,
+    read_weights,
+    set_frozen,
+)
+
+
+def foreign_weights(depth: int = 18, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: torch.randn(s) if s else torch.tensor(7) for k, s in torchvision_names_and_shapes(depth).items()}
+
+
+@pytest.mark.parametrize("form", ["safetensors", "pt", "checkpoint", "ddp"])
+def test_weights_load_from_each_file_form_users_save(tmp_path, form):
+    from safetensors.torch import save_file
+
+    weights = foreign_weights()
+    path = tmp_path / f"w.{'safetensors' if form == 'safetensors' else 'pt'}"
+    if form == "safetensors":
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    else:
+        saved = {"checkpoint": {"state_dict": weights, "epoch": 3}, "ddp": {f"module.{k}": v for k, v in weights.items()}}
+        torch.save(saved.get(form, weights), path)
+    back = read_weights(path)
+    assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+def test_a_weights_file_that_is_not_one_is_named(tmp_path):
+    with pytest.raises(ValueError, match="not found .*downloads nothing"):
+        read_weights(tmp_path / "missing.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="junk.safetensors cannot be read"):
+        read_weights(tmp_path / "junk.safetensors")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="plain.pt: expected a state_dict"):
+        read_weights(tmp_path / "plain.pt")
+
+    class Payload:  # an object whose unpickling would run code: refused, never built
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    torch.save({"conv1.weight": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt cannot be read"):
+        read_weights(tmp_path / "evil.pt")
+
+
+def test_rgb_weights_fit_a_grey_model_as_timm_adapts_them():
+    weights = foreign_weights()
+    model = ResNet(18, (1, 8, 8), classes=10)
+    load_backbone(model, weights)
+    assert torch.allclose(model.conv1.weight, weights["conv1.weight"].sum(dim=1, keepdim=True))
+    grey = weights["conv1.weight"][:, :1]
+    assert torch.allclose(adapt_input_conv(grey, 3).sum(dim=1, keepdim=True), grey)
+
+
+@pytest.mark.parametrize("freeze, training", [
+    ("none", None),
+    ("backbone", ["fc."]),
+    (2, ["layer4.0.", "layer4.1.", "fc."]),
+    (3, ["layer3.1.", "layer4.0.", "layer4.1.", "fc."]),
+    (9, None),  # every block of resnet18 (the stem and 8 residual blocks)
+])
+def test_freeze_holds_all_but_the_last_n_blocks(freeze, training):
+    model = ResNet(18, (3, 32, 32), classes=4)
+    assert blocks(model) == ["stem", *(f"layer{s}.{b}" for s in range(1, 5) for b in range(2))]
+    set_frozen(model, frozen_prefixes(model, freeze))
+    trains = sorted({n for n, p in model.named_parameters() if p.requires_grad})
+    if training is None:
+        assert len(trains) == len(list(model.parameters()))
+    else:
+        assert trains and all(n.startswith(tuple(training)) for n in trains)
+        assert {t for t in training for n in trains if n.startswith(t)} == set(training)
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_batch_statistics_through_a_step():
+    torch.manual_seed(0)
+    model = ResNet(18, (1, 8, 8), classes=3)
+    set_frozen(model, frozen_prefixes(model, "backbone"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(parameter_groups(model, 1e-2, 0.1), lr=1e-2)
+    model.train()
+    hold_frozen_norms(model)
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 64)), torch.tensor([0, 1, 2] * 2 + [0, 1]))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    assert changed == ["fc.bias", "fc.weight"]  # running means and variances included: held
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3), 1e-2]
+
+
+def test_a_missing_pretrained_file_is_a_config_error_before_ray_starts(tmp_path):
+    from pipeline.config import load_params
+    from pipeline.errors import ConfigError
+    from pipeline.runners.training import pretrained_weights
+    from tests.conftest import REPO
+
+    params = load_params(REPO / "params.yaml", ["train.model=resnet18", "train.pretrained=weights/nope.pt"])
+    with pytest.raises(ConfigError, match=r"train\.pretrained: pretrained weights .*weights/nope\.pt not found"):
+        pretrained_weights(params, tmp_path)
