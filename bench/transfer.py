@@ -90,7 +90,7 @@ def fit(train_df: pd.DataFrame, val_df: pd.DataFrame, classes: int, size: int, s
 
     schema, state = schema_and_state(size, classes)
     params = TrainParams(**{"model": "resnet18", "batch_size": 32, "num_workers": 1, "cpus_per_worker": 2,
-                            "patience": 5, "lr": 1e-3, "seed": 0, **overrides})
+                            "patience": 5, "lr": 1e-3, **overrides})
     return train(ray.data.from_pandas(train_df), ray.data.from_pandas(val_df), schema, state, params, storage,
                  pretrained=pretrained)
 
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--source-epochs", type=int, default=4)
     parser.add_argument("--labels", type=int, nargs="+", default=[10, 25, 50, 90])
     parser.add_argument("--budget", type=int, default=4000, help="samples each fine-tune sees")
+    parser.add_argument("--seed", type=int, default=0, help="the letters, the digits' split and training")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here too")
     args = parser.parse_args()
 
@@ -120,9 +121,9 @@ def main() -> None:
     from pipeline.train.resnet import read_weights
 
     started = time.perf_counter()
-    xs, ys = render_letters(args.source_per_class, args.size, seed=0)
+    xs, ys = render_letters(args.source_per_class, args.size, seed=args.seed)
     xd, yd = handwritten_digits(args.size)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     order = rng.permutation(len(yd))
     pool, held = order[: len(order) // 2], order[len(order) // 2:]
     val, test = held[:200], held[200:]
@@ -133,7 +134,7 @@ def main() -> None:
         shuffled = rng.permutation(len(ys))
         t0 = time.perf_counter()
         source = fit(frame(xs[shuffled[:cut]], ys[shuffled[:cut]]), frame(xs[shuffled[cut:]], ys[shuffled[cut:]]),
-                     len(LETTERS), args.size, storage, epochs=args.source_epochs)
+                     len(LETTERS), args.size, storage, epochs=args.source_epochs, seed=args.seed)
         source_acc = float(source.history["val_accuracy"].max())
         print(f"source: {len(ys)} letters ({args.source_per_class} a class), {len(source.history)} epochs, "
               f"val accuracy {source_acc:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -155,14 +156,14 @@ def main() -> None:
                 extra = dict(extra)
                 t0 = time.perf_counter()
                 result = fit(train_df, val_df, 10, args.size, storage, extra.pop("pretrained", None),
-                             epochs=epochs, patience=max(3, epochs // 3), **extra)
+                             epochs=epochs, patience=max(3, epochs // 3), seed=args.seed, **extra)
                 acc = accuracy(result.model, xd[test], yd[test])
                 rows.append({"labels_per_class": n, "variant": name, "epochs_run": len(result.history),
                              "test_accuracy": round(acc, 4), "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"  {n:3d} a class, {name:17s}: test accuracy {acc:.3f} ({len(result.history)} epochs, "
                       f"{rows[-1]['seconds']:.0f} s)", flush=True)
     table = pd.DataFrame(rows).pivot(index="labels_per_class", columns="variant", values="test_accuracy")
-    print(f"\nResNet-18 at {args.size}×{args.size}, test = {len(test)} held-out handwritten digits; "
+    print(f"\nResNet-18 at {args.size}×{args.size}, seed {args.seed}, test = {len(test)} held-out handwritten digits; "
           f"source val accuracy {source_acc:.3f}; total {time.perf_counter() - started:.0f} s")
     print(table.to_string())
     if args.out:
