@@ -9,8 +9,8 @@ Two layouts, as users keep them:
 
 Each file is read once and decoded once, with Pillow (what Ray Data's `read_images` uses).
 The decode gives everything the checks and the image table need: format, size, mode, a
-content hash (exact duplicates), a perceptual hash (near duplicates, by ImageHash) and
-brightness and contrast. A user's folder is only ever read.
+content hash (exact duplicates), a perceptual hash (near duplicates, by ImageHash), and
+brightness, contrast and sharpness. A user's folder is only ever read.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pipeline.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow calls the formats of IMAGE_SUFFIXES
 PATH, LABEL, REASON = "path", "label", "reason"
-FACTS = ("bytes", "sha256", "format", "width", "height", "mode", "brightness", "contrast", "phash")
+FACTS = ("bytes", "sha256", "format", "width", "height", "mode", "brightness", "contrast", "sharpness", "phash")
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,16 @@ def inspect(data: bytes, checks: ImageChecks) -> tuple[dict[str, Any], str | Non
 
 
 def _appearance(image: Any) -> dict[str, Any]:
-    """Brightness and contrast (the mean and standard deviation of the grey levels, 0–1) and
-    the perceptual hash, from one greyscale copy."""
+    """Brightness and contrast (the mean and standard deviation of the grey levels, 0–1),
+    sharpness (the variance of their Laplacian, scipy's: the usual blur measure, low when
+    blurred) and the perceptual hash, from one greyscale copy."""
     import imagehash
+    from scipy import ndimage
 
     grey = image.convert("L")
     levels = np.asarray(grey, dtype=np.float32) / 255.0
     return {"brightness": float(levels.mean()), "contrast": float(levels.std()),
-            "phash": str(imagehash.phash(grey))}
+            "sharpness": float(ndimage.laplace(levels).var()), "phash": str(imagehash.phash(grey))}
 
 
 def _first_line(e: BaseException) -> str:
@@ -237,7 +239,7 @@ def _hash_bits(hashes: Iterable[str]) -> np.ndarray:
 
 def image_table(kept: pd.DataFrame) -> dict[str, Any]:
     """The image table of `reports/validate.json`: sizes, modes, formats, per-class counts,
-    and brightness and contrast (mean, standard deviation, range) of the kept images."""
+    and brightness, contrast and sharpness (mean, standard deviation, range) of the kept images."""
     if kept.empty:
         return {"images": 0}
 
@@ -255,7 +257,7 @@ def image_table(kept: pd.DataFrame) -> dict[str, Any]:
         "width": spread("width"), "height": spread("height"),
         "modes": {str(k): int(v) for k, v in kept["mode"].value_counts().items()},
         "formats": {str(k): int(v) for k, v in kept["format"].value_counts().items()},
-        "brightness": spread("brightness"), "contrast": spread("contrast"),
+        "brightness": spread("brightness"), "contrast": spread("contrast"), "sharpness": spread("sharpness"),
     }
 
 

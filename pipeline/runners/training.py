@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipeline.config import Params
-from pipeline.errors import ConfigError
 from pipeline.data import io
 from pipeline.data.schema import Schema, schema_from_params
+from pipeline.errors import ConfigError
 from pipeline.summaries import Trained
 
 if TYPE_CHECKING:

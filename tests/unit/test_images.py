@@ -67,7 +67,7 @@ def test_the_image_table_and_training_size_describe_the_kept_images(demo):
     table = images.image_table(kept)
     assert table["images"] == len(kept) and sum(table["classes"].values()) == len(kept)
     assert set(table["sizes"]) <= {"24×24", "32×32", "40×40"} and table["width"]["min"] >= 24
-    assert 0 < table["brightness"]["mean"] < 1 and 0 < table["contrast"]["mean"] < 0.5
+    assert 0 < table["brightness"]["mean"] < 1 and 0 < table["contrast"]["mean"] < 0.5 and table["sharpness"]["min"] > 0
     assert images.training_size(kept["width"], kept["height"]) == 32
     assert images.training_size(pd.Series([1000, 4000]), pd.Series([800, 3000])) == 224
 
@@ -132,6 +132,19 @@ def test_a_usable_image_has_its_facts():
     facts, why = images.inspect(png((48, 32), "RGBA", (255, 255, 255, 0)), CHECKS)
     assert why is None and facts["mode"] == "RGBA" and (facts["width"], facts["height"]) == (48, 32)
     assert facts["brightness"] == pytest.approx(1.0) and facts["contrast"] == 0 and len(facts["phash"]) == 16
+    assert facts["sharpness"] == 0
+
+
+def test_blur_lowers_the_sharpness_measure(demo):
+    from PIL import ImageFilter
+
+    source = Image.open(sorted((demo[0] / "4").glob("0*.png"))[0]).convert("RGB").resize((64, 64))
+    sharpness = []
+    for radius in (0, 1, 2):
+        out = _io.BytesIO()
+        source.filter(ImageFilter.GaussianBlur(radius)).save(out, format="PNG")
+        sharpness.append(images.inspect(out.getvalue(), CHECKS)[0]["sharpness"])
+    assert sharpness[0] > sharpness[1] > sharpness[2] > 0
 
 
 def test_near_duplicates_are_found_across_sets_and_distinct_images_are_not(demo):
