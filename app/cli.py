@@ -450,9 +450,8 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, kind
         if out_dir.exists():
             raise D2DError(f"{out_dir} already exists: choose a new folder with --out (a user's folder is never changed)")
         flawed = write_image_folder(out_dir, config.data.demo.rows, config.data.demo.seed)
-        files = sum(1 for p in out_dir.rglob("*") if p.is_file())
-        console.print(f"wrote {files} files in {len({p.parent for p in out_dir.rglob('*') if p.is_file()})} class "
-                      f"folders to {out_dir}")
+        files = [p for p in out_dir.rglob("*") if p.is_file()]
+        console.print(f"wrote {len(files)} files in {len({p.parent for p in files})} class folders to {out_dir}")
         for flaw, paths in flawed.items():
             console.print(f"  flawed {len(paths):3d} files: {flaw}")
         return

@@ -2,6 +2,11 @@
 service that is down: the input was fine, the run can be repeated once it is back)."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (its type's name when it has none)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 class D2DError(Exception):
     """A problem with the user's input (data, params, paths), not a bug in d2d."""
 

@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what Pillow calls the formats of IMAGE_SUFFIXES
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # Pillow's names for .png, .jpg/.jpeg, .webp and .bmp files
 PATH, LABEL, REASON = "path", "label", "reason"
 FACTS = ("bytes", "sha256", "format", "width", "height", "mode", "brightness", "contrast", "sharpness", "phash")
 
@@ -47,15 +46,6 @@ class ImageChecks:
     max_aspect: float = 10.0
     max_pixels: int = 40_000_000  # a decompression bomb is refused before it is decoded
     max_bytes: int = 50 * 2**20
-
-
-def is_image_folder(path: Path) -> bool:
-    """Whether `path` is a folder of class subfolders holding image files (and not a folder of
-    CSV or Parquet part files)."""
-    if not path.is_dir():
-        return False
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()
-               and not _hidden(p.relative_to(path)))
 
 
 def _hidden(relative: Path) -> bool:
@@ -121,14 +111,14 @@ def inspect(data: bytes, checks: ImageChecks) -> tuple[dict[str, Any], str | Non
     facts: dict[str, Any] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if not data:
         return facts, "an empty file"
-    if len(data) > checks.max_bytes:
-        return facts, f"{len(data) / 2**20:.1f} MiB, over the limit of {checks.max_bytes / 2**20:.0f} MiB"
+    if (why := _too_large(len(data), checks)) is not None:
+        return facts, why
     try:
         image = Image.open(_io.BytesIO(data))
     except UnidentifiedImageError:
         return facts, "not an image (Pillow cannot identify it)"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return facts, f"unreadable: {_first_line(e)}"
+        return facts, f"unreadable: {first_line(e)[:200]}"
     width, height = image.size
     facts |= {"format": image.format, "width": width, "height": height, "mode": image.mode}
     if image.format not in FORMATS:
@@ -140,7 +130,7 @@ def inspect(data: bytes, checks: ImageChecks) -> tuple[dict[str, Any], str | Non
     try:
         image.load()  # the pixels: a truncated or corrupt file fails here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return facts, f"truncated or corrupt: {_first_line(e)}"
+        return facts, f"truncated or corrupt: {first_line(e)[:200]}"
     if min(width, height) < checks.min_side:
         return facts, f"too small: {width}×{height}, the model needs at least {checks.min_side} pixels a side"
     if max(width, height) / min(width, height) > checks.max_aspect:
@@ -161,8 +151,10 @@ def _appearance(image: Any) -> dict[str, Any]:
             "sharpness": float(ndimage.laplace(levels).var()), "phash": str(imagehash.phash(grey))}
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+def _too_large(size: int, checks: ImageChecks) -> str | None:
+    if size <= checks.max_bytes:
+        return None
+    return f"{size / 2**20:.1f} MiB, over the limit of {checks.max_bytes / 2**20:.0f} MiB"
 
 
 def read_file(path: Path, checks: ImageChecks) -> tuple[bytes, str | None]:
@@ -171,8 +163,8 @@ def read_file(path: Path, checks: ImageChecks) -> tuple[bytes, str | None]:
         size = path.stat().st_size
         if not path.is_file():
             return b"", "not a regular file"
-        if size > checks.max_bytes:
-            return b"", f"{size / 2**20:.1f} MiB, over the limit of {checks.max_bytes / 2**20:.0f} MiB"
+        if (why := _too_large(size, checks)) is not None:
+            return b"", why
         return path.read_bytes(), None
     except OSError as e:
         return b"", f"cannot be read: {e.strerror or type(e).__name__}"

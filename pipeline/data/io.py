@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 
 
 RAW_SUFFIXES = (".csv", ".parquet", ".txt", ".tsv")
@@ -46,7 +46,7 @@ def data_parts(path: Path) -> list[Path]:
 
 def _unreadable(path: Path, e: Exception) -> DataError:
     kind = "Parquet" if path.suffix == ".parquet" else "CSV"
-    return DataError(f"{path} is not a valid {kind} file: {(str(e).splitlines() or [type(e).__name__])[0]}")
+    return DataError(f"{path} is not a valid {kind} file: {first_line(e)}")
 
 
 def read_batches(path: Path, rows: int = 500_000, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:

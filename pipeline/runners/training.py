@@ -101,9 +101,9 @@ def _train_report(result: TrainResult, num_workers: int, tuned: dict[str, Any], 
         "train_seconds": round(result.seconds, 2),
         "num_workers": num_workers,
         **({"tuned": tuned["best_config"]} if tuned["enabled"] else {}),
-        **({"init_from": result.transfer["init_from"], "init_from_version": pinned,
-            "transferred_tensors": result.transfer["transferred"], "fresh_tensors": result.transfer["fresh"]}
+        **({"init_from": result.transfer["init_from"], "init_from_version": pinned}
            if "init_from" in result.transfer else {}),
-        **({"pretrained": result.transfer["pretrained"], "transferred_tensors": result.transfer["transferred"],
-            "fresh_tensors": result.transfer["fresh"]} if "pretrained" in result.transfer else {}),
+        **({"pretrained": result.transfer["pretrained"]} if "pretrained" in result.transfer else {}),
+        **({"transferred_tensors": result.transfer["transferred"], "fresh_tensors": result.transfer["fresh"]}
+           if result.transfer else {}),
     }

@@ -186,6 +186,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"pretrained weights {path} not found (d2d downloads nothing: copy the file there)")
     from safetensors import SafetensorError
 
+    from pipeline.errors import first_line
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -194,7 +196,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ValueError(f"pretrained weights {path} cannot be read: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        raise ValueError(f"pretrained weights {path} cannot be read: {first_line(e)[:200]}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -182,9 +182,10 @@ def n_inputs(state: dict) -> int:
     return len(state["outputs"])
 
 
-def pretrained_backbone(spec: ModelSpec, weights: dict, source: str) -> dict:
+def pretrained_backbone(spec: ModelSpec, weights: dict, source: str) -> tuple[dict, list[str]]:
     """The backbone tensors of a ResNet `spec` loaded from `weights` (torchvision naming,
-    input channels adapted); a mismatch is a D2DError naming the file and the tensors."""
+    input channels adapted), and the names that start fresh (the head), as `transferable`
+    gives them; a mismatch is a D2DError naming the file and the tensors."""
     from pipeline.train.models import build_model
     from pipeline.train.resnet import ResNet, load_backbone
 
@@ -195,7 +196,8 @@ def pretrained_backbone(spec: ModelSpec, weights: dict, source: str) -> dict:
         loaded = load_backbone(model, weights)
     except ValueError as e:
         raise D2DError(f"train.pretrained {source}: {e}") from None
-    return {k: v for k, v in model.state_dict().items() if k in loaded}
+    state = model.state_dict()
+    return {k: state[k] for k in loaded}, sorted(set(state) - set(loaded))
 
 
 def train(
@@ -223,9 +225,8 @@ def train(
         config["init_state"] = kept
         transfer = {"init_from": params.init_from, "transferred": len(kept), "fresh": fresh}
     if pretrained is not None:
-        config["init_state"] = pretrained_backbone(spec, pretrained, str(params.pretrained))
-        transfer = {"pretrained": str(params.pretrained), "transferred": len(config["init_state"]),
-                    "fresh": ["fc.bias", "fc.weight"]}
+        config["init_state"], fresh = pretrained_backbone(spec, pretrained, str(params.pretrained))
+        transfer = {"pretrained": str(params.pretrained), "transferred": len(config["init_state"]), "fresh": fresh}
     _check_resources(params)
     datasets = training_datasets(train_data, val_data, schema, state, params, rows)
     name = f"d2d-train-{time.strftime('%Y%m%d-%H%M%S')}"

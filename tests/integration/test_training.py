@@ -233,7 +233,7 @@ def test_a_pretrained_backbone_held_fixed_trains_only_the_new_head(ray_local, di
     result = _fit_pretrained(digits, tmp_path, weights, epochs=2, freeze="backbone")
     state = result.model.state_dict()
     backbone = [k for k in source if not k.startswith("fc.")]
-    assert result.transfer["transferred"] == len(backbone)
+    assert result.transfer["transferred"] == len(backbone) and result.transfer["fresh"] == ["fc.bias", "fc.weight"]
     assert torch.equal(state["conv1.weight"], adapt_input_conv(source["conv1.weight"], 1))
     assert all(torch.equal(state[k], source[k]) for k in backbone if k != "conv1.weight")
     assert state["fc.weight"].shape == (10, 512)
