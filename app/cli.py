@@ -445,11 +445,25 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, kind
         raise D2DError(f"unknown demo kind '{kind}': expected table or images")
     config = load_params(params, set_ or [])
     if kind == "images":
+        import shutil
+        import tempfile
+
         from pipeline.data.demo import write_image_folder
 
         if out_dir.exists():
             raise D2DError(f"{out_dir} already exists: choose a new folder with --out (a user's folder is never changed)")
-        flawed = write_image_folder(out_dir, config.data.demo.rows, config.data.demo.seed)
+        try:  # written beside, then renamed into place: a failed write leaves nothing behind
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            building = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        except OSError as e:
+            raise D2DError(f"cannot write the image folder {out_dir}: {e.strerror or e}") from None
+        try:
+            flawed = write_image_folder(building, config.data.demo.rows, config.data.demo.seed)
+            building.rename(out_dir)
+        except OSError as e:
+            raise D2DError(f"cannot write the image folder {out_dir}: {e.strerror or e}") from None
+        finally:
+            shutil.rmtree(building, ignore_errors=True)  # gone already once renamed
         files = [p for p in out_dir.rglob("*") if p.is_file()]
         console.print(f"wrote {len(files)} files in {len({p.parent for p in files})} class folders to {out_dir}")
         for flaw, paths in flawed.items():

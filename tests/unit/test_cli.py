@@ -233,3 +233,43 @@ def test_the_temporary_prefect_server_runs_without_a_long_lived_server_s_service
     assert not services.repossessor.enabled and not services.db_vacuum.enabled
     assert services.foreman.enabled
     assert services.event_persister.enabled and services.task_run_recorder.enabled  # the run's own records
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["train.pretrained", "train.freeze", "train.unfreeze_epoch", "train.backbone_lr_scale"]),
+       text=st.one_of(HOSTILE, st.integers(-10**20, 10**20).map(str)))
+def test_any_transfer_learning_value_is_one_line_and_exit_2(monkeypatch, capsys, project, key, text):
+    """Issue 17's params (with a resnet, where they apply): a bad value names the key, a good
+    one ends at the missing raw data, one line either way."""
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "stage", "validate", "--set=train.model=resnet18",
+                                     f"--set={key}={text}"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=HOSTILE.filter(lambda t: t not in ("table", "images") and not t.startswith("-")))
+def test_any_demo_kind_is_one_line_and_exit_2(monkeypatch, capsys, project, kind):
+    assert_one_line(*main_in_process(monkeypatch, capsys, project, "data", "demo", f"--kind={kind}"), "unknown demo kind")
+    assert not (project / "data").exists()  # nothing written
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["params.yaml", ".", "..", "/", "/proc/self", "params.yaml/x"]) | HOSTILE.filter(
+    lambda t: not t.startswith("-")))
+def test_any_demo_out_folder_writes_a_new_folder_or_is_one_line_and_exit_2(monkeypatch, capsys, project, name):
+    """--out is a path the user types: an existing file or folder is refused (a user's folder
+    is never changed), an impossible one is one line and exit 2, and otherwise the folder is
+    written."""
+    import shutil
+
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    out = project / name
+    existed = out.exists()
+    code, stdout, err = main_in_process(monkeypatch, capsys, project, "data", "demo", "--kind=images",
+                                        f"--out={name}", "--set=data.demo.rows=20")
+    assert not [p for p in project.iterdir() if p.name.startswith(".")]  # no half-written folder left
+    if existed or code:
+        assert_one_line(code, stdout, err)
+    else:
+        assert code in (0, None) and sum(1 for p in out.rglob("*") if p.is_file()) == 20 + 14
+        shutil.rmtree(out)
+    assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file() and p in before} == before

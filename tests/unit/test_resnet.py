@@ -207,3 +207,27 @@ def test_a_missing_pretrained_file_is_a_config_error_before_ray_starts(tmp_path)
     params = load_params(REPO / "params.yaml", ["train.model=resnet18", "train.pretrained=weights/nope.pt"])
     with pytest.raises(ConfigError, match=r"train\.pretrained: pretrained weights .*weights/nope\.pt not found"):
         pretrained_weights(params, tmp_path)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), suffix=st.sampled_from([".pt", ".pth", ".safetensors", ".bin"]))
+def test_any_bytes_as_a_weights_file_are_a_config_error_naming_the_key(tmp_path, data, suffix):
+    """A weights file is user input: whatever its bytes, it is read as tensors or refused as
+    `train.pretrained: ...`, never another exception."""
+    from pipeline.config import load_params
+    from pipeline.errors import ConfigError
+    from pipeline.runners.training import pretrained_weights
+    from tests.conftest import REPO
+
+    (tmp_path / f"w{suffix}").write_bytes(data)
+    params = load_params(REPO / "params.yaml", ["train.model=resnet18", f"train.pretrained=w{suffix}"])
+    try:
+        weights = pretrained_weights(params, tmp_path)
+    except ConfigError as e:
+        assert str(e).startswith("train.pretrained: pretrained weights") and "\n" not in str(e)
+    else:
+        assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
