@@ -3,6 +3,8 @@ model in the zoo, and a clear error for GPUs the cluster does not have."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,8 +32,17 @@ def idle_workers() -> list:
     """Ray's idle worker processes on this machine that this test's Ray started."""
     import psutil
 
-    raylets = [p for p in psutil.Process().children(recursive=True) if p.name() == "raylet"]
-    return [w for r in raylets for w in r.children() if w.cmdline()[:1] == ["ray::IDLE"]]
+    def program(process: psutil.Process) -> str:
+        # A process that exits between children() and this call is a zombie or gone: it holds no
+        # memory any more, which is what the test waits for.
+        try:
+            return process.cmdline()[0]
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, IndexError):
+            return ""
+
+    raylets = [p for p in psutil.Process().children(recursive=True) if Path(program(p)).name == "raylet"]
+    assert raylets, "no raylet under this process: the test would prove nothing"
+    return [w for r in raylets for w in r.children() if program(w) == "ray::IDLE"]
 
 
 def test_idle_workers_give_their_memory_back(ray_local):
