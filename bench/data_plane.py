@@ -174,6 +174,9 @@ def main() -> int:
                          "`d2d stage` process per stage")
     ap.add_argument("--skip-predict", action="store_true", help="leave out batch predict over every row")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more params for every command")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="train and run the bare loop this many times in turn (the training stage again each time "
+                         "after the first), and compare the medians: on a shared VM one pair of runs varies by ±15%%")
     args = ap.parse_args()
 
     project = args.workdir
@@ -219,6 +222,10 @@ def main() -> int:
     history = pd.read_csv(stages.path("history", project))
     d2d_rates = history["samples_per_s"].astype(float).tolist()
     bare_rates = bare_loop(project, params)
+    for _ in range(args.repeats - 1):  # in turn, so that both see the same drift in the machine's speed
+        d2d(project, "stage", "train", *sets)
+        d2d_rates += pd.read_csv(stages.path("history", project))["samples_per_s"].astype(float).tolist()
+        bare_rates += bare_loop(project, params)
     accuracy = pd.read_json(stages.path("metrics", project), typ="series").get("test_accuracy")
     rows = {"init-params": args.rows, "validate": args.rows, "clean": args.rows, "split": args.rows,
             "train": sizes["train"], "evaluate": sizes["val"] + sizes["test"], "register": sizes["test"],
@@ -234,9 +241,12 @@ def main() -> int:
           f"system used + /dev/shm above the start {p['system']:.2f} GiB")
     print(f"training, {params.train.num_workers} worker(s) × {params.train.cpus_per_worker} thread(s) against a bare "
           f"PyTorch loop with {params.train.num_workers * params.train.cpus_per_worker} thread(s):")
-    for epoch, (d2d_rate, bare_rate) in enumerate(zip(d2d_rates, bare_rates), 1):
-        print(f"  epoch {epoch}: d2d {d2d_rate:,.0f} samples/s, bare loop {bare_rate:,.0f} samples/s, "
-              f"ratio {d2d_rate / bare_rate:.3f}")
+    for run, (d2d_rate, bare_rate) in enumerate(zip(d2d_rates, bare_rates)):
+        print(f"  run {run // args.epochs + 1}, epoch {run % args.epochs + 1}: d2d {d2d_rate:,.0f} samples/s, "
+              f"bare loop {bare_rate:,.0f} samples/s, ratio {d2d_rate / bare_rate:.3f}")
+    if args.repeats > 1:
+        print(f"  median of {len(d2d_rates)} epochs each: d2d {np.median(d2d_rates):,.0f} samples/s, bare loop "
+              f"{np.median(bare_rates):,.0f} samples/s, ratio {np.median(d2d_rates) / np.median(bare_rates):.3f}")
     print(f"test accuracy {accuracy}")
     if not args.keep:
         shutil.rmtree(project, ignore_errors=True)
