@@ -443,12 +443,15 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, kind
 
     if kind not in ("table", "images"):
         raise D2DError(f"unknown demo kind '{kind}': expected table or images")
-    config = load_params(params, set_ or [])
     if kind == "images":
         import shutil
         import tempfile
 
+        from pipeline.config import DemoParams
         from pipeline.data.demo import write_image_folder
+
+        # an image folder is where a new project starts: params come after it, from init-params
+        demo = load_params(params, set_ or []).data.demo if params.exists() else DemoParams()
 
         if out_dir.exists():
             raise D2DError(f"{out_dir} already exists: choose a new folder with --out (a user's folder is never changed)")
@@ -458,7 +461,7 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, kind
         except OSError as e:
             raise D2DError(f"cannot write the image folder {out_dir}: {e.strerror or e}") from None
         try:
-            flawed = write_image_folder(building, config.data.demo.rows, config.data.demo.seed)
+            flawed = write_image_folder(building, demo.rows, demo.seed)
             building.rename(out_dir)
         except OSError as e:
             raise D2DError(f"cannot write the image folder {out_dir}: {e.strerror or e}") from None
@@ -469,6 +472,7 @@ def data_demo(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, kind
         for flaw, paths in flawed.items():
             console.print(f"  flawed {len(paths):3d} files: {flaw}")
         return
+    config = load_params(params, set_ or [])
     out = make_demo(config, Path.cwd())
     console.print(f"wrote {out['rows']} rows to {out['path']} (md5 {out['md5']})")
     for kind, ids in out["corrupted"].items():
@@ -490,6 +494,12 @@ def _infer(data: Path, target: str, id_column: str | None, image_shape: str | No
             shape = [int(v) for v in image_shape.split(",")]
         except ValueError:
             raise D2DError(f"--image-shape {image_shape!r}: expected C,H,W such as 1,8,8") from None
+    from pipeline.data.infer import image_path_column, infer_images, is_image_folder
+
+    if is_image_folder(data):
+        return infer_images(data, target, id_column)
+    if data.is_file() and (column := image_path_column(next(io.read_batches(data, 1000)), id_column)) is not None:
+        return infer_images(data, target, column)
     return infer_batches(io.read_batches(data), target, id_column, shape)
 
 
@@ -509,7 +519,8 @@ def _raw_in_project(data: Path, root: Path) -> tuple[Path, str | None]:
 
 @app.command("init-params")
 def init_params(
-    data: Annotated[Path, typer.Option("--data", "-d", help="A CSV or Parquet file, or a folder of CSV or Parquet parts.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="A CSV or Parquet file, a folder of CSV or Parquet parts, "
+                                       "a folder of class folders of images, or a manifest of image paths.")],
     target: TargetOpt,
     id_column: IdOpt = None,
     image_shape: ShapeOpt = None,
@@ -541,8 +552,10 @@ def init_params(
     except (OSError, UnicodeEncodeError) as e:
         raise D2DError(f"cannot write {out}: {e}") from None
     kinds = [f["kind"] for f in schema["features"]]
+    files = (f"{schema['images']['found']['files']:,} image files at {schema['images']['size']}×"
+             f"{schema['images']['size']} {schema['images']['mode']}, " if "images" in schema else "")
     console.print(
-        f"wrote {out}: {kinds.count('numeric')} numeric and {kinds.count('categorical')} categorical features, "
+        f"wrote {out}: {files}{kinds.count('numeric')} numeric and {kinds.count('categorical')} categorical features, "
         + (f"{len(schema['classes'])} classes" if schema["task"] == "classification" else "a regression target")
         + (f", id column '{schema['id_column']}'" if schema["id_column"] is not None
            else ", no id column (d2d derives a stable key per row)")

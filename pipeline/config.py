@@ -59,6 +59,26 @@ class DemoParams(_Section):
     corrupt_fraction: float = Field(default=0.03, ge=0.0, le=0.5)
 
 
+class ImageParams(_Section):
+    """Image files as the data (issue 17). data.raw is a folder of class subfolders
+    (`DIR/<label>/*.png`) or a manifest (CSV or Parquet) with a column of file paths, relative
+    to the manifest's folder; the path is each row's id. What a usable image is, and the size
+    and mode the model takes it at."""
+
+    path_column: str = "path"
+    size: int = Field(default=64, ge=8, le=1024)  # the square side images are trained at
+    mode: Literal["RGB", "L"] = "RGB"
+    # modes turned into `mode` (RGBA drops its alpha, L repeats the grey level); any other is quarantined
+    convert: list[Literal["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "F"]] = ["RGB", "RGBA", "L", "LA", "P"]
+    min_side: int = Field(default=8, ge=1)  # smaller images are quarantined
+    max_aspect: float = Field(default=10.0, ge=1.0)  # longer side over shorter side
+    max_pixels: int = Field(default=40_000_000, ge=1)  # decompression bombs are refused before decoding
+    max_bytes: int = Field(default=50 * 2**20, ge=1)
+    # Hamming distance between perceptual hashes (of 64 bits) at or under which two images
+    # are near duplicates: one in val or test that nearly repeats a train image is leakage
+    near_duplicate_distance: int = Field(default=4, ge=0, le=64)
+
+
 class DataParams(_Section):
     raw: Path = Path("data/raw/digits.csv")
     # null: the data has no id column, and d2d derives a stable key per row from its content
@@ -67,9 +87,12 @@ class DataParams(_Section):
     target: str = "label"
     task: Literal["classification", "regression"] = "classification"
     classes: list[int | str] | None = None  # classification only: the known labels
-    features: list[FeatureSpec] = Field(min_length=1)
+    # A table's feature columns; with `images`, the manifest's extra columns (none for a
+    # folder of class subfolders).
+    features: list[FeatureSpec] = []
     # C×H×W for image-shaped features (the CNN needs it); null for tabular data.
     image_shape: list[int] | None = None
+    images: ImageParams | None = None
     demo: DemoParams = DemoParams()
     # Rows the data stages (validate, clean, split) hold at a time: memory stays flat as the
     # file grows. Larger batches pay GX's per-batch cost (about 2 s) fewer times.
@@ -82,6 +105,16 @@ class DataParams(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> DataParams:
         names = [n for f in self.features for n in f.names()]
+        if not names and self.images is None:
+            raise ValueError("features: a table needs at least one feature")
+        if self.images is not None:
+            if self.image_shape is not None:
+                raise ValueError("image files take their shape from images.size and images.mode, not image_shape")
+            if self.id_column != self.images.path_column:
+                raise ValueError(f"with images, id_column is the path column ({self.images.path_column!r}): "
+                                 "each file is one row")
+            if self.images.path_column in names:
+                raise ValueError("the path column cannot also be a feature")
         if len(set(names)) != len(names):
             raise ValueError("feature names must be unique")
         if {self.id_column, self.target} & set(names):
@@ -472,7 +505,11 @@ class Params(_Section):
             n for f in self.data.features for n in f.names()
         } | {self.data.target}:
             raise ValueError(f"evaluate.slice_column '{self.evaluate.slice_column}' is not a column of the dataset")
-        if (self.train.model == "cnn" or self.train.model.startswith("resnet")) and self.data.image_shape is None:
+        convolutional = self.train.model == "cnn" or self.train.model.startswith("resnet")
+        if self.data.images is not None:
+            if not convolutional:
+                raise ValueError(f"train.model '{self.train.model}' does not take images; use cnn or a resnet")
+        elif convolutional and self.data.image_shape is None:
             raise ValueError(f"train.model '{self.train.model}' needs data.image_shape; use 'mlp' for tabular data")
         if self.preprocess.scale == "range":
             open_ended = [n for f in self.data.features if f.kind == "numeric" and (f.min is None or f.max is None) for n in f.names()]

@@ -40,6 +40,7 @@ CATALOG: Mapping[str, str] = {
     "val": "data/split/val.parquet",
     "test": "data/split/test.parquet",
     "preprocess": "data/split/preprocess.json",
+    "leaked": "data/quarantine/split.parquet",  # near-duplicate images across splits
     "split_report": "reports/split.json",
     # train
     "model": "models/model.pt",
@@ -105,7 +106,8 @@ STAGES: tuple[Stage, ...] = (
         outs=("valid", "quarantine", "data_docs"),
         metrics=("validate_report",),
         # keys: the derived row key valid.parquet carries when there is no id column
-        code=("pipeline/runners/data.py", "pipeline/data/validate.py", "pipeline/data/schema.py", "pipeline/data/keys.py"),
+        code=("pipeline/runners/data.py", "pipeline/data/validate.py", "pipeline/data/schema.py", "pipeline/data/keys.py",
+              "pipeline/runners/image_data.py", "pipeline/data/images.py"),
     ),
     Stage(
         "clean", data.clean, summaries.Cleaned, report="clean_report",
@@ -113,15 +115,16 @@ STAGES: tuple[Stage, ...] = (
         reads=("valid",),
         outs=("clean", "removed"),
         metrics=("clean_report",),
-        code=("pipeline/runners/data.py", "pipeline/data/clean.py"),
+        code=("pipeline/runners/data.py", "pipeline/data/clean.py", "pipeline/runners/image_data.py", "pipeline/data/images.py"),
     ),
     Stage(
         "split", data.split, summaries.SplitSizes, report="split_report",
         params=("data", "clean.missing", "split", "preprocess"),
         reads=("clean",),
-        outs=("train", "val", "test", "preprocess"),
+        outs=("train", "val", "test", "preprocess", "leaked"),
         metrics=("split_report",),
-        code=("pipeline/runners/data.py", "pipeline/data/split.py", "pipeline/preprocess.py"),
+        code=("pipeline/runners/data.py", "pipeline/data/split.py", "pipeline/preprocess.py",
+              "pipeline/runners/image_data.py", "pipeline/data/images.py", "pipeline/image_transforms.py"),
     ),
     Stage(
         "train", training.train, summaries.Trained, report="train_report",

@@ -30,7 +30,9 @@ import pandas as pd
 from pipeline.errors import DataError, first_line
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # Pillow's names for .png, .jpg/.jpeg, .webp and .bmp files
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # how a path names an image file
 PATH, LABEL, REASON = "path", "label", "reason"
+IMAGE = "image"  # a usable image's file bytes, as the data stages carry them (encoded, as the file was)
 FACTS = ("bytes", "sha256", "format", "width", "height", "mode", "brightness", "contrast", "sharpness", "phash")
 
 
@@ -93,8 +95,11 @@ def read_manifest(manifest: Path, path_column: str, label_column: str) -> tuple[
         if pd.isna(value) or not str(value).strip():
             return "no path"
         target = Path(str(value))
-        if target.is_absolute() or not (top / target).resolve().is_relative_to(top):
-            return "a path outside the manifest's folder"
+        try:
+            if target.is_absolute() or not (top / target).resolve().is_relative_to(top):
+                return "a path outside the manifest's folder"
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long for the system
+            return f"not a file path: {first_line(e)[:100]}"
         return None
 
     reasons = paths.map(why)
@@ -170,9 +175,11 @@ def read_file(path: Path, checks: ImageChecks) -> tuple[bytes, str | None]:
         return b"", f"cannot be read: {e.strerror or type(e).__name__}"
 
 
-def inspect_files(rows: pd.DataFrame, root: Path, checks: ImageChecks, batch: int = 256) -> Iterator[pd.DataFrame]:
+def inspect_files(rows: pd.DataFrame, root: Path, checks: ImageChecks, batch: int = 256,
+                  keep_bytes: bool = False) -> Iterator[pd.DataFrame]:
     """`rows` (a `path` relative to `root`, a label, extras) in batches, each row with its
-    facts and its reason (null when the image is usable). Threads overlap the reads and
+    facts and its reason (null when the image is usable); with `keep_bytes`, a usable image's
+    file bytes too (IMAGE), so that the file is read once. Threads overlap the reads and
     decodes (Pillow releases the GIL while it decodes)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -181,12 +188,13 @@ def inspect_files(rows: pd.DataFrame, root: Path, checks: ImageChecks, batch: in
         if why is not None:
             return {REASON: why}
         facts, why = inspect(data, checks)
-        return {**facts, REASON: why}
+        return {**facts, REASON: why, **({IMAGE: data} if keep_bytes and why is None else {})}
 
+    columns = [*FACTS, *([IMAGE] if keep_bytes else []), REASON]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
         for start in range(0, len(rows), batch):
             chunk = rows.iloc[start:start + batch].reset_index(drop=True)
-            found = pd.DataFrame(list(pool.map(one, chunk[PATH])), columns=[*FACTS, REASON])
+            found = pd.DataFrame(list(pool.map(one, chunk[PATH])), columns=columns)
             yield pd.concat([chunk, found], axis=1)
 
 

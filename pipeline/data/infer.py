@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.data import images
 from pipeline.data.keys import ROW_KEY
 from pipeline.errors import DataError
 
@@ -247,7 +248,7 @@ class IdTally:
 
 
 def infer_batches(batches: Iterable[pd.DataFrame], target: str, id_column: str | None = None,
-                  image_shape: list[int] | None = None) -> tuple[dict[str, Any], list[str]]:
+                  image_shape: list[int] | None = None, features_needed: bool = True) -> tuple[dict[str, Any], list[str]]:
     """The `data` section of params.yaml for a dataset read as batches (one batch in memory at
     a time), and notes on columns left out: the same answer as for the whole frame at once."""
     columns: list[Any] | None = None
@@ -289,13 +290,88 @@ def infer_batches(batches: Iterable[pd.DataFrame], target: str, id_column: str |
             notes.append(f"{_shown(name)[1:-1]}: left out ({why})")
         else:
             features.append(spec)
-    if not features:
+    if not features and features_needed:
         raise DataError("no usable feature columns")
     data: dict[str, Any] = {"id_column": None if id_col is None else str(id_col), "target": target, "task": task, "classes": classes, "features": features}
     if image_shape:
         if any(f["kind"] != "numeric" for f in features) or int(np.prod(image_shape)) != len(features):
             raise DataError(f"--image-shape {image_shape} needs {int(np.prod(image_shape))} numeric features; found {len(features)}")
         data["image_shape"] = list(image_shape)
+    return data, notes
+
+
+# Files decoded to describe an image dataset's sizes and modes: enough for their spread, and
+# init-params stays a few seconds long on any folder.
+DESCRIBE_IMAGES = 2_000
+
+
+def image_path_column(head: pd.DataFrame, named: str | None) -> str | None:
+    """The column of a table that names image files (`named` when given): text whose values
+    mostly end in an image suffix. None: the table is a table."""
+    candidates = [named] if named is not None else list(head.columns)
+    for name in candidates:
+        if name not in head.columns or head[name].dtype.kind not in "OSU" and str(head[name].dtype) != "string":
+            continue
+        values = head[name].dropna().astype(str)
+        if len(values) and values.map(lambda v: Path(v).suffix.lower() in images.SUFFIXES).mean() >= 0.9:
+            return str(name)
+    return None
+
+
+def is_image_folder(path: Path) -> bool:
+    """A folder of class folders holding image files (and no CSV or Parquet parts)."""
+    if not path.is_dir():
+        return False
+    files = (p for p in path.glob("*/**/*") if p.is_file() and not p.name.startswith("."))
+    return any(p.suffix.lower() in images.SUFFIXES for _, p in zip(range(1000), files))
+
+
+def infer_images(raw: Path, target: str, path_column: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The `data` section for image files: a folder of class folders, or a manifest table with
+    a column of image paths (`path_column`) and the target, its other columns inferred as
+    features. The classes, and the sizes and modes of (a sample of) the files, decoded once,
+    give the training size and mode."""
+    from pipeline.data import io as data_io
+
+    notes: list[str] = []
+    if raw.is_dir():
+        rows, refused = images.list_folder(raw)
+        column = path_column or images.PATH
+        data: dict[str, Any] = {"id_column": column, "target": target, "task": "classification",
+                                "classes": sorted(rows[images.LABEL].astype(str).unique().tolist()), "features": []}
+        root = raw
+        if len(refused):
+            notes.append(f"{len(refused)} file(s) are not in a class folder or lead out of it (validate quarantines them)")
+    else:
+        column = path_column or images.PATH
+        data, notes = infer_batches(data_io.read_batches(raw), target, column, features_needed=False)
+        if data["task"] != "classification":
+            raise DataError(f"target {_shown(target)}: image files are classified; its values look like a regression target")
+        rows, _ = images.read_manifest(raw, column, target)
+        root = raw.parent
+    if len(rows) < 2:
+        raise DataError(f"{raw}: {len(rows)} image file(s); a dataset needs more")
+    sample = rows.sample(n=min(DESCRIBE_IMAGES, len(rows)), random_state=0)
+    anything = images.ImageChecks(convert=("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F", "YCbCr"),
+                                  min_side=1, max_aspect=float("inf"))
+    facts = pd.concat(list(images.inspect_files(sample, root, anything)), ignore_index=True)
+    usable = facts[facts[images.REASON].isna()]
+    if usable.empty:
+        raise DataError(f"{raw}: none of {len(sample)} files read is an image Pillow can decode")
+    if len(usable) < len(facts):
+        notes.append(f"{len(facts) - len(usable)} of {len(facts)} files read are not usable images "
+                     "(validate quarantines them with their reasons)")
+    modes = usable["mode"].value_counts()
+    sizes = (usable["width"].astype(int).astype(str) + "x" + usable["height"].astype(int).astype(str)).value_counts()
+    grey = set(modes.index) <= {"1", "L", "LA", "I", "I;16", "F"}
+    data["images"] = {
+        "path_column": column,
+        "size": images.training_size(usable["width"], usable["height"]),
+        "mode": "L" if grey else "RGB",
+        "found": {"files": int(len(rows)), "read": int(len(facts)),
+                  "modes": {str(k): int(v) for k, v in modes.items()},
+                  "sizes": {str(k): int(v) for k, v in sizes.head(5).items()}, "distinct_sizes": int(len(sizes))},
+    }
     return data, notes
 
 
@@ -453,7 +529,11 @@ def data_section(data: dict[str, Any], raw: Path | None = None) -> Any:
     if data["classes"]:
         section["classes"] = _flow_seq(data["classes"])
     section["features"] = CommentedSeq(_flow_map(f) for f in data["features"])
-    section.yaml_add_eol_comment("inferred; ranges carry a 10% margin", "features", COMMENT_COLUMN)
+    section.yaml_add_eol_comment("inferred; ranges carry a 10% margin" if data["features"] or "images" not in data
+                                 else "a manifest's extra columns; a folder of class folders has none",
+                                 "features", COMMENT_COLUMN)
+    if "images" in data:
+        section["images"] = images_section(data["images"])
     if "image_shape" in data:
         section["image_shape"] = _flow_seq(data["image_shape"])
         section.yaml_add_eol_comment("C, H, W", "image_shape", COMMENT_COLUMN)
@@ -462,6 +542,37 @@ def data_section(data: dict[str, Any], raw: Path | None = None) -> Any:
         section.yaml_add_eol_comment("where validate, clean and split run: local | ray (actors take the part files "
                                      "side by side) | auto: ray on a configured cluster", "engine", COMMENT_COLUMN)
     return section
+
+
+def images_section(found: dict[str, Any]) -> Any:
+    """`data.images`: the path column, the training size and mode inferred, the file checks at
+    their defaults; what the files were, in the comments."""
+    from ruamel.yaml.comments import CommentedMap
+
+    from pipeline.config import ImageParams
+
+    seen = found["found"]
+    defaults = ImageParams()
+    out = CommentedMap()
+    out["path_column"] = _text(found["path_column"])
+    out.yaml_add_eol_comment("each file's path, relative to the folder (or the manifest's folder): the row id",
+                             "path_column", COMMENT_COLUMN)
+    out["size"] = found["size"]
+    sizes = ", ".join(f"{k} ({v})" for k, v in seen["sizes"].items())
+    out.yaml_add_eol_comment(comment_safe(
+        f"the square side images are trained at: their median short side; {seen['read']} of {seen['files']} files "
+        f"read: {seen['distinct_sizes']} sizes, most often {sizes}"), "size", COMMENT_COLUMN)
+    out["mode"] = found["mode"]
+    modes = ", ".join(f"{k} ({v})" for k, v in seen["modes"].items())
+    out.yaml_add_eol_comment(comment_safe(f"RGB or L; modes found: {modes}"), "mode", COMMENT_COLUMN)
+    out["convert"] = _flow_seq(list(defaults.convert))
+    out.yaml_add_eol_comment("modes turned into `mode`; files in any other are quarantined", "convert", COMMENT_COLUMN)
+    for key, why in (("min_side", "smaller images are quarantined"), ("max_aspect", "long side over short side"),
+                     ("max_pixels", "decompression bombs are refused before decoding"), ("max_bytes", "per file"),
+                     ("near_duplicate_distance", "perceptual-hash bits: closer val/test images are leakage")):
+        out[key] = getattr(defaults, key)
+        out.yaml_add_eol_comment(why, key, COMMENT_COLUMN)
+    return out
 
 
 def _dump(doc: Any) -> str:
@@ -489,14 +600,15 @@ def render_params(data: dict[str, Any], raw: Path, notes: list[str]) -> str:
     for key in defaults:
         doc[key] = defaults[key]
     doc["preprocess"]["scale"] = "range" if image and has_range else "standard"
-    doc["train"]["model"] = "cnn" if image else "mlp"
+    doc["train"]["model"] = "resnet18" if "images" in data else "cnn" if image else "mlp"
     doc["evaluate"]["experiment"] = f"d2d-{stem}"
     doc["register"]["model_name"] = f"d2d-{stem}"
     header = [
         f"d2d params for {comment_safe(raw.name)}, written by `d2d init-params`. Edit freely: unknown keys",
         "and bad values are errors that name the key. Override a value on the command line with",
         "`d2d run --params THIS_FILE --set train.epochs=10`.",
-        *(["Columns left out:", *(f"  {comment_safe(n)}" for n in notes)] if notes else []),
+        *([("Notes on the files:" if "images" in data else "Columns left out:"), *(f"  {comment_safe(n)}" for n in notes)]
+          if notes else []),
     ]
     doc.yaml_set_start_comment("\n".join(header) + "\n\n")  # a blank line before data:
     doc.yaml_set_comment_before_after_key("validate", before="\n")  # the template spaces the rest

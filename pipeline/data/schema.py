@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import DataParams
+from pipeline.config import DataParams, ImageParams
 from pipeline.data.keys import ROW_KEY
 
 
@@ -39,6 +39,14 @@ class Schema:
     image_shape: tuple[int, int, int] | None
     task: str = "classification"
     derived_key: bool = False
+    images: ImageParams | None = None  # image files: the id column holds each file's path
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """C×H×W of the model's input: image files at their training size and mode, or image-shaped columns."""
+        if self.images is not None:
+            return (3 if self.images.mode == "RGB" else 1, self.images.size, self.images.size)
+        return self.image_shape
 
     @property
     def regression(self) -> bool:
@@ -110,4 +118,4 @@ def schema_from_params(data: DataParams) -> Schema:
     shape = tuple(data.image_shape) if data.image_shape else None
     derived = data.id_column is None
     return Schema(ROW_KEY if derived else data.id_column, data.target, tuple(data.classes or ()), features, shape,  # type: ignore[arg-type]
-                  data.task, derived)
+                  data.task, derived, data.images)

@@ -26,17 +26,20 @@ if TYPE_CHECKING:
     from pipeline.stages import StageFiles
 
 
-def require_raw(raw: Path) -> None:
-    """A DataError naming what is wrong when the raw data is missing, or is not data files."""
+def require_raw(raw: Path, images: bool = False) -> None:
+    """A DataError naming what is wrong when the raw data is missing, or is not data files
+    (CSV or Parquet; with `images`, a folder of them or a manifest)."""
     if not raw.exists():
-        raise DataError(f"raw data not found: {raw} (run `d2d data demo` for the demo dataset, or `dvc pull`)")
-    io.data_parts(raw)  # a folder without parts, or a file of another type, is named here
+        demo = "d2d data demo --kind images --out DIR" if images else "d2d data demo"
+        raise DataError(f"raw data not found: {raw} (run `{demo}` for the demo dataset, or `dvc pull`)")
+    if not (images and raw.is_dir()):
+        io.data_parts(raw)  # a folder without parts, or a file of another type, is named here
 
 
-def read_data_version(raw: Path, declared: str) -> DataVersion:
+def read_data_version(raw: Path, declared: str, images: bool = False) -> DataVersion:
     """The raw file's (or folder's) md5, as DVC records it, and whether it matches the committed
     .dvc file; `declared` is data.raw as params give it."""
-    require_raw(raw)
+    require_raw(raw, images)
     md5 = io.dvc_md5(raw)
     recorded = io.dvc_recorded_md5(raw)
     return DataVersion(str(declared), md5, recorded, recorded == md5)
@@ -49,7 +52,7 @@ def data_version(params: Params, files: StageFiles) -> DataVersion:
 
     from pipeline.versioning import push_tracked
 
-    version = read_data_version(files[RAW], params.data.raw)
+    version = read_data_version(files[RAW], params.data.raw, params.data.images is not None)
     if version.dvc_md5 is None:
         outcome = f"not tracked: run `dvc add {version.path}` to version it"
     elif not version.matches_dvc:
@@ -121,6 +124,10 @@ def validate(params: Params, files: StageFiles) -> Validated:
 
     raw = files[RAW]
     schema = schema_from_params(params.data)
+    if schema.images is not None:
+        from pipeline.runners import image_data  # it builds on this module's helpers
+
+        return image_data.validate(params, files)
     require_raw(raw)
     head = io.column_types(raw)
     require_columns(head.columns if head is not None else pd.Index([]), schema)
@@ -310,6 +317,10 @@ def clean(params: Params, files: StageFiles) -> Cleaned:
     from pipeline.data.clean import Cleaner, Repeats, iqr_rows, outlier_bounds, repeat_hashes
 
     schema = schema_from_params(params.data)
+    if schema.images is not None:
+        from pipeline.runners import image_data  # it builds on this module's helpers
+
+        return image_data.clean(params, files)
     rules, rows, source = params.clean, params.data.batch_rows, files["valid"]
     if not source.exists():
         raise DataError(f"{source} not found: run the stage that writes it first")
@@ -488,6 +499,10 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
     from pipeline.data.split import leak_mask
 
     schema = schema_from_params(params.data)
+    if schema.images is not None:
+        from pipeline.runners import image_data  # it builds on this module's helpers
+
+        return image_data.split(params, files)
     source, rows = files["clean"], params.data.batch_rows
     if not source.exists():
         raise DataError(f"{source} not found: run the stage that writes it first")
@@ -514,6 +529,8 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
     finally:
         for w in writers.values():
             w.discard()
+    # a table's near duplicates are exact ones, which fail the split above: none leave it
+    io.write_parquet(pd.DataFrame({schema.id_column: [], "split": [], "reason": []}, dtype="string"), files["leaked"])
     train = io.parquet_sample(files["train"], params.preprocess.fit_rows)
     state = preprocess.fit(train, preprocess.preprocess_spec(schema, params.clean, params.preprocess))
     io.write_json(state, files["preprocess"])
