@@ -59,6 +59,17 @@ class DemoParams(_Section):
     corrupt_fraction: float = Field(default=0.03, ge=0.0, le=0.5)
 
 
+class AugmentParams(_Section):
+    """Training-time augmentation of image files, each part off at its neutral value; never
+    applied at evaluation (pipeline.image_transforms.augment)."""
+
+    crop_scale: float = Field(default=1.0, gt=0.0, le=1.0)  # a random crop keeps this share of the area, or more
+    flip: bool = False  # horizontal flips, half the images (not for digits or text)
+    rotate: float = Field(default=0.0, ge=0.0, le=180.0)  # degrees, either way
+    brightness: float = Field(default=0.0, ge=0.0, lt=1.0)  # a factor within 1 ± this
+    contrast: float = Field(default=0.0, ge=0.0, lt=1.0)  # a factor within 1 ± this
+
+
 class ImageParams(_Section):
     """Image files as the data (issue 17). data.raw is a folder of class subfolders
     (`DIR/<label>/*.png`) or a manifest (CSV or Parquet) with a column of file paths, relative
@@ -77,6 +88,7 @@ class ImageParams(_Section):
     # Hamming distance between perceptual hashes (of 64 bits) at or under which two images
     # are near duplicates: one in val or test that nearly repeats a train image is leakage
     near_duplicate_distance: int = Field(default=4, ge=0, le=64)
+    augment: AugmentParams = AugmentParams()
 
 
 class DataParams(_Section):

@@ -359,7 +359,9 @@ def score_split(model: Any, batches: Iterable[pd.DataFrame], schema: Schema, sta
                 pick = (np.arange(len(y)) if schema.regression else np.flatnonzero(y == k))[: wanted - have]
                 rows.append({"x": x[pick], "y": y[pick], "out": out[pick]})
     parts = [r for rows in firsts for r in rows]
-    width = len(state["outputs"])
+    from pipeline.train.trainer import n_inputs
+
+    width = n_inputs(state)
     chosen = {name: np.concatenate([r[name] for r in parts]) if parts else np.zeros((0, width) if name == "x" else 0)
               for name in ("x", "y", "out")}
     return Scored(totals, sample, schema.regression, chosen)

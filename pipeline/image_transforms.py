@@ -123,3 +123,38 @@ def augment(batch: torch.Tensor, how: Augmentation, generator: torch.Generator |
         grey = out.mean(dim=(1, 2, 3), keepdim=True)
         out = grey + (out - grey) * uniform(1 - how.contrast, 1 + how.contrast).view(n, 1, 1, 1)
     return out.clamp(0, 1)
+
+
+def decode(data: bytes, size: int, mode: str) -> torch.Tensor:
+    """An image file's bytes → uint8 (C, size, size): decoded with Pillow in `mode`, then
+    `fit_size`. Raises ValueError for bytes that are not a decodable image."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return fit_size(to_tensor(image, mode), size)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a decodable image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def network_inputs(images: Any, state: dict[str, Any]) -> Any:
+    """Image files' bytes (a sequence) → float32 (N, C·H·W) numpy rows, normalised with the
+    statistics fitted on train: what the network takes, for training, evaluation, the MLflow
+    model and serving alike."""
+    batch = torch.stack([decode(data, state["size"], state["mode"]) for data in images]) if len(images) else (
+        torch.zeros((0, 3 if state["mode"] == "RGB" else 1, state["size"], state["size"]), dtype=torch.uint8))
+    return normalize(batch, state["mean"], state["std"]).reshape(len(batch), -1).numpy()
+
+
+def augment_inputs(x: torch.Tensor, shape: tuple[int, int, int], how: Augmentation, mean: list[float],
+                   std: list[float], generator: torch.Generator | None = None) -> torch.Tensor:
+    """A batch of normalised network inputs (N, C·H·W), augmented as `augment` does on 0–1
+    images (undone, augmented, normalised again): the features stay cached normalised, and
+    every epoch sees new augmentations, on the device the batch is on."""
+    view = (1, -1, 1, 1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(view)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(view)
+    images = (x.view(-1, *shape) * s + m).clamp(0, 1)
+    return ((augment(images, how, generator) - m) / s).reshape(x.shape[0], -1)

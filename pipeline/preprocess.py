@@ -149,7 +149,17 @@ def id_spec(train: pd.DataFrame, name: str | None) -> dict[str, str] | None:
     return {"name": name, "type": "long" if integral else "string"}
 
 
+IMAGE_COLUMN = "image"  # an image dataset's input: each file's bytes (pipeline.runners.image_data)
+
+
+def is_images(state: dict[str, Any]) -> bool:
+    """Whether the fitted preprocessing is an image dataset's (pipeline.image_transforms)."""
+    return state.get("kind") == "images"
+
+
 def input_columns(state: dict[str, Any]) -> list[str]:
+    if is_images(state):
+        return [IMAGE_COLUMN]
     return state["numeric"]["names"] + [c["name"] for c in state["categorical"]]
 
 
@@ -342,7 +352,18 @@ def first_error(errors: np.ndarray) -> tuple[int, str] | None:
 
 def transform(df: pd.DataFrame, state: dict[str, Any]) -> np.ndarray:
     """Raw feature rows → the float32 matrix the network takes. Raises ValueError naming the
-    row and column of the first value check_rows refuses, or a missing column."""
+    row and column of the first value check_rows refuses, or a missing column. An image
+    dataset's rows carry each file's bytes: decoded, fitted to the training size and
+    normalised (`image_transforms.network_inputs`)."""
+    if is_images(state):
+        try:  # inside a logged model, code_paths puts image_transforms.py on sys.path
+            from image_transforms import network_inputs
+        except ImportError:  # in d2d itself
+            from pipeline.image_transforms import network_inputs
+
+        if IMAGE_COLUMN not in df.columns:
+            raise ValueError(f"missing column {IMAGE_COLUMN}")
+        return network_inputs(df[IMAGE_COLUMN].tolist(), state)
     spec = input_spec(state)
     num = state["numeric"]
     if not state["categorical"] and [s["name"] for s in spec] == num["names"] and all(s["type"] in NUMBER for s in spec):

@@ -17,10 +17,12 @@ import pandas as pd
 from pipeline.config import Params
 from pipeline.data import io
 from pipeline.data.schema import Schema
+from pipeline.preprocess import IMAGE_COLUMN
 
 T = TypeVar("T")
 MODEL_CODE = Path(__file__).with_name("raw_model.py")
 PREPROCESS_CODE = Path(__file__).with_name("preprocess.py")
+IMAGE_CODE = Path(__file__).with_name("image_transforms.py")  # the image preprocessing, for image models
 # The SQLite URI this process chose. MLflow copies whatever URI is set into
 # MLFLOW_TRACKING_URI, so that value must not be mistaken for the user's choice later.
 _local_uri: str | None = None
@@ -145,8 +147,15 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
     from mlflow.models import ModelSignature
     from mlflow.types import Schema as MlflowSchema
 
-    raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
-    signature = ModelSignature(inputs=MlflowSchema([input_colspec(f) for f in schema.features]))
+    from mlflow.types import ColSpec
+
+    images = schema.images is not None
+    if images:  # the files' bytes (MLflow's binary type); a manifest's extra columns are not model inputs yet
+        raw = example[[IMAGE_COLUMN]].head(2)
+        signature = ModelSignature(inputs=MlflowSchema([ColSpec("binary", IMAGE_COLUMN)]))
+    else:
+        raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
+        signature = ModelSignature(inputs=MlflowSchema([input_colspec(f) for f in schema.features]))
     inputs = io.read_json(preprocess_path).get("inputs")
     batch = torch.export.Dim("batch")
     sample = torch.zeros((2, n_inputs), dtype=torch.float32)
@@ -162,14 +171,15 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
             return mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
-                code_paths=[str(PREPROCESS_CODE)],
+                code_paths=[str(PREPROCESS_CODE), *([str(IMAGE_CODE)] if images else [])],
                 artifacts={"network": str(network), "preprocess": str(preprocess_path), "classes": str(classes)},
                 input_example=raw,
                 signature=signature,
                 # the types the model checks each number against (see input_colspec), for people and tools
                 metadata={"d2d_inputs": inputs} if inputs else None,
                 pip_requirements=[f"mlflow=={version('mlflow')}", "torch==2.13.0",
-                                  f"pandas=={version('pandas')}", f"numpy=={version('numpy')}"],
+                                  f"pandas=={version('pandas')}", f"numpy=={version('numpy')}",
+                                  *([f"pillow=={version('pillow')}"] if images else [])],
             )
 
 

@@ -40,7 +40,7 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
     chosen = test.examples
     attributions = ev.gradient_attributions(model, chosen["x"], chosen["y"] if not schema.regression
                                             else np.zeros(len(chosen["y"]), dtype=int))
-    plots.append(ev.plot_attributions(chosen["x"], attributions, shown, state["outputs"], schema.image_shape,
+    plots.append(ev.plot_attributions(chosen["x"], attributions, shown, state["outputs"], schema.input_shape,
                                       files["attributions"]))
     metrics |= _slice_metrics(test, schema, params, files["slices"])
     history = io.read_csv(files["history"])

@@ -65,7 +65,9 @@ def featurize(batch: pd.DataFrame, schema: Schema, state: dict[str, Any]) -> dic
 
 def feature_bytes(rows: int, state: dict[str, Any]) -> int:
     """Bytes of a split once featurised: float32 inputs plus an 8-byte target per row."""
-    return rows * (4 * len(state["outputs"]) + 8)
+    from pipeline.train.trainer import n_inputs
+
+    return rows * (4 * n_inputs(state) + 8)
 
 
 def should_cache(params: TrainParams, rows: int, state: dict[str, Any], store_bytes: float) -> bool:

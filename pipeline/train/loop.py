@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,7 +357,10 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
     worker.optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(2, dtype=torch.float64, device=worker.device)  # loss sum, rows: on the device
     pending = 0  # micro-batches since the last step
+    augmented = image_augmentation(config)
     for i, ((xb, yb), last) in enumerate(with_last(data)):
+        if augmented is not None:
+            xb = augmented(xb)
         step = last or (i + 1) % accum == 0
         pending += 1
         # DDP all-reduces gradients on every backward; a micro-batch that is not followed by
@@ -375,6 +378,17 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
         totals[1] += len(yb)
     loss_sum, seen = _all_sum(totals)
     return loss_sum / max(seen, 1.0), seen, time.perf_counter() - started
+
+
+def image_augmentation(config: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Training batches' augmentation (data.images.augment) on the batch's device, or None:
+    the cached inputs are normalised, so it is undone, the image augmented, and redone."""
+    if not config.get("augment"):
+        return None
+    from pipeline.image_transforms import Augmentation, augment_inputs
+
+    how, shape = Augmentation(**config["augment"]), tuple(config["image_shape"])
+    return lambda x: augment_inputs(x, shape, how, config["image_mean"], config["image_std"])
 
 
 def track_best(worker: Worker, progress: Progress, val_loss: float) -> bool:

@@ -60,7 +60,7 @@ def model_spec(schema: Schema, n_inputs: int, params: TrainParams) -> ModelSpec:
         kind=params.model,
         n_features=n_inputs,
         n_classes=schema.n_outputs,
-        image_shape=schema.image_shape,
+        image_shape=schema.input_shape,
         channels=tuple(params.channels),
         hidden=tuple(params.hidden),
         dropout=params.dropout,
@@ -117,7 +117,17 @@ def loop_config(spec: ModelSpec, schema: Schema, state: dict, params: TrainParam
         "init_state": None,
         "freeze": params.freeze, "unfreeze_epoch": params.unfreeze_epoch, "backbone_lr_scale": params.backbone_lr_scale,
         **ingest_options(params),
+        **augmentation(schema, state),
     }
+
+
+def augmentation(schema: Schema, state: dict) -> dict:
+    """The loop's image augmentation (data.images.augment), with what it needs to undo and
+    redo the normalisation; nothing for tables or when every part is off."""
+    if schema.images is None or schema.images.augment == type(schema.images.augment)():
+        return {}
+    return {"augment": schema.images.augment.model_dump(), "image_shape": list(schema.input_shape or ()),
+            "image_mean": state["mean"], "image_std": state["std"]}
 
 
 def transferable(model_state: dict, init_state: dict) -> tuple[dict, list[str]]:
@@ -178,7 +188,12 @@ def read_checkpoint(checkpoint) -> dict:
 
 
 def n_inputs(state: dict) -> int:
-    """The network's input width: one per fitted output column of the preprocessing."""
+    """The network's input width: one per fitted output column of the preprocessing, or, for
+    image files, one per pixel and channel at the training size."""
+    from pipeline.preprocess import is_images
+
+    if is_images(state):
+        return (3 if state["mode"] == "RGB" else 1) * state["size"] ** 2
     return len(state["outputs"])
 
 
