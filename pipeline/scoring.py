@@ -64,6 +64,14 @@ class LoadedVersion:
     def names(self) -> list[str]:
         return [c["name"] for c in self.inputs]
 
+    @property
+    def image_limits(self) -> tuple[int, int] | None:
+        """An image model's byte and pixel limits (what its validation allowed); None for a table's."""
+        state = getattr(self.python_model, "state", None)
+        if isinstance(state, dict) and state.get("kind") == "images":
+            return int(state["max_bytes"]), int(state["max_pixels"])
+        return None
+
     def predict(self, raw: pd.DataFrame) -> pd.DataFrame:
         """Rows parse_rows already checked: the python model is called directly, as MLflow's
         schema enforcement would only repeat checks (half the time of a 1-row prediction). A

@@ -197,6 +197,95 @@ def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_s
     return checked
 
 
+def predict_body(body: bytes, content_type: str) -> list[dict[str, Any]]:
+    """/predict's rows: JSON (a row object or an array of them), or a multipart form whose
+    file fields are images, one row each, named by their field (`image`)."""
+    if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+        return multipart_rows(body, content_type)
+    return predict_rows(load_json(body))
+
+
+def multipart_rows(body: bytes, content_type: str) -> list[dict[str, Any]]:
+    """A multipart/form-data body (a browser's or `curl -F image=@cat.png`'s upload) as row
+    objects: one per file part, {field name: the file's bytes}. Parsed with the standard
+    library's MIME parser (the email package), which a form is an instance of."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    if "boundary=" not in content_type:
+        raise RequestError(400, "a multipart/form-data body needs a boundary in its Content-Type")
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1", "replace")
+                                                  + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise RequestError(400, "the multipart/form-data body has no parts")
+    rows = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise RequestError(400, "a form part has no name: send the image as a file field named image")
+        rows.append({str(name): part.get_payload(decode=True) or b""})
+    if not rows:
+        raise RequestError(400, "the form has no parts: send the image as a file field named image")
+    return rows
+
+
+def image_frame(rows: list[dict[str, Any]], limits: tuple[int, int], id_spec: dict[str, Any] | None,
+                max_rows: int) -> pd.DataFrame:
+    """Rows of an image model ({"image": base64 text or uploaded bytes}, and the id when
+    sent) as its input frame, each image checked before it is batched with other requests'
+    (pipeline.data.images.request_problem): 413 over the byte or pixel limits, 422 not an image."""
+    import base64
+    import binascii
+
+    from pipeline.data.images import request_problem
+    from pipeline.preprocess import IMAGE_COLUMN
+
+    if not rows:
+        raise RequestError(400, "no rows: the array is empty")
+    if len(rows) > max_rows:
+        raise RequestError(413, f"{len(rows)} rows in one request; the limit is serve.max_rows={max_rows}")
+    id_column = id_spec["name"] if id_spec else None
+    images = []
+    for i, row in enumerate(rows):
+        extra = [str(k)[:40] for k in row if k not in (IMAGE_COLUMN, id_column)]
+        if IMAGE_COLUMN not in row:
+            raise RequestError(422, f"row {i}: missing column {IMAGE_COLUMN} (the image, base64-encoded, or a file "
+                                    f"field of a multipart form)")
+        if extra:
+            raise RequestError(422, f"row {i}: unknown column(s) {', '.join(extra[:5])}; the model takes {IMAGE_COLUMN}"
+                                    + (f" (and {id_column})" if id_column else ""))
+        value = row[IMAGE_COLUMN]
+        if isinstance(value, str):
+            if len(value) > limits[0] * 4 // 3 + 4:  # refused before decoding what would be over the limit
+                raise RequestError(413, f"row {i}: image of {len(value):,} base64 characters, over the model's limit "
+                                        f"of {limits[0]:,} bytes")
+            try:
+                value = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(422, f"row {i}: image is not valid base64") from None
+        elif not isinstance(value, bytes):
+            raise RequestError(422, f"row {i}: image must be a base64 string, got {type(value).__name__} {_short(value)}")
+        problem = request_problem(value, *limits)
+        if problem is not None:
+            raise RequestError(problem[0], f"row {i}: image: {problem[1]}")
+        images.append(value)
+    frame = pd.DataFrame({IMAGE_COLUMN: pd.Series(images, dtype=object)})
+    if id_spec:
+        _check_id(rows, id_spec)
+        if any(id_column in row for row in rows):
+            frame.insert(0, id_column, pd.Series([row.get(id_column) for row in rows], dtype=object))
+    return frame
+
+
+def logged_images(frame: pd.DataFrame) -> pd.DataFrame:
+    """An image request's rows as the inference log keeps them: each image's hash and size."""
+    from pipeline.data.images import logged_facts
+    from pipeline.preprocess import IMAGE_COLUMN
+
+    facts = pd.DataFrame([logged_facts(data) for data in frame[IMAGE_COLUMN]], index=frame.index)
+    return pd.concat([frame.drop(columns=[IMAGE_COLUMN]), facts], axis=1)
+
+
 def mlflow_rows(data: Any) -> list[dict[str, Any]]:
     """MLflow's scoring protocol (what `mlflow models serve` takes at /invocations) as row
     objects: exactly one of dataframe_split, dataframe_records, instances or inputs, and
@@ -401,13 +490,18 @@ class ChampionServer:
         in meanwhile checks the rows again) is a 422 too."""
         body = await read_body(request, self.settings.max_body_bytes)
         loaded = self.loaded
-        frame = frame_from_rows(rows_of(load_json(body)), loaded.inputs, loaded.id, self.settings.max_rows)
+        rows = rows_of(body, request.headers.get("content-type", ""))
+        limits = loaded.image_limits
+        if limits is not None:
+            frame = image_frame(rows, limits, loaded.id, self.settings.max_rows)
+        else:
+            frame = frame_from_rows(rows, loaded.inputs, loaded.id, self.settings.max_rows)
         try:
             scored_by, out = await self._score(frame)
         except ValueError as e:
             raise RequestError(422, str(e)) from None
-        if self.log is not None:
-            self.log.add(frame, out, scored_by.version)
+        if self.log is not None:  # an image is logged as its hash and size, not its bytes
+            self.log.add(logged_images(frame) if limits is not None else frame, out, scored_by.version)
         return scored_by, frame, out
 
     async def _guarded(self, request: Request, rows_of: Any, answer: Any, error: Any) -> Any:
@@ -427,7 +521,7 @@ class ChampionServer:
             return {"model_name": self.name, "model_version": loaded.version,
                     "predictions": responses(out, frame, loaded.version, id_column)}
 
-        return await self._guarded(request, predict_rows, answer, lambda message, status: {"error": message})
+        return await self._guarded(request, predict_body, answer, lambda message, status: {"error": message})
 
     async def invocations(self, request: Request) -> Any:
         """MLflow's scoring protocol, as `mlflow models serve` answers it, with the same
@@ -448,7 +542,7 @@ class ChampionServer:
         if kind not in (CONTENT_TYPE_JSON, ""):  # MLflow's CSV and Parquet bodies are not taken here
             message = f"Content-Type {kind[:60]} is not supported here; send {CONTENT_TYPE_JSON}"
             return JSONResponse(error(message, 415), status_code=415)
-        return await self._guarded(request, mlflow_rows, answer, error)
+        return await self._guarded(request, lambda body, _: mlflow_rows(load_json(body)), answer, error)
 
     async def health(self) -> dict[str, Any]:
         # the log's counters: rows dropped on a full queue and parts set aside are visible here

@@ -293,3 +293,29 @@ def check_images(rows: pd.DataFrame, refused: pd.DataFrame, root: Path, checks: 
     quarantine = pd.concat([refused, inspected[bad]], ignore_index=True) if len(refused) else inspected[bad]
     kept = inspected[~bad].drop(columns=[REASON]).reset_index(drop=True)
     return CheckedImages(kept, quarantine.reset_index(drop=True), image_table(kept))
+
+
+def request_problem(data: bytes, max_bytes: int, max_pixels: int) -> tuple[int, str] | None:
+    """Why an image sent to the model cannot be scored, as an HTTP status and a message: 413
+    over the byte or pixel limit (a decompression bomb is refused from its header, before its
+    pixels are decoded), 422 not a decodable image. None: it decodes."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > max_bytes:
+        return 413, f"{len(data):,} bytes, over the model's limit of {max_bytes:,}"
+    try:
+        with Image.open(_io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return 413, f"{width}×{height} is {width * height:,} pixels, over the model's limit of {max_pixels:,}"
+            image.load()
+    except UnidentifiedImageError:
+        return 422, "not an image (Pillow cannot identify it)"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return 422, f"not a decodable image: {first_line(e)[:160]}"
+    return None
+
+
+def logged_facts(data: bytes) -> dict[str, Any]:
+    """What the inference log keeps of an image instead of its bytes: its content hash and size."""
+    return {"image_sha256": hashlib.sha256(data).hexdigest(), "image_bytes": len(data)}

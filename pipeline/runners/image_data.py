@@ -317,5 +317,6 @@ def fit_preprocess(train: Path, schema: Schema, limit: int, seed: int = 0) -> di
                 stats.update(fit_size(to_tensor(image, p.mode), p.size)[None])
         done += len(batch)
     mean, std = stats.result()
+    # the limits travel with the model: serving refuses what validation would have quarantined
     return {"kind": "images", "size": p.size, "mode": p.mode, "mean": mean, "std": std,
-            "fit_images": int(chosen.sum()), "outputs": []}
+            "fit_images": int(chosen.sum()), "outputs": [], "max_bytes": p.max_bytes, "max_pixels": p.max_pixels}

@@ -6,16 +6,26 @@ Nothing is mocked."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io as _io
 import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.data import io
+from tests.integration.servers import free_port, stop, wait_http
 from tests.integration.test_end_to_end import run
+from tests.integration.test_serve import BIN, environment
 
 pytestmark = pytest.mark.integration
 
@@ -70,4 +80,64 @@ def test_an_image_folder_end_to_end(tmp_path, prefect_harness):
     # and a file read straight from the user's folder, as a client would send it
     one = root / "data/raw/digits" / test["path"].iloc[0]
     assert model.predict(pd.DataFrame({"image": [one.read_bytes()]}))["label"].iloc[0] == pred["label"].iloc[0]
+
+    # d2d serve: base64 rows and multipart uploads; bad images get a 4xx and the server stays up
+    with serving(root) as url:
+        files = [root / "data/raw/digits" / p for p in test["path"].head(3)]
+        answer = httpx.post(f"{url}/predict", json=[{"image": base64.b64encode(f.read_bytes()).decode(),
+                                                     "path": test["path"].iloc[i]} for i, f in enumerate(files)],
+                            timeout=60)
+        assert answer.status_code == 200, answer.text
+        served = [p["label"] for p in answer.json()["predictions"]]
+        assert served == pred["label"].head(3).astype(str).tolist()
+        assert [p["path"] for p in answer.json()["predictions"]] == test["path"].head(3).tolist()
+        upload = httpx.post(f"{url}/predict", files=[("image", (f.name, f.read_bytes(), "image/png")) for f in files],
+                            timeout=60)
+        assert upload.status_code == 200, upload.text
+        assert [p["label"] for p in upload.json()["predictions"]] == served
+        bomb = io_bytes(Image.new("L", (8000, 6000)))  # 48M pixels in a few kB: refused from its header
+        for body, status in [({"image": base64.b64encode(b"not an image").decode()}, 422),
+                             ({"image": "%%%"}, 422), ({"image": base64.b64encode(bomb).decode()}, 413),
+                             ({"picture": "x"}, 422)]:
+            refused = httpx.post(f"{url}/predict", json=body, timeout=60)
+            assert refused.status_code == status, refused.text
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        log = wait_for_log(root / "data/inference_log", rows=6)
+    assert "image" not in log.columns and {"image_sha256", "image_bytes", "out_label"} <= set(log.columns)
+    assert set(log["image_sha256"]) == {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def io_bytes(image: Image.Image) -> bytes:
+    out = _io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@contextmanager
+def serving(root: Path) -> Iterator[str]:
+    """`d2d serve` on a free loopback port, stopped by its PID afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "serve.log", "w") as out:
+        proc = subprocess.Popen([str(BIN / "d2d"), "serve", "--set", f"serve.port={port}", "--set", "serve.log_flush_s=0.5"],
+                                cwd=root, env=environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{url}/health", 240, proc)
+            deadline = time.monotonic() + 240
+            while httpx.get(f"{url}/health", timeout=30).status_code != 200:  # until the app is deployed
+                assert proc.poll() is None and time.monotonic() < deadline, (root / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop(proc, timeout=60)
+
+
+def wait_for_log(folder: Path, rows: int) -> pd.DataFrame:
+    deadline = time.monotonic() + 30
+    while True:
+        frame = pd.read_parquet(folder) if list(folder.glob("date=*/part-*.parquet")) else pd.DataFrame()
+        if len(frame) >= rows:
+            return frame
+        assert time.monotonic() < deadline, f"{len(frame)} rows logged"
+        time.sleep(0.2)
 
