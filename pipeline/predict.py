@@ -58,10 +58,14 @@ def output_types(python_model: Any) -> dict[str, Any]:
 class Scorer:
     """A Ray Data actor: loads the model once, then checks and scores pandas batches."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, version: str, id_column: str | None) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, version: str, id_column: str | None,
+                 image_root: str | None = None) -> None:
+        """`image_root`: the batches are image paths relative to it, each file read here."""
         import mlflow
 
         from pipeline.scoring import model_id, model_inputs, python_model_of
+
+        self.image_root = Path(image_root) if image_root else None
 
         mlflow.set_tracking_uri(tracking_uri)
         self.model = mlflow.pyfunc.load_model(model_uri)
@@ -78,7 +82,10 @@ class Scorer:
         from pipeline.preprocess import check_rows
 
         batch = batch.reset_index(drop=True)
-        checked, errors = check_rows(batch, self.inputs)
+        if self.image_root is not None:
+            checked, errors = self.read_images(batch)
+        else:
+            checked, errors = check_rows(batch, self.inputs)
         out = pd.DataFrame(index=batch.index)
         if self.id_column and self.id_column in batch:
             out[self.id_column] = batch[self.id_column]
@@ -95,6 +102,72 @@ class Scorer:
         return out
 
 
+    def read_images(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
+        """Each row's image file read and checked as serving checks a request's (the model's
+        byte and pixel limits, decodable): the images that pass, and each row's error ("" when none)."""
+        import numpy as np
+
+        from pipeline.data.images import ImageChecks, read_file, request_problem
+        from pipeline.preprocess import IMAGE_COLUMN
+
+        from pipeline.preprocess import image_limits
+
+        limits = image_limits(self.python_model.state)
+        assert limits is not None
+        kept, errors = {}, np.full(len(batch), "", dtype=object)
+        assert self.image_root is not None
+        top = self.image_root.resolve()
+        for i, relative in enumerate(batch[self.id_column or "path"].astype(str)):
+            path = self.image_root / relative
+            if not relative.strip() or Path(relative).is_absolute() or not path.resolve().is_relative_to(top):
+                errors[i] = "image: no path, or a path outside the input's folder"
+                continue
+            data, why = read_file(path, ImageChecks(max_bytes=limits[0]))
+            problem = (413, why) if why is not None else request_problem(data, *limits)
+            if problem is None:
+                kept[i] = data
+            else:
+                errors[i] = f"image: {problem[1]}"
+        return pd.DataFrame({IMAGE_COLUMN: pd.Series(kept, dtype=object)}), errors
+
+
+def image_paths(source: Path, path_column: str) -> tuple[pd.DataFrame, Path]:
+    """The images to score, as paths relative to a root: every image file under a folder (in
+    class folders or not), or a manifest's path column (its other columns kept)."""
+    from pipeline.data import images, io
+
+    if source.is_dir():
+        found = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
+                       if p.is_file() and p.suffix.lower() in images.SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        if not found:
+            raise D2DError(f"--input {source}: no image files ({', '.join(images.SUFFIXES)}) in it")
+        return pd.DataFrame({path_column: found}), source
+    if not source.is_file():
+        raise D2DError(f"--input {source}: no such file or folder")
+    table = io.read_table(source)
+    if path_column not in table.columns:
+        raise D2DError(f"--input {source}: no column {path_column!r} of image paths (data.images.path_column)")
+    return table.assign(**{path_column: table[path_column].astype("string").fillna("")}), source.parent
+
+
+def predict_images(source: Path, path_column: str, model_uri: str, version: str, tracking_uri: str, batch_size: int,
+                   concurrency: int, output: Path) -> tuple[int, int]:
+    """Image files scored as `predict_files` scores rows: each read and checked by a Ray Data
+    actor, an unreadable or refused image kept in place with its error, in input order."""
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    paths, root = image_paths(source, path_column)
+    step = max(batch_size, -(-len(paths) // 200))  # at most 200 blocks of paths: the actors take them in turn
+    dataset = ray.data.from_pandas([paths.iloc[i:i + step].reset_index(drop=True) for i in range(0, len(paths), step)])
+    scored = dataset.map_batches(Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
+                                                               "version": version, "id_column": path_column,
+                                                               "image_root": str(root.resolve())},
+                                 batch_format="pandas", batch_size=batch_size, concurrency=concurrency)
+    return write_scored(scored, output)
+
+
 def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri: str, id_column: str | None,
                   batch_size: int, concurrency: int, output: Path) -> tuple[int, int]:
     """Every row of `files` scored by the pinned version and written to `output` in input
@@ -102,8 +175,6 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
     import mlflow
     import ray
     from pyarrow import csv, string
-
-    from pipeline.data import io
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # output rows in input order
     declared = [c.name for c in mlflow.models.get_model_info(model_uri).signature.inputs.inputs]
@@ -123,6 +194,14 @@ def predict_files(files: list[Path], model_uri: str, version: str, tracking_uri:
     scored = dataset.map_batches(Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                                                "version": version, "id_column": id_column},
                                  batch_format="pandas", batch_size=batch_size, concurrency=concurrency)
+    return write_scored(scored, output)
+
+
+def write_scored(scored: Any, output: Path) -> tuple[int, int]:
+    """A scored Ray Dataset written to `output` in input order (see the module's notes);
+    returns the number of rows and of rows with an error."""
+    from pipeline.data import io
+
     errors = 0
 
     def counted(batches: Any) -> Any:
@@ -175,7 +254,8 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
     from pipeline.ray_runtime import ray_session
 
     check_output(output, force)
-    files = input_files(source)
+    images = params.data.images
+    files = [source] if images is not None else input_files(source)
     uri = tracking.configure(root)
     tracking.reachable(tracking.ping)
     name, alias = params.register_.model_name, params.serve.alias
@@ -184,9 +264,15 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
         raise D2DError(f"models:/{name}@{alias} does not exist" + (": run `d2d run` first" if alias == "champion" else ""))
     version = pinned[0]
     with ray_session(params.train, cpus_needed=params.serve.predict_concurrency + 1):
-        rows, errors = predict_files(files, f"models:/{name}/{version}", version, uri, params.data.id_column,
-                             params.serve.predict_batch_size, params.serve.predict_concurrency, output)
-    return Predicted(len(files), rows, errors, str(output), f"models:/{name}/{version}", version)
+        if images is not None:
+            rows, errors = predict_images(source, images.path_column, f"models:/{name}/{version}", version, uri,
+                                          params.serve.predict_batch_size, params.serve.predict_concurrency, output)
+        else:
+            rows, errors = predict_files(files, f"models:/{name}/{version}", version, uri, params.data.id_column,
+                                         params.serve.predict_batch_size, params.serve.predict_concurrency, output)
+    # for image files, each image is a file
+    return Predicted(len(files) if images is None else rows, rows, errors, str(output), f"models:/{name}/{version}",
+                     version)
 
 
 def check_output(output: Path, force: bool) -> None:

@@ -157,6 +157,14 @@ def is_images(state: dict[str, Any]) -> bool:
     return state.get("kind") == "images"
 
 
+def image_limits(state: Any) -> tuple[int, int] | None:
+    """An image model's byte and pixel limits (what its validation allowed; data.images'
+    defaults for a state fitted before they were recorded); None for a table's model."""
+    if not isinstance(state, dict) or not is_images(state):
+        return None
+    return int(state.get("max_bytes", 50 * 2**20)), int(state.get("max_pixels", 40_000_000))
+
+
 def input_columns(state: dict[str, Any]) -> list[str]:
     if is_images(state):
         return [IMAGE_COLUMN]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.schema import Schema
-from pipeline.preprocess import input_spec
+from pipeline.preprocess import image_limits, input_spec
 
 
 def python_model_of(model: Any) -> Any | None:
@@ -67,10 +67,7 @@ class LoadedVersion:
     @property
     def image_limits(self) -> tuple[int, int] | None:
         """An image model's byte and pixel limits (what its validation allowed); None for a table's."""
-        state = getattr(self.python_model, "state", None)
-        if isinstance(state, dict) and state.get("kind") == "images":
-            return int(state["max_bytes"]), int(state["max_pixels"])
-        return None
+        return image_limits(getattr(self.python_model, "state", None))
 
     def predict(self, raw: pd.DataFrame) -> pd.DataFrame:
         """Rows parse_rows already checked: the python model is called directly, as MLflow's

@@ -173,6 +173,8 @@ def read_file(path: Path, checks: ImageChecks) -> tuple[bytes, str | None]:
         return path.read_bytes(), None
     except OSError as e:
         return b"", f"cannot be read: {e.strerror or type(e).__name__}"
+    except ValueError as e:  # a NUL byte in the name
+        return b"", f"not a file path: {first_line(e)[:100]}"
 
 
 def inspect_files(rows: pd.DataFrame, root: Path, checks: ImageChecks, batch: int = 256,

@@ -106,6 +106,20 @@ def test_an_image_folder_end_to_end(tmp_path, prefect_harness):
     assert "image" not in log.columns and {"image_sha256", "image_bytes", "out_label"} <= set(log.columns)
     assert set(log["image_sha256"]) == {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
+    # d2d predict on a folder of new images, any layout: every file has a row, a bad one its error
+    new = root / "incoming"
+    (new / "a").mkdir(parents=True)
+    for f in files:
+        (new / "a" / f.name).write_bytes(f.read_bytes())
+    (new / "broken.png").write_bytes(b"\x89PNG not really")
+    run(["d2d", "predict", "--input", "incoming", "--output", "scored.parquet"], root)
+    scored = pd.read_parquet(root / "scored.parquet")
+    assert sorted(scored["path"]) == sorted(["a/" + f.name for f in files] + ["broken.png"])
+    broken = scored.set_index("path").loc["broken.png"]
+    assert "not an image" in broken["error"] and pd.isna(broken["label"])
+    by_path = dict(zip(test["path"].head(3).map(lambda p: "a/" + Path(p).name), served))
+    assert {p: str(scored.set_index("path").loc[p, "label"]) for p in by_path} == by_path
+
 
 def io_bytes(image: Image.Image) -> bytes:
     out = _io.BytesIO()
