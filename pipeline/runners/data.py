@@ -170,17 +170,25 @@ def _validate(params: Params, files: StageFiles, dataset: tuple[Path, Schema, pd
                            quarantine, rows)
             tally, expectations = validator.tally, validator.expectations
         gate, report = dataset_summary(tally, expectations, schema, params.validate_)
-        quarantine.commit()
-        summary = {**report, "data_md5": version.md5, "data_path": version.path}
-        if docs:
-            summary["data_docs"] = str((docs / "index.html").relative_to(files.root))
-        io.write_json(summary, files["validate_report"])
-        if not gate.passed:
-            raise DataError("validation failed: " + "; ".join(gate.reasons))
-        valid.commit()
+        return finish_validation(gate, report, version, docs, files, (valid, quarantine))
     finally:
         valid.discard()
         quarantine.discard()
+
+
+def finish_validation(gate: Any, report: dict[str, Any], version: DataVersion, docs: Path | None, files: StageFiles,
+                      writers: tuple[io.PartsWriter, io.PartsWriter]) -> Validated:
+    """The quarantine kept whatever the gate says, the report written (with the data version
+    and the Data Docs), then the gate: the valid rows are installed only when it passed."""
+    valid, quarantine = writers
+    quarantine.commit()
+    summary = {**report, "data_md5": version.md5, "data_path": version.path}
+    if docs:
+        summary["data_docs"] = str((docs / "index.html").relative_to(files.root))
+    io.write_json(summary, files["validate_report"])
+    if not gate.passed:
+        raise DataError("validation failed: " + "; ".join(gate.reasons))
+    valid.commit()
     return Validated.from_report(summary)
 
 

@@ -89,7 +89,7 @@ def _file_rule(reason: str) -> str:
 def validate(params: Params, files: StageFiles) -> Validated:
     """The table through the GX suite, then each file checked once; the gate on the totals."""
     from pipeline.data.validate import EXPECTATIONS, REASON, Validator, dataset_summary, id_hashes, repeated
-    from pipeline.runners.data import read_data_version
+    from pipeline.runners.data import finish_validation, read_data_version
 
     raw, schema = files[RAW], schema_from_params(params.data)
     table, refused = listing(raw, schema)
@@ -131,18 +131,10 @@ def validate(params: Params, files: StageFiles) -> Validated:
         gate, report = dataset_summary(tally, validator.expectations, schema, params.validate_)
         report["expectations"] += 1  # the file checks
         report["images"] = images.image_table(facts.rename(columns={schema.target: images.LABEL}))
-        report |= {"data_md5": version.md5, "data_path": version.path}
-        if docs:
-            report["data_docs"] = str((docs / "index.html").relative_to(files.root))
-        quarantine.commit()
-        io.write_json(report, files["validate_report"])
-        if not gate.passed:
-            raise DataError("validation failed: " + "; ".join(gate.reasons))
-        valid_out.commit()
+        return finish_validation(gate, report, version, docs, files, (valid_out, quarantine))
     finally:
         valid_out.discard()
         quarantine.discard()
-    return Validated.from_report(report)
 
 
 def _count_file_failures(tally: Any, reasons: pd.Series, listed: int) -> None:
