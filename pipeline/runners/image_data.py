@@ -107,8 +107,10 @@ def validate(params: Params, files: StageFiles) -> Validated:
     kept_facts: list[pd.DataFrame] = []
     started, done = time.perf_counter(), 0
     try:
-        if len(refused):
+        if len(refused):  # files the listing refused: no label, or a link out of the folder
             quarantine.write(refused.assign(**{EXPECTATIONS: FILE_CHECK}).reindex(columns=columns))
+            validator.tally.rules["not a row of the image folder"] = len(refused)
+            validator.tally.expectations_failed.add("image files")
         step = params.data.batch_rows
         for start in range(0, len(table), step):
             valid, bad = validator.check(table.iloc[start:start + step], start)
@@ -121,7 +123,7 @@ def validate(params: Params, files: StageFiles) -> Validated:
                 good = checked[~failed].drop(columns=[REASON])
                 valid_out.write(good)
                 kept_facts.append(good[[schema.target, *images.FACTS]])
-                _count_file_failures(validator.tally, checked[images.REASON][failed], len(refused) if start == 0 else 0)
+                _count_file_failures(validator.tally, checked[images.REASON][failed])
                 done += len(checked)
                 _progress(done, started)
         tally = validator.tally
@@ -137,14 +139,12 @@ def validate(params: Params, files: StageFiles) -> Validated:
         quarantine.discard()
 
 
-def _count_file_failures(tally: Any, reasons: pd.Series, listed: int) -> None:
+def _count_file_failures(tally: Any, reasons: pd.Series) -> None:
     """The rows the file checks quarantined leave the tally's valid rows, counted by rule."""
     tally.rows_valid -= len(reasons)
     for rule, n in reasons.map(_file_rule).value_counts().items():
         tally.rules[rule] = tally.rules.get(rule, 0) + int(n)
-    if listed:
-        tally.rules["not a row of the image folder"] = tally.rules.get("not a row of the image folder", 0) + listed
-    if len(reasons) or listed:
+    if len(reasons):
         tally.expectations_failed.add("image files")
 
 

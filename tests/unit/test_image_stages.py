@@ -142,6 +142,19 @@ def test_too_many_bad_files_fail_validation_with_the_share(tmp_path):
     assert len(io.read_table(tmp_path / "data/quarantine/validate.parquet")) == 30
 
 
+def test_files_the_listing_refuses_are_counted_once_however_many_batches(tmp_path):
+    folder = tmp_path / "data/raw/digits"
+    write_image_folder(folder, rows=600, seed=4, flaws=0)  # more files than one batch of checks (256)
+    (folder / "stray.png").write_bytes(_png(1))  # beside the class folders: no label
+    (tmp_path / "params.yaml").write_text(
+        'data: {raw: data/raw/digits, id_column: path, target: label, classes: ["0", "1", "2", "3", "4", "5", "6", '
+        '"7", "8", "9"], images: {size: 16}}\nvalidate: {data_docs: false}\ntrain: {model: cnn}\n')
+    summary = stages.run("validate", load_params(tmp_path / "params.yaml"), tmp_path)
+    report = json.loads((tmp_path / "reports/validate.json").read_text())
+    assert report["failed_rules"] == {"not a row of the image folder": 1}
+    assert summary.rows_in == 601 and summary.rows_quarantined == 1
+
+
 def _png(seed: int) -> bytes:
     out = _io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(out, format="PNG")
