@@ -140,7 +140,9 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     from pipeline.config import load_params
 
     overrides = set_ or []
-    load_params(params, overrides)
+    if load_params(params, overrides).data.images is not None:
+        raise D2DError("d2d monitor does not take image files yet: drift statistics for images are not built "
+                       "(serving logs each image's hash and size meanwhile)")
     lean_temporary_server()
     from flows.monitor import monitor_flow
 
