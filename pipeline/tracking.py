@@ -145,9 +145,8 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
     import torch
 
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema as MlflowSchema
-
     from mlflow.types import ColSpec
+    from mlflow.types import Schema as MlflowSchema
 
     images = schema.images is not None
     if images:  # the files' bytes (MLflow's binary type); a manifest's extra columns are not model inputs yet

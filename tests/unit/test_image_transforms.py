@@ -89,3 +89,37 @@ def test_any_image_size_and_mode_gives_the_training_shape(width, height, size, m
     image = photo(width, height, "RGB").convert(mode)
     x = fit_size(to_tensor(image, "RGB"), size)
     assert x.shape == (3, size, size) and x.dtype == torch.uint8
+
+
+def test_the_loop_augments_image_batches_only_when_params_ask():
+    """data.images.augment reaches each training batch (trainer.augmentation → loop), off by default."""
+    from pipeline.train.loop import image_augmentation
+
+    assert image_augmentation({}) is None
+    config = {"augment": {"crop_scale": 0.8, "flip": True, "rotate": 10.0, "brightness": 0.2, "contrast": 0.2},
+              "image_shape": [3, 8, 8], "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.2, 0.2]}
+    torch.manual_seed(0)
+    x = torch.rand(16, 3 * 8 * 8) * 2 - 1
+    out = image_augmentation(config)(x)
+    assert out.shape == x.shape and not torch.allclose(out, x, atol=1e-3)
+    # inputs stay in the normalised range of valid pixels (0..1 before normalisation)
+    low = (0 - torch.tensor(config["image_mean"])) / torch.tensor(config["image_std"])
+    high = (1 - torch.tensor(config["image_mean"])) / torch.tensor(config["image_std"])
+    images = out.view(-1, 3, 8, 8)
+    assert (images >= low.view(1, 3, 1, 1) - 1e-4).all() and (images <= high.view(1, 3, 1, 1) + 1e-4).all()
+
+
+def test_network_inputs_decode_fit_and_normalise_bytes():
+    import io as _io
+
+    from PIL import Image
+
+    from pipeline.image_transforms import network_inputs
+
+    out = _io.BytesIO()
+    Image.new("L", (40, 20), 255).save(out, format="PNG")
+    x = network_inputs([out.getvalue()], {"size": 16, "mode": "RGB", "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert x.shape == (1, 3 * 16 * 16) and x.dtype == "float32"
+    assert abs(float(x.min()) - 2.0) < 1e-5 and abs(float(x.max()) - 2.0) < 1e-5  # white: (1 - 0.5) / 0.25
+    with pytest.raises(ValueError, match="not a decodable image"):
+        network_inputs([b"junk"], {"size": 16, "mode": "RGB", "mean": [0.5] * 3, "std": [0.25] * 3})
