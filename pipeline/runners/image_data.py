@@ -32,7 +32,7 @@ from pipeline.data import images, io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.errors import DataError
 from pipeline.project import RAW
-from pipeline.runners.data import require_raw
+from pipeline.runners.data import finish_validation, read_data_version, require_raw
 from pipeline.summaries import Cleaned, SplitSizes, Validated
 
 if TYPE_CHECKING:
@@ -89,7 +89,6 @@ def _file_rule(reason: str) -> str:
 def validate(params: Params, files: StageFiles) -> Validated:
     """The table through the GX suite, then each file checked once; the gate on the totals."""
     from pipeline.data.validate import EXPECTATIONS, REASON, Validator, dataset_summary, id_hashes, repeated
-    from pipeline.runners.data import finish_validation, read_data_version
 
     raw, schema = files[RAW], schema_from_params(params.data)
     table, refused = listing(raw, schema)
@@ -291,11 +290,7 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
 def fit_preprocess(train: Path, schema: Schema, limit: int, seed: int = 0) -> dict[str, Any]:
     """The image preprocessing's fitted state: the training size and mode, and each channel's
     mean and standard deviation over a uniform sample of `limit` train images at that size."""
-    import io as bytes_io
-
-    from PIL import Image
-
-    from pipeline.image_transforms import ChannelStats, fit_size, to_tensor
+    from pipeline.image_transforms import ChannelStats, decode
 
     p = schema.images
     assert p is not None
@@ -305,8 +300,7 @@ def fit_preprocess(train: Path, schema: Schema, limit: int, seed: int = 0) -> di
     stats, done = ChannelStats(), 0
     for batch in io.read_batches(train, BATCH, [images.IMAGE]):
         for data in batch[images.IMAGE].to_numpy()[chosen[done:done + len(batch)]]:
-            with Image.open(bytes_io.BytesIO(data)) as image:
-                stats.update(fit_size(to_tensor(image, p.mode), p.size)[None])
+            stats.update(decode(data, p.size, p.mode)[None])  # as the network's inputs are decoded
         done += len(batch)
     mean, std = stats.result()
     # the limits travel with the model: serving refuses what validation would have quarantined
