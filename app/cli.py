@@ -137,12 +137,7 @@ def monitor(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     new DVC version and, when monitor.* allows, retrains (the drift-monitor flow)."""
     from rich.table import Table
 
-    from pipeline.config import load_params
-
     overrides = set_ or []
-    if load_params(params, overrides).data.images is not None:
-        raise D2DError("d2d monitor does not take image files yet: drift statistics for images are not built "
-                       "(serving logs each image's hash and size meanwhile)")
     lean_temporary_server()
     from flows.monitor import monitor_flow
 
@@ -404,22 +399,34 @@ def serve_flows() -> None:
 
 @app.command("simulate-drift")
 def simulate_drift(
-    kind: Annotated[str, typer.Option(help="none | brightness | contrast | noise | shift | thicken")] = "none",
+    kind: Annotated[str, typer.Option(help="rows: none | brightness | contrast | noise | shift | thicken; "
+                                            "images: none | brightness | blur | noise | rotation | new_class")] = "none",
     strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="How strong the change is, 0..1.")] = 0.5,
     rows: Annotated[int, typer.Option(min=1, help="Rows in the batch.")] = 300,
     seed: Annotated[int, typer.Option(help="Seeds the resampling and the noise.")] = 0,
     out: Annotated[Path, typer.Option(help="The inbox folder the batch is written to.")] = Path("data/inbox"),
     params: ParamsOpt = Path("params.yaml"),
+    labelled: Annotated[bool, typer.Option(help="Images: class folders (labelled) or the images alone.")] = True,
 ) -> None:
-    """Write a labelled batch of new digits, unchanged or drifted, for the drift monitor."""
+    """Write a batch of new digits, unchanged or drifted, for the drift monitor: labelled rows,
+    or, for an image dataset, a folder of images."""
     from pipeline.config import load_params
     from pipeline.data import io
     from pipeline.data.demo import digits_frame
     from pipeline.data.schema import schema_from_params
-    from pipeline.data.simulate import simulate_batch
+    from pipeline.data.simulate import simulate_batch, write_image_batch
 
     data = load_params(params).data
     schema = schema_from_params(data)
+    if data.images is not None:
+        folder = out / f"batch-{kind}-{strength:g}-seed{seed}"
+        try:
+            write_image_batch(folder, kind, strength, rows, seed, data.demo.rows, labelled)
+        except (ValueError, OSError) as e:
+            raise D2DError(str(e)) from None
+        layout = "class folders" if labelled and kind != "new_class" else "unlabelled"
+        console.print(f"wrote {rows} images ({kind}, strength {strength:g}, {layout}) to {folder}")
+        return
     # the digits the demo dataset holds (data.demo.rows), so `none` is the reference's own distribution
     source = digits_frame(schema).head(data.demo.rows)
     try:

@@ -56,12 +56,12 @@ def reference_task(params: Params, root: Path) -> Reference:
 
 @task(name="inspect-batch", retry_condition_fn=retry_worthwhile, cache_policy=NO_CACHE)
 def screen_and_inspect(batch: monitor.Batch, params: Params, reference: Reference,
-                       known_ids: KnownRows) -> tuple[Screened, Inspection | None]:
+                       known_ids: KnownRows | frozenset[str]) -> tuple[Screened, Inspection | None]:
     """Validate the batch with the dataset's expectations, then measure its drift."""
     logger = get_run_logger()
     schema = schema_from_params(params.data)
     try:
-        screened = monitor.screen_batch(monitor.read_batch(batch, schema), schema, params, known_ids)
+        screened = monitor.screen(batch, schema, params, known_ids)
     except DataError as e:  # an unreadable file is a rejected batch, not a failed monitor
         screened = Screened(0, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), False, [str(e)])
     if screened.rejected:
@@ -89,7 +89,7 @@ def publish(batch: monitor.Batch, screened: Screened, inspection: Inspection, de
         params.monitor.experiment, root, batch.key, monitor.drift_metrics(inspection, screened),
         {"batch": batch.name, "champion_version": reference.champion["version"]},
         {"d2d.drifted": str(report.drifted).lower(), "d2d.action": decision.action,
-         "d2d.champion_version": str(reference.champion["version"])}, [html, summary], screened.valid))
+         "d2d.champion_version": str(reference.champion["version"])}, [html, summary], monitor.logged_rows(screened)))
     top = report.features.head(8)
     table = "\n".join(f"| {r.feature} | {r.test} | {r.score:.4g} | {r.threshold:g} | {'yes' if r.drifted else 'no'} | {r.psi:.3f} |"
                       for r in top.itertuples())

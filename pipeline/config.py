@@ -414,6 +414,11 @@ class DriftParams(_Section):
     wide_features: int = Field(default=20, ge=1)
     domain_auc_threshold: float = Field(default=0.6, gt=0.5, le=1.0)
     domain_max_rows: int = Field(default=2000, ge=50)  # rows sampled from each side
+    # Images: MMD between the champion's embeddings of the reference and the batch, with a
+    # permutation test (p < mmd_p drifts), on at most mmd_max_rows images a side.
+    mmd_p: float = Field(default=0.05, gt=0.0, lt=1.0)
+    mmd_permutations: int = Field(default=500, ge=20, le=100_000)
+    mmd_max_rows: int = Field(default=500, ge=20, le=20_000)
 
 
 class MonitorParams(_Section):

@@ -120,11 +120,42 @@ def domain_classifier_auc(ref: np.ndarray, cur: np.ndarray, max_rows: int = 2000
     return float(roc_auc_score(y, proba))
 
 
+def mmd_test(ref: np.ndarray, cur: np.ndarray, permutations: int = 500, max_rows: int = 500,
+             seed: int = 0) -> tuple[float, float]:
+    """Maximum mean discrepancy between two samples of vectors (Gretton et al., 2012) with a
+    Gaussian kernel whose width is the median distance between the pooled points, and its
+    permutation-test p-value: (MMD², p). Every permutation at once: with s the ±1/n weights of
+    a labelling, MMD² = sᵀKs. Written here: the libraries that ship it (alibi-detect,
+    torchdrift) bring a deep-learning stack or are no longer kept, for these few lines."""
+    from scipy.spatial.distance import pdist, squareform
+
+    rng = np.random.default_rng(seed)
+    a = ref[rng.choice(len(ref), min(len(ref), max_rows), replace=False)]
+    b = cur[rng.choice(len(cur), min(len(cur), max_rows), replace=False)]
+    pooled = np.vstack([a, b]).astype("float64")
+    squared = squareform(pdist(pooled, "sqeuclidean"))
+    width = float(np.median(squared[np.triu_indices(len(pooled), 1)])) or 1.0
+    kernel = np.exp(-squared / width)
+    n, m = len(a), len(b)
+    labels = np.r_[np.zeros(n, bool), np.ones(m, bool)]
+    draws = np.array([labels] + [rng.permutation(labels) for _ in range(permutations)])
+    weights = np.where(draws, -1.0 / m, 1.0 / n)
+    stats = np.einsum("pi,pi->p", weights @ kernel, weights)
+    return float(stats[0]), float((1 + np.sum(stats[1:] >= stats[0])) / (1 + permutations))
+
+
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema, params: DriftParams) -> DriftReport:
     """Every feature's test and verdict, the multivariate check, and the dataset's verdict."""
+    return column_drift(reference, current, [f.name for f in schema.features if f.kind == "numeric"],
+                        [f.name for f in schema.features if f.kind == "categorical"], params)
+
+
+def column_drift(reference: pd.DataFrame, current: pd.DataFrame, numeric: list[str], categorical: list[str],
+                 params: DriftParams, multivariate: bool = True) -> DriftReport:
+    """Each named column's test and verdict, the domain classifier on the numeric columns
+    (when `multivariate` and drift.multivariate ask for it), and the verdict."""
     small = len(reference) <= params.small_reference_rows
     rows: list[dict[str, Any]] = []
-    numeric = [f.name for f in schema.features if f.kind == "numeric"]
     if numeric:
         ref = reference[numeric].to_numpy(dtype="float64")
         cur = current[numeric].to_numpy(dtype="float64")
@@ -140,11 +171,10 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema,
         indexes = psi(ref_s, cur_s, params.psi_bins, presorted=True)
         rows += [{"feature": n, "kind": "numeric", "test": test, "score": float(s), "threshold": threshold,
                   "drifted": bool(d), "psi": float(i)} for n, s, d, i in zip(numeric, scores, drifted, indexes)]
-    for f in schema.features:
-        if f.kind == "categorical":
-            test, score, threshold, drifted, index = categorical_drift(reference[f.name], current[f.name], small, params)
-            rows.append({"feature": f.name, "kind": "categorical", "test": test, "score": score, "threshold": threshold,
-                         "drifted": drifted, "psi": index})
+    for name in categorical:
+        test, score, threshold, drifted, index = categorical_drift(reference[name], current[name], small, params)
+        rows.append({"feature": name, "kind": "categorical", "test": test, "score": score, "threshold": threshold,
+                     "drifted": drifted, "psi": index})
     table = pd.DataFrame(rows)
     # most drifted first: by PSI, which every test reports on one scale
     table = table.sort_values(["drifted", "psi"], ascending=[False, False]).reset_index(drop=True)
@@ -152,15 +182,15 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, schema: Schema,
     reasons = [f"{int(table['drifted'].sum())} of {len(table)} features drifted (share {share:.2f}; "
                f"drift_share {params.drift_share:g})"]
     verdict = share >= params.drift_share
-    multivariate = None
-    if numeric and (params.multivariate == "on" or (params.multivariate == "auto" and len(numeric) >= params.wide_features)):
+    domain = None
+    if multivariate and numeric and (params.multivariate == "on" or (params.multivariate == "auto" and len(numeric) >= params.wide_features)):
         auc = domain_classifier_auc(ref_ok, cur_ok, params.domain_max_rows)
-        multivariate = {"method": "domain_classifier", "roc_auc": round(auc, 4), "threshold": params.domain_auc_threshold,
-                        "drifted": auc >= params.domain_auc_threshold}
+        domain = {"method": "domain_classifier", "roc_auc": round(auc, 4), "threshold": params.domain_auc_threshold,
+                  "drifted": auc >= params.domain_auc_threshold}
         reasons.append(f"domain classifier ROC-AUC {auc:.3f} "
-                       f"{'≥' if multivariate['drifted'] else '<'} {params.domain_auc_threshold:g}")
-        verdict = verdict or multivariate["drifted"]
-    return DriftReport(table, share, multivariate, verdict, reasons)
+                       f"{'≥' if domain['drifted'] else '<'} {params.domain_auc_threshold:g}")
+        verdict = verdict or domain["drifted"]
+    return DriftReport(table, share, domain, verdict, reasons)
 
 
 @dataclass(frozen=True)
@@ -281,12 +311,39 @@ def _histogram_png(ref: pd.Series, cur: pd.Series, title: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _thumbnail(data: bytes, side: int = 72) -> str:
+    """An image file's bytes as a small PNG data URI (its aspect kept), for an HTML page."""
+    import base64
+    import io as stdio
+
+    from PIL import Image
+
+    with Image.open(stdio.BytesIO(data)) as image:
+        image.thumbnail((side, side))
+        small = image.convert("RGB") if image.mode not in ("RGB", "L") else image.copy()
+    if max(small.size) < side:  # tiny images (the demo's digits) are enlarged to be seen, not blurred
+        factor = side // max(small.size) or 1
+        small = small.resize((small.width * factor, small.height * factor), Image.NEAREST)
+    buffer = stdio.BytesIO()
+    small.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _examples_html(examples: tuple[list[bytes], list[bytes]] | None) -> str:
+    if not examples:
+        return ""
+    rows = "".join(f"<p>{name}</p><div>" + "".join(f'<img alt="{name} example" src="{_thumbnail(d)}">' for d in images)
+                   + "</div>" for name, images in zip(("reference", "batch"), examples))
+    return f"<h2>Example images</h2>{rows}"
+
+
 def report_html(report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame, top: int = 6,
                 prediction: PredictionDrift | None = None, performance: PerformanceDrift | None = None,
-                notes: list[str] | None = None) -> str:
+                notes: list[str] | None = None, examples: tuple[list[bytes], list[bytes]] | None = None) -> str:
     """One self-contained page: the verdict and its reasons, the champion's prediction and
     performance drift, overlaid histograms of the most drifted features, and every feature's
-    test, score and PSI (most drifted first)."""
+    test, score and PSI (most drifted first); for images, example images of the reference and
+    the batch (`examples`: their file bytes)."""
     import html
 
     verdict = "DRIFT" if report.drifted else "no drift"
@@ -312,7 +369,7 @@ body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,t
 tr.drift{{background:#fde7e9}} .verdict{{color:{colour};font-size:1.6em}} img{{margin:4px}}</style></head><body>
 <h1>Drift report</h1><p class="verdict">{verdict}</p><ul>{reasons}</ul>
 <p>reference {len(reference):,} rows, current {len(current):,} rows</p>
-<h2>Most drifted features</h2><div>{figures}</div>
+{_examples_html(examples)}<h2>Most drifted features</h2><div>{figures}</div>
 <h2>Every feature</h2><table><tr><th>feature</th><th>kind</th><th>test</th><th>score</th><th>threshold</th>
 <th>drifted</th><th>PSI</th></tr>{rows}</table></body></html>
 """

@@ -174,17 +174,21 @@ class Batch:
 
     @property
     def key(self) -> str:
-        return f"{Path(self.name).stem}-{self.md5[:8]}"
+        name = Path(self.name)  # a file's name without its suffix; a folder's (images) whole
+        return f"{name.stem if name.suffix in BATCH_SUFFIXES else name.name}-{self.md5[:8]}"
 
 
 def refusal(path: Path, inbox: Path) -> str:
-    """Why an inbox entry must not be read, or "" when it is a regular file really in the inbox.
-    A link could make the monitor copy any file it can read into the quarantine."""
+    """Why an inbox entry must not be read, or "" when it is a regular file (or, for images, a
+    folder) really in the inbox. A link could make the monitor copy any file it can read into
+    the quarantine."""
     mode = path.lstat().st_mode
     if stat.S_ISLNK(mode):
         return f"{path.name} is a symbolic link (to {os.readlink(path)}); the monitor reads only regular files in the inbox"
     if path.resolve().parent != inbox.resolve():
         return f"{path.name} resolves outside the inbox ({path.resolve()})"
+    if stat.S_ISDIR(mode):  # an image batch; the links inside it are refused file by file (images.list_folder)
+        return ""
     if not stat.S_ISREG(mode):
         return f"{path.name} is not a regular file; the monitor reads only regular files in the inbox"
     if path.lstat().st_nlink > 1:  # a hard link is another name for a file that may live anywhere
@@ -196,8 +200,15 @@ def pending_batches(params: Params, root: Path, ledger: dict[str, Any]) -> list[
     """The inbox's batches the ledger has not seen (by content), oldest first, then the
     inference log's unseen rows as one unlabelled batch. An entry that is refused (see
     `refusal`) is a batch too, keyed by its name and link, so its reason is recorded once."""
+    from pipeline.image_monitor import is_batch_folder
+
     inbox = root / params.monitor.inbox
-    entries = sorted((p for p in inbox.iterdir() if p.suffix in BATCH_SUFFIXES and not p.is_dir()),
+    images = params.data.images is not None  # a batch of images is a folder; of rows, a file
+
+    def batch(p: Path) -> bool:
+        return is_batch_folder(p) if images else p.suffix in BATCH_SUFFIXES and not p.is_dir()
+
+    entries = sorted((p for p in inbox.iterdir() if batch(p)),
                      key=lambda p: (p.lstat().st_mtime, p.name)) if inbox.is_dir() else []
     seen = set(ledger["batches"])
     pending = []
@@ -206,8 +217,8 @@ def pending_batches(params: Params, root: Path, ledger: dict[str, Any]) -> list[
         if refused:  # never opened: only its name and, for a link, where it points are used
             target = os.readlink(path) if path.is_symlink() else ""
             md5 = hashlib.md5(f"refused\0{path.name}\0{target}".encode(errors="surrogateescape")).hexdigest()
-        else:
-            md5 = io.file_md5(path)
+        else:  # a folder's md5 is DVC's: of its listing of (md5, path)
+            md5 = io.dvc_md5(path)
         if md5 not in seen:
             seen.add(md5)  # the same bytes under two names are one batch
             pending.append(Batch(path.name, md5, (path,), refused=refused))
@@ -224,6 +235,8 @@ def inference_log_batch(params: Params, root: Path, ledger: dict[str, Any]) -> B
 
     folder = root / params.serve.log_dir
     if not (params.monitor.read_inference_log and params.serve.log_dir and folder.is_dir()):
+        return None
+    if params.data.images is not None:  # the log keeps each image's hash and size, not the image
         return None
     seen = set(ledger.get("log_parts", []))
     parts = sorted(p for p in folder.glob("date=*/part-*.parquet") if str(p.relative_to(root)) not in seen)
@@ -250,13 +263,15 @@ def read_batch(batch: Batch, schema: Schema) -> pd.DataFrame:
 
 @dataclass
 class Reference:
-    """What a batch is compared with: the champion and the data it learned from."""
+    """What a batch is compared with: the champion and the data it learned from (for images,
+    the test split, and the champion's embeddings of it)."""
 
     champion: dict[str, Any]
     model: Any
     frame: pd.DataFrame
     predictions: pd.DataFrame
     notes: list[str]
+    embeddings: Any = None  # images: the champion's penultimate-layer embeddings of `frame`
 
 
 def load_reference(params: Params, root: Path) -> Reference:
@@ -273,7 +288,11 @@ def load_reference(params: Params, root: Path) -> Reference:
     champion = tracking.reachable(lambda: registry.champion_card(params.register_.model_name, metric))
     if champion is None:
         raise D2DError(f"no champion for {params.register_.model_name} yet: run `d2d run` first, then the monitor")
-    frame = io.parquet_sample(stages.path("train", root), params.monitor.reference_rows)
+    images = schema.images is not None
+    # images: test images, which the champion has not learned, with their bytes (for the
+    # embeddings): at most as many as the domain classifier takes
+    frame = (io.parquet_sample(stages.path("test", root), min(params.monitor.reference_rows, params.drift.domain_max_rows))
+             if images else io.parquet_sample(stages.path("train", root), params.monitor.reference_rows))
     notes = []
     validated = stages.path("validate_report", root)
     split_md5 = io.read_json(validated).get("data_md5") if validated.is_file() else None
@@ -282,7 +301,13 @@ def load_reference(params: Params, root: Path) -> Reference:
         notes.append(f"the reference is the current train split (raw md5 {split_md5[:8]}); the champion "
                      f"(version {champion['version']}) was trained on raw md5 {champion['data_md5'][:8]}")
     model = tracking.reachable(lambda: mlflow.pyfunc.load_model(champion["uri"]))
-    return Reference(champion, model, frame, scoring.predict_raw(model, frame, schema), notes)
+    embedded = None
+    if images:
+        from pipeline.image_monitor import embeddings
+
+        notes.append(f"the reference is {len(frame):,} images of the test split, which the champion was not trained on")
+        embedded = embeddings(scoring.python_model_of(model), frame)
+    return Reference(champion, model, frame, scoring.predict_raw(model, frame, schema), notes, embedded)
 
 
 @dataclass
@@ -347,6 +372,28 @@ def screen_batch(batch: pd.DataFrame, schema: Schema, params: Params, known_ids:
     return Screened(len(batch), valid, raw_valid, quarantine, labelled, rejected)
 
 
+def screen(batch: Batch, schema: Schema, params: Params, known: KnownRows | frozenset[str]) -> Screened:
+    """A batch read and screened: a file of rows by the dataset's expectations, a folder of
+    images by the file checks (pipeline.image_monitor)."""
+    if schema.images is not None:
+        from pipeline.image_monitor import screen_folder
+
+        problem = refusal(batch.paths[0], batch.paths[0].parent)  # again, as late as possible
+        if problem:
+            raise DataError(problem)
+        assert isinstance(known, frozenset)
+        return screen_folder(batch.paths[0], schema, params, known)
+    assert isinstance(known, KnownRows)
+    return screen_batch(read_batch(batch, schema), schema, params, known)
+
+
+def logged_rows(screened: Screened) -> pd.DataFrame:
+    """The batch's rows as the monitoring run's MLflow dataset: an image's facts, not its bytes."""
+    from pipeline.preprocess import IMAGE_COLUMN
+
+    return screened.valid.drop(columns=[IMAGE_COLUMN], errors="ignore")
+
+
 @dataclass(frozen=True)
 class Inspection:
     """A screened batch measured against the reference."""
@@ -360,7 +407,13 @@ def inspect_batch(screened: Screened, reference: Reference, params: Params) -> I
     """Data drift against the reference, the champion's prediction drift and, with labels,
     its performance on the batch against its own test metric."""
     schema = schema_from_params(params.data)
-    report = drift.drift_report(reference.frame, screened.valid, schema, params.drift)
+    if schema.images is not None:
+        from pipeline.image_monitor import embeddings, image_drift
+
+        current = embeddings(scoring.python_model_of(reference.model), screened.valid)
+        report = image_drift(reference.frame, reference.embeddings, screened.valid, current, params.drift)
+    else:
+        report = drift.drift_report(reference.frame, screened.valid, schema, params.drift)
     out = scoring.predict_raw(reference.model, screened.valid, schema)
     column = "prediction" if schema.regression else "label"
     prediction = drift.prediction_drift(reference.predictions[column].astype(str) if not schema.regression
@@ -381,8 +434,14 @@ def write_reports(key: str, inspection: Inspection, reference: Reference, screen
     report = inspection.drift
     folder = stages.path("monitor_reports", root) / key
     html = folder / "drift.html"
-    io.write_text(drift.report_html(report, reference.frame, screened.valid, prediction=inspection.prediction,
-                                    performance=inspection.performance, notes=reference.notes), html)
+    ref, cur, examples = reference.frame, screened.valid, None
+    if reference.embeddings is not None:  # images: the properties' histograms, and example images
+        from pipeline import image_monitor
+
+        ref, cur = image_monitor.properties(ref), image_monitor.properties(cur)
+        examples = image_monitor.examples(reference.frame, screened.valid)
+    io.write_text(drift.report_html(report, ref, cur, prediction=inspection.prediction, performance=inspection.performance,
+                                    notes=reference.notes, examples=examples), html)
     summary = {**report.summary(), "prediction_drift": asdict(inspection.prediction),
                "performance": asdict(inspection.performance) if inspection.performance else None, "features": report.features.to_dict("records"),
                "reference_notes": reference.notes, **extra}
@@ -440,10 +499,14 @@ def decide(inspection: Inspection, screened: Screened, retrains: list[datetime],
            mode: str) -> BatchDecision:
     """The monitor's action on a measured batch: the retrain decision (drift.retrain_decision),
     held back when retraining is off, and what follows from it for labelled or unlabelled rows."""
+    learnable = screened.labelled and appendable(params)
     alarm, retrain, reasons = drift.retrain_decision(inspection.drift, inspection.prediction, inspection.performance,
-                                                     screened.labelled, retrains, now, params.monitor)
+                                                     learnable, retrains, now, params.monitor)
+    if screened.labelled and not learnable:
+        reasons = [*reasons, f"not appended: the dataset is the manifest {params.data.raw}; add the batch's images "
+                             "to it to learn from them"]
     retrain = retrain and mode != "off"
-    if alarm and screened.labelled:
+    if alarm and learnable:
         action = "retrain" if retrain else "append"
     else:
         action = "alert" if alarm else "none"
@@ -468,6 +531,14 @@ class MonitorRun:
     mode: str
 
 
+def appendable(params: Params) -> bool:
+    """Whether a labelled batch can join the raw dataset: rows always; images into an image
+    folder, not a manifest (the user's file)."""
+    from pipeline.image_monitor import appendable as folder
+
+    return params.data.images is None or folder(Path(params.data.raw))
+
+
 def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: Path) -> Path | None:
     if quarantine.empty:
         return None
@@ -477,20 +548,25 @@ def write_quarantine(key: str, quarantine: pd.DataFrame, params: Params, root: P
                             private=True)
 
 
-def stage_append(rows: pd.DataFrame, params: Params, root: Path) -> dict[str, Any]:
-    """Step 1 of appending: the raw dataset's new part file, built beside it but not moved in,
-    and what the ledger records before the move (the intent). The version being added to is
-    first cached and pushed by DVC, so it stays restorable."""
-    from pipeline import versioning
+def stage_append(rows: pd.DataFrame, params: Params, root: Path, batch: Batch | None = None) -> dict[str, Any]:
+    """Step 1 of appending: the raw dataset's new part file (for an image folder, the batch's
+    files), built beside it but not moved in, and what the ledger records before the move (the
+    intent). The version being added to is first cached and pushed by DVC, so it stays restorable."""
+    from pipeline import image_monitor, versioning
 
     raw = raw_path(params, root)
     before = io.dvc_md5(raw)
     recorded = io.dvc_recorded_md5(raw)
     pushed = versioning.push_tracked(raw, root) if recorded is not None and recorded == before else None
-    staged, part = io.stage_part(rows, raw)
-    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before,
-            "md5_after": io.dvc_md5_with(raw, staged, part), "staged": staged.name, "part": part,
-            "tracked": recorded is not None, "pushed_before": pushed}
+    if params.data.images is not None:  # the files, under <label>/<batch key>/ in the image folder
+        assert batch is not None, "an image batch's files are copied from its folder"
+        staged = image_monitor.stage_files(rows, batch.paths[0], raw, batch.key, params.data.id_column or "")
+        after, part, files = image_monitor.md5_with_files(raw, staged), None, True
+    else:
+        staged, part = io.stage_part(rows, raw)
+        after, files = io.dvc_md5_with(raw, staged, part), False
+    return {"path": str(params.data.raw), "rows": len(rows), "md5_before": before, "md5_after": after,
+            "staged": staged.name, "part": part, "files": files, "tracked": recorded is not None, "pushed_before": pushed}
 
 
 def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[str, Any]:
@@ -501,7 +577,15 @@ def install_append(intent: dict[str, Any], params: Params, root: Path) -> dict[s
     raw = raw_path(params, root)
     staged = raw.with_name(intent["staged"])
     current = io.dvc_md5(raw) if raw.exists() else None  # None: killed while a file became a folder
-    if current == intent["md5_before"] or (current is None and io.building_folder(staged).is_dir()):
+    if intent.get("files"):  # images: a run killed while moving them in leaves some in place
+        from pipeline.image_monitor import install_files
+
+        if current != intent["md5_after"]:
+            if not staged.is_dir():
+                raise D2DError(f"{raw} changed while a batch was being appended to it, and the batch's staged files "
+                               f"({staged.name}) are gone; restore it with `dvc checkout` and run the monitor again")
+            install_files(staged, raw)
+    elif current == intent["md5_before"] or (current is None and io.building_folder(staged).is_dir()):
         if intent.get("part"):
             io.install_part(staged, raw, intent["part"])
         else:  # a ledger written before appends became part files: the file's whole next version
@@ -525,7 +609,7 @@ def append_abandoned(intent: dict[str, Any], params: Params, root: Path) -> bool
     version before it, and the part its run built is gone."""
     raw = raw_path(params, root)
     staged = raw.with_name(intent["staged"])
-    built = staged.is_file() or (io.building_folder(staged) / (intent.get("part") or "")).is_file()
+    built = staged.exists() or (io.building_folder(staged) / (intent.get("part") or "")).is_file()
     return raw.exists() and io.dvc_md5(raw) == intent["md5_before"] and not built
 
 
@@ -563,9 +647,14 @@ def push_warnings(appended: dict[str, Any] | None, intent: dict[str, Any] | None
             for text in outcomes if text and push_failed(text)]
 
 
-def known_ids(params: Params, root: Path) -> KnownRows:
+def known_ids(params: Params, root: Path) -> KnownRows | frozenset[str]:
     """The identity of every row in the raw dataset (its id, or its derived row key), from the
-    index kept beside the ledger: rebuilt in batches only when the raw files changed."""
+    index kept beside the ledger: rebuilt in batches only when the raw files changed. For
+    images, the content hashes of the validated images."""
+    if params.data.images is not None:
+        from pipeline.image_monitor import known_images
+
+        return known_images(params, root)
     schema = schema_from_params(params.data)
     return KnownRows.load(raw_path(params, root), schema, state_dir(params, root) / "row_keys.parquet",
                           params.data.batch_rows)
@@ -599,8 +688,8 @@ def open_entry(batch: Batch, screened: Screened, decision: BatchDecision, report
     part, built here but not moved in yet), complete otherwise. "act" is `alarm`."""
     entry = ledger_entry(batch, screened, decision, report, None, quarantine, root)
     entry |= {"key": batch.key, "act": decision.alarm, "state": PENDING if decision.alarm else COMPLETE}
-    if decision.alarm and screened.labelled:
-        entry["append"] = stage_append(screened.raw_valid, params, root)
+    if decision.alarm and screened.labelled and appendable(params):
+        entry["append"] = stage_append(screened.raw_valid, params, root, batch)
     return entry
 
 

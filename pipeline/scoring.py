@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.schema import Schema
-from pipeline.preprocess import image_limits, input_spec
+from pipeline.preprocess import IMAGE_COLUMN, image_limits, input_spec
 
 
 def python_model_of(model: Any) -> Any | None:
@@ -135,7 +135,7 @@ def predict_raw(model: Any, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame
     champion may have been logged with other column types than the current schema gives)."""
     python_model = python_model_of(model)
     if isinstance(getattr(python_model, "state", None), dict):
-        return python_model.predict(None, frame[schema.feature_names])
+        return python_model.predict(None, frame[[IMAGE_COLUMN] if schema.images is not None else schema.feature_names])
     declared = model.metadata.get_input_schema()
     types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in frame and hasattr(c.type, "to_numpy")}
              if declared is not None else {f.name: f.numpy_dtype for f in schema.features})

@@ -4,6 +4,7 @@ share of rows corrupted so that validation and cleaning have real work to do."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,6 +66,21 @@ def corrupt(df: pd.DataFrame, schema: Schema, fraction: float, seed: int) -> tup
 IMAGE_FLAWS = ("truncated", "not_an_image", "exact_duplicate", "two_labels", "too_small", "extreme_aspect", "cmyk")
 
 
+def render_digit(pixels: np.ndarray, rng: np.random.Generator) -> tuple[Any, str]:
+    """One 8×8 digit (values 0–16) as the image folder holds it: drawn at 24–40 pixels a side,
+    in grey (L) or on a tinted background (RGB), and the suffix it is saved with (.jpg one in five)."""
+    from PIL import Image
+
+    grey = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L")
+    side = int(rng.choice([24, 32, 40]))
+    image = grey.resize((side, side), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        tint = rng.integers(0, 60, size=3)
+        rgb = np.stack([np.asarray(image, np.int16)] * 3, axis=-1) + tint
+        image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    return image, ".jpg" if rng.random() < 0.2 else ".png"
+
+
 def write_image_folder(folder: Path, rows: int | None = None, seed: int = 0, flaws: int = 2) -> dict[str, list[str]]:
     """The digits as an image folder in torchvision's `ImageFolder` layout,
     `folder/<digit>/<id>.png`: each 8×8 digit drawn at 24–40 pixels a side (sizes vary, as a
@@ -79,16 +95,8 @@ def write_image_folder(folder: Path, rows: int | None = None, seed: int = 0, fla
     n = len(bunch.target) if rows is None else min(rows, len(bunch.target))
     written: list[Path] = []
     for i in range(n):
-        label = int(bunch.target[i])
-        grey = Image.fromarray((bunch.images[i] * (255 / 16)).astype(np.uint8), "L")
-        side = int(rng.choice([24, 32, 40]))
-        image = grey.resize((side, side), Image.Resampling.BILINEAR)
-        if rng.random() < 0.5:
-            tint = rng.integers(0, 60, size=3)
-            rgb = np.stack([np.asarray(image, np.int16)] * 3, axis=-1) + tint
-            image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
-        suffix = ".jpg" if rng.random() < 0.2 else ".png"
-        path = folder / str(label) / f"{i:05d}{suffix}"
+        image, suffix = render_digit(bunch.images[i], rng)
+        path = folder / str(int(bunch.target[i])) / f"{i:05d}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, quality=95) if suffix == ".jpg" else image.save(path)
         written.append(path)

@@ -410,6 +410,12 @@ def _dir_md5(listing: list[dict[str, str]]) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
+def dir_md5_of(folders: list[Path]) -> str:
+    """The DVC md5 of one folder holding the files of every folder in `folders`, each at its
+    path relative to its own folder (a folder with files about to be moved into it)."""
+    return _dir_md5([entry for folder in folders for entry in _dvc_listing(folder)])
+
+
 def dvc_md5(path: Path) -> str:
     """The md5 DVC 3 records for a file or a folder: a folder's is the md5 of its sorted
     listing of (md5, relpath) as JSON, with the `.dir` suffix (dvc_data's Tree.digest)."""

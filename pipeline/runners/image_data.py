@@ -68,7 +68,7 @@ def listing(raw: Path, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     return rows.rename(columns=names), refused.rename(columns=names)
 
 
-def _as_labels(values: pd.Series, schema: Schema) -> pd.Series:
+def as_labels(values: pd.Series, schema: Schema) -> pd.Series:
     """Labels typed as the classes are: a class folder's name is text, so classes written as
     numbers (0..9) take the folder `3` as 3; and a manifest's label column that CSV read as
     numbers matches classes written as text ("3")."""
@@ -92,7 +92,7 @@ def validate(params: Params, files: StageFiles) -> Validated:
 
     raw, schema = files[RAW], schema_from_params(params.data)
     table, refused = listing(raw, schema)
-    table[schema.target] = _as_labels(table[schema.target], schema)
+    table[schema.target] = as_labels(table[schema.target], schema)
     docs = files["data_docs"] if params.validate_.data_docs else None
     io.fresh_dir(files["data_docs"])
     if docs is None:

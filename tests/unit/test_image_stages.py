@@ -215,10 +215,3 @@ def test_any_manifest_paths_are_kept_or_quarantined_never_an_exception(tmp_path_
     assert summary.rows_in == len(paths) + 20 == len(valid) + len(quarantine)
     assert quarantine["reason"].notna().all()
     assert all((folder / p).resolve().is_relative_to(folder.resolve()) for p in valid["path"])
-
-
-def test_the_monitor_says_plainly_that_it_does_not_take_images_yet(monkeypatch, capsys, tmp_path):
-    (tmp_path / "params.yaml").write_text(
-        'data: {raw: data/raw/x, id_column: path, target: label, classes: ["a", "b"], images: {}}\ntrain: {model: cnn}\n')
-    code, out, err = main_in_process(monkeypatch, capsys, tmp_path, "monitor")
-    assert_one_line(code, out, err, "d2d monitor does not take image files yet")
