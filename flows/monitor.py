@@ -49,8 +49,9 @@ class MonitorContext:
 @task(name="load-reference", retry_condition_fn=retry_worthwhile, cache_policy=NO_CACHE)
 def reference_task(params: Params, root: Path) -> Reference:
     reference = monitor.load_reference(params, root)
-    get_run_logger().info("reference: champion version %s, %d training rows (at most monitor.reference_rows)",
-                          reference.champion["version"], len(reference.frame))
+    get_run_logger().info("reference: champion version %s, %d rows of the %s split (at most monitor.reference_rows)",
+                          reference.champion["version"], len(reference.frame),
+                          "test" if reference.embeddings is not None else "train")
     return reference
 
 

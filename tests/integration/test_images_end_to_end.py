@@ -1,8 +1,8 @@
 """A folder of images, of mixed sizes and modes with broken files among them, through the real
 parts (issue 17): `d2d data demo --kind images` → DVC versions the folder as a directory →
 `d2d init-params` → the training flow (Prefect's test harness, a local Ray, GX, MLflow on
-SQLite) → a registered champion that `mlflow.pyfunc` loads and that predicts from image bytes.
-Nothing is mocked."""
+SQLite) → a registered champion that `mlflow.pyfunc` loads and that predicts from image bytes →
+`d2d serve` → `d2d predict` → `d2d monitor` on new folders of images. Nothing is mocked."""
 
 from __future__ import annotations
 
@@ -119,6 +119,36 @@ def test_an_image_folder_end_to_end(tmp_path, prefect_harness):
     assert "not an image" in broken["error"] and pd.isna(broken["label"])
     by_path = dict(zip(test["path"].head(3).map(lambda p: "a/" + Path(p).name), served))
     assert {p: str(scored.set_index("path").loc[p, "label"]) for p in by_path} == by_path
+
+    # d2d monitor on new folders: one of new images as they come (unlabelled), one blurred
+    # with class folders; the blurred one drifts and joins the image folder as a new DVC version
+    raw = root / "data/raw/digits"
+    originals = digest_by_file(raw)
+    run(["d2d", "simulate-drift", "--kind", "none", "--rows", "80", "--seed", "1", "--no-labelled"], root)
+    run(["d2d", "simulate-drift", "--kind", "blur", "--strength", "0.8", "--rows", "80", "--seed", "2"], root)
+    inbox = digest(root / "data/inbox")
+    sets = [a for o in overrides for a in ("--set", o)]
+    out = run(["d2d", "monitor", "--set", "monitor.retrain=off", *sets], root).stdout
+    assert "batch-blur-0.8-seed2" in out and "batch-none-0.5-seed1" in out, out
+    ledger = {e["file"]: e for e in json.loads((root / "data/monitor/ledger.json").read_text())["batches"].values()}
+    blurred, plain = ledger["batch-blur-0.8-seed2"], ledger["batch-none-0.5-seed1"]
+    assert blurred["action"] == "append" and blurred["labelled"] and blurred["domain_auc"] >= 0.6, blurred
+    assert not plain["labelled"] and plain["action"] in ("none", "alert") and plain["rows_valid"] == 80
+    assert any("MMD" in r for r in blurred["reasons"])
+    page = (root / blurred["report"]).read_text()
+    assert page.count('alt="reference example"') == 8 and page.count('alt="batch example"') == 8
+    assert json.loads((root / blurred["report"]).with_suffix(".json").read_text())["multivariate"]["dimensions"] > 0
+    assert digest(root / "data/inbox") == inbox  # the inbox is only read
+    now = digest_by_file(raw)
+    assert {k: now[k] for k in originals} == originals  # no existing image changed
+    added = [k for k in now if k not in originals]
+    assert len(added) == blurred["rows_valid"] == 80 and all(k.split("/")[1].startswith("batch-blur-0.8-seed2-") for k in added)
+    assert blurred["appended"]["md5_after"] == io.dvc_md5(raw) == io.dvc_recorded_md5(raw)
+
+
+def digest_by_file(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def io_bytes(image: Image.Image) -> bytes:
