@@ -1,28 +1,28 @@
-"""Image files, measured (issue 17's benchmark, the parts that exist so far): generate N
-images of S×S pixels as PNG and JPEG files in class folders, then time
+"""Image files through the real stages, measured (issue 17's benchmark): generate N images of
+S×S pixels as PNG and JPEG files in class folders, make a project of them with `d2d
+init-params`, then run `d2d stage validate`, `clean`, `split` and `train` as their own
+processes, as `dvc repro` does, with the peak memory of the whole process tree (bench/data_plane.py's
+sampler: private pages summed over the tree, plus /dev/shm where Ray's object store lives).
 
-- the file checks (`images.list_folder` + `images.check_images`: one read and one Pillow
-  decode a file, content and perceptual hashes, the dataset rules);
-- the evaluation transform (decode again, `to_tensor` + `fit_size` to the training size);
-- the training-time augmentation of those tensors in batches (`augment`: crop, flip,
-  rotation, colour jitter) and `normalize`,
+Prints each stage's seconds and images/s, training's images/s per epoch (the train stage's
+history), and the peaks, so that memory can be compared across N: it must not grow with the
+image count. The project is deleted afterwards.
 
-and print images/s for each and the process's peak RSS, so that memory can be compared
-across N. Training, serving and drift on image files are not wired yet (issue 17).
-
-    python bench/images.py [--images 10000] [--size 64] [--train-size 64]
+    python bench/images.py [--images 10000] [--size 64] [--train-size 64] [--model cnn] [--epochs 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from data_plane import Sampler, d2d  # bench/, this script's own folder
 
 
 def generate(folder: Path, count: int, size: int, seed: int = 0) -> None:
@@ -44,58 +44,57 @@ def generate(folder: Path, count: int, size: int, seed: int = 0) -> None:
         image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=64, help="the generated images' side")
     parser.add_argument("--train-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, help="where the project is made (default: a new temporary folder)")
     args = parser.parse_args()
 
-    import torch
-    from PIL import Image
+    import pandas as pd
 
-    from pipeline.data import images
-    from pipeline.image_transforms import Augmentation, ChannelStats, augment, fit_size, normalize, to_tensor
+    from pipeline import stages
 
-    work = Path(tempfile.mkdtemp(prefix="d2d-images-"))
+    project = args.workdir or Path(tempfile.mkdtemp(prefix="d2d-images-"))
     try:
         started = time.perf_counter()
-        generate(work / "data", args.images, args.size)
-        disk = sum(p.stat().st_size for p in (work / "data").rglob("*") if p.is_file())
+        generate(project / "data/raw/images", args.images, args.size)
+        disk = sum(p.stat().st_size for p in (project / "data/raw/images").rglob("*") if p.is_file())
         print(f"generated {args.images:,} images of {args.size}×{args.size} ({disk / 2**20:.1f} MiB) in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-
-        started = time.perf_counter()
-        rows, refused = images.list_folder(work / "data")
-        checked = images.check_images(rows, refused, work / "data", images.ImageChecks(), batch=args.batch)
-        check_s = time.perf_counter() - started
-        print(f"file checks: {len(checked.kept):,} kept, {len(checked.quarantine):,} quarantined, {check_s:.1f} s, "
-              f"{args.images / check_s:,.0f} images/s; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
-
-        stats, how = ChannelStats(), Augmentation(crop_scale=0.6, flip=True, rotate=10, brightness=0.2, contrast=0.2)
-        generator = torch.Generator().manual_seed(0)
-        decode_s = augment_s = 0.0
-        paths = [work / "data" / p for p in checked.kept[images.PATH]]
-        for start in range(0, len(paths), args.batch):
-            t0 = time.perf_counter()
-            with_size = [fit_size(to_tensor(Image.open(p)), args.train_size) for p in paths[start:start + args.batch]]
-            batch = torch.stack(with_size)
-            stats.update(batch)
-            decode_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            normalize(augment(batch.float() / 255, how, generator), [0.5] * 3, [0.25] * 3)
-            augment_s += time.perf_counter() - t0
-        mean, std = stats.result()
-        print(f"decode + fit_size to {args.train_size}: {len(paths) / decode_s:,.0f} images/s; augment + normalize "
-              f"(batches of {args.batch}): {len(paths) / augment_s:,.0f} images/s; channel means "
-              f"{', '.join(f'{m:.3f}' for m in mean)}; peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+        sets = [f"data.images.size={args.train_size}", f"train.model={args.model}", f"train.epochs={args.epochs}",
+                f"train.batch_size={args.batch_size}", "train.patience=1000", "validate.data_docs=false",
+                "register.min_test_accuracy=0"]
+        sets = [x for kv in sets for x in ("--set", kv)]
+        sampler = Sampler()
+        threading.Thread(target=sampler.run, daemon=True).start()
+        timings = {"init-params": d2d(project, "init-params", "--data", "data/raw/images", "--target", "label")}
+        peaks = {"init-params": sampler.stage_peaks()}
+        for stage in ("validate", "clean", "split", "train"):
+            timings[stage] = d2d(project, "stage", stage, *sets)
+            peaks[stage] = sampler.stage_peaks()
+            print(f"{stage}: {timings[stage]:.1f} s", flush=True)
+        sampler.stop.set()
+        sizes = pd.read_json(stages.path("split_report", project), typ="series")["sizes"]
+        history = pd.read_csv(stages.path("history", project))
+        counts = {"init-params": args.images, "validate": args.images, "clean": args.images, "split": args.images,
+                  "train": sizes["train"] * args.epochs}
+        print(f"\n{'stage':<12}{'seconds':>9}{'images/s':>10}{'tree GiB':>10}{'tree RSS GiB':>14}")
+        for stage, seconds in timings.items():
+            p = {k: v / 2**30 for k, v in peaks[stage].items()}
+            print(f"{stage:<12}{seconds:>9.1f}{counts[stage] / seconds:>10,.0f}{p['tree']:>10.2f}{p['rss']:>14.2f}")
+        prep = sum(timings[s] for s in ("validate", "clean", "split"))
+        print(f"validate + clean + split: {prep:.1f} s, {args.images / prep:,.0f} images/s")
+        print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch): "
+              + ", ".join(f"{r:,.0f}" for r in history["samples_per_s"]) + " images/s per epoch")
+        p = {k: v / 2**30 for k, v in sampler.peaks.items()}
+        print(f"peak memory: process tree (private + /dev/shm) {p['tree']:.2f} GiB (RSS {p['rss']:.2f})")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(project, ignore_errors=True)
 
 
 if __name__ == "__main__":

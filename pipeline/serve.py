@@ -142,14 +142,19 @@ def predict_rows(data: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_spec: dict[str, Any] | None,
-                    max_rows: int) -> pd.DataFrame:
-    """Row objects (from /predict or any of /invocations' formats) as the frame the model
-    takes: each value's JSON type, then preprocess.check_rows, the check every way in shares."""
+def _check_count(rows: list[dict[str, Any]], max_rows: int) -> None:
+    """A request holds at least one row and at most serve.max_rows."""
     if not rows:
         raise RequestError(400, "no rows: the array is empty")
     if len(rows) > max_rows:
         raise RequestError(413, f"{len(rows)} rows in one request; the limit is serve.max_rows={max_rows}")
+
+
+def frame_from_rows(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_spec: dict[str, Any] | None,
+                    max_rows: int) -> pd.DataFrame:
+    """Row objects (from /predict or any of /invocations' formats) as the frame the model
+    takes: each value's JSON type, then preprocess.check_rows, the check every way in shares."""
+    _check_count(rows, max_rows)
     names = [c["name"] for c in spec]
     id_column = id_spec["name"] if id_spec else None
     allowed = set(names) | ({id_column} if id_column else set())
@@ -240,10 +245,7 @@ def image_frame(rows: list[dict[str, Any]], limits: tuple[int, int], id_spec: di
     from pipeline.data.images import request_problem
     from pipeline.preprocess import IMAGE_COLUMN
 
-    if not rows:
-        raise RequestError(400, "no rows: the array is empty")
-    if len(rows) > max_rows:
-        raise RequestError(413, f"{len(rows)} rows in one request; the limit is serve.max_rows={max_rows}")
+    _check_count(rows, max_rows)
     id_column = id_spec["name"] if id_spec else None
     images = []
     for i, row in enumerate(rows):

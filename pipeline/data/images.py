@@ -270,33 +270,6 @@ def training_size(widths: pd.Series, heights: pd.Series) -> int:
     return int(min(224, max(32, math.floor(short / 8) * 8)))
 
 
-@dataclass(frozen=True)
-class CheckedImages:
-    """An image dataset after its file checks: the rows kept (with their facts), the rows
-    quarantined (each with its reason, none dropped), and the image table of the kept ones."""
-
-    kept: pd.DataFrame
-    quarantine: pd.DataFrame
-    table: dict[str, Any]
-
-
-def check_images(rows: pd.DataFrame, refused: pd.DataFrame, root: Path, checks: ImageChecks,
-                 classes: list[str] | None = None, batch: int = 256) -> CheckedImages:
-    """Every listed file checked once (`inspect_files`), then the rules that need the whole
-    dataset: a label outside `classes`, exact duplicates and one image under two labels.
-    Rows already refused by the listing join the quarantine with their reasons."""
-    inspected = pd.concat(list(inspect_files(rows, root, checks, batch)), ignore_index=True)
-    if classes is not None:
-        known = {str(c) for c in classes}
-        unknown = inspected[LABEL].astype(str).map(lambda v: None if v in known else f"label {v!r} is not one of the classes")
-        inspected[REASON] = inspected[REASON].fillna(unknown)
-    inspected[REASON] = inspected[REASON].astype("string").fillna(duplicate_reasons(inspected))
-    bad = inspected[REASON].notna()
-    quarantine = pd.concat([refused, inspected[bad]], ignore_index=True) if len(refused) else inspected[bad]
-    kept = inspected[~bad].drop(columns=[REASON]).reset_index(drop=True)
-    return CheckedImages(kept, quarantine.reset_index(drop=True), image_table(kept))
-
-
 def request_problem(data: bytes, max_bytes: int, max_pixels: int) -> tuple[int, str] | None:
     """Why an image sent to the model cannot be scored, as an HTTP status and a message: 413
     over the byte or pixel limit (a decompression bomb is refused from its header, before its

@@ -73,13 +73,14 @@ def make_demo(params: Params, root: Path) -> dict[str, Any]:
     return {"path": str(out), "rows": len(df), "md5": io.file_md5(out), "corrupted": manifest}
 
 
-def _progress(stage: str, rows: int, started: float, batch: int) -> None:
+def progress(stage: str, rows: int, started: float, batch: int, unit: str = "rows") -> None:
     """One line per batch on stderr when the data spans several: long stages show they are
     moving (a dataset of one batch stays quiet, so an error is its only line)."""
     if rows <= batch:
         return
     seconds = time.perf_counter() - started
-    print(f"{stage}: {rows:,} rows in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)", file=sys.stderr, flush=True)
+    print(f"{stage}: {rows:,} {unit} in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} {unit}/s)", file=sys.stderr,
+          flush=True)
 
 
 def _types(schema: Schema, stage: str, head: pd.DataFrame) -> dict[str, Any]:
@@ -208,7 +209,7 @@ def _check_batches(validator: Any, batches: Any, first: int, identity: tuple[np.
         valid.write(ok)
         quarantine.write(bad)
         done += len(batch)
-        _progress("validate", done, started, rows)
+        progress("validate", done, started, rows)
 
 
 @contextmanager
@@ -370,7 +371,7 @@ def _clean_batches(cleaner: Any, batches: Any, kept: io.PartsWriter, removed: io
         good, gone = cleaner.apply(batch)
         kept.write(good)
         removed.write(gone)
-        _progress("clean", cleaner.rows_in, started, rows)
+        progress("clean", cleaner.rows_in, started, rows)
 
 
 class PartCleaner:
@@ -462,7 +463,7 @@ def _split_batches(batches: Any, part: np.ndarray, schema: Schema, writers: dict
                 counts = rows_here[schema.target].astype(str).value_counts()
                 per_class[name] = per_class[name].add(counts, fill_value=0)
         done += len(batch)
-        _progress("split", done, started, rows)
+        progress("split", done, started, rows)
     return (np.concatenate(hashes) if hashes else np.empty(0, dtype="uint64")), per_class
 
 

@@ -32,7 +32,7 @@ from pipeline.data import images, io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.errors import DataError
 from pipeline.project import RAW
-from pipeline.runners.data import finish_validation, read_data_version, require_raw
+from pipeline.runners.data import finish_validation, progress, read_data_version, require_raw
 from pipeline.summaries import Cleaned, SplitSizes, Validated
 
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ def validate(params: Params, files: StageFiles) -> Validated:
                 kept_facts.append(good[[schema.target, *images.FACTS]])
                 _count_file_failures(validator.tally, checked[images.REASON][failed])
                 done += len(checked)
-                _progress(done, started)
+                if done % 4096 < BATCH:  # about every 4k images: long checks show they are moving
+                    progress("validate", done, started, 4095, "images")
         tally = validator.tally
         tally.rows_in += len(refused)
         facts = pd.concat(kept_facts, ignore_index=True) if kept_facts else pd.DataFrame(columns=[schema.target, *images.FACTS])
@@ -165,15 +166,6 @@ def _fact_types() -> dict[str, Any]:
     text = {name: pa.string() for name in ("sha256", "format", "mode", "phash")}
     return text | {name: pa.int64() for name in ("bytes", "width", "height")} | {
         name: pa.float64() for name in ("brightness", "contrast", "sharpness")}
-
-
-def _progress(done: int, started: float) -> None:
-    import sys
-
-    if done % 4096 < 256 and done >= 4096:  # about every 4k images: long checks show they are moving
-        seconds = time.perf_counter() - started
-        print(f"validate: {done:,} images in {seconds:.1f} s ({done / max(seconds, 1e-9):,.0f} images/s)",
-              file=sys.stderr, flush=True)
 
 
 def _positions(source: Path, columns: list[str]) -> pd.DataFrame:

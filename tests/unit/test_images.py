@@ -180,16 +180,3 @@ def _mutate(data: bytes, cut: int, at: int, value: int) -> bytes:
     if data:
         data[at % len(data)] = value
     return bytes(data)
-
-
-def test_checking_a_dataset_keeps_every_row_somewhere_and_names_unknown_labels(demo, tmp_path):
-    folder, flawed = demo
-    rows, refused = images.list_folder(folder)
-    checked = images.check_images(rows, refused, folder, CHECKS, classes=[str(d) for d in range(9)])  # no 9
-    assert len(checked.kept) + len(checked.quarantine) == len(rows)  # no row lost
-    reasons = checked.quarantine.set_index(images.PATH)[images.REASON]
-    nines = rows.loc[rows[images.LABEL] == "9", images.PATH]
-    assert reasons.reindex(nines).str.contains("label '9' is not one of the classes|truncated|not an image|too small"
-                                               "|extreme|mode CMYK|duplicate|same image", regex=True).all()
-    assert (checked.kept[images.LABEL] != "9").all() and checked.table["images"] == len(checked.kept)
-    assert set(checked.kept.columns) >= {images.PATH, images.LABEL, *images.FACTS}
