@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workdir", type=Path, help="where the project is made (default: a new temporary folder)")
+    parser.add_argument("--workdir", type=Path, help="where the project is made and kept (default: a temporary "
+                                                     "folder, deleted afterwards)")
     args = parser.parse_args()
 
     import pandas as pd
@@ -94,7 +95,8 @@ def main() -> None:
         p = {k: v / 2**30 for k, v in sampler.peaks.items()}
         print(f"peak memory: process tree (private + /dev/shm) {p['tree']:.2f} GiB (RSS {p['rss']:.2f})")
     finally:
-        shutil.rmtree(project, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(project, ignore_errors=True)
 
 
 if __name__ == "__main__":

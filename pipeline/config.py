@@ -274,7 +274,7 @@ class TrainParams(_Section):
     shuffle_buffer: int = Field(default=20_000, ge=1)
     prefetch_batches: int = Field(default=2, ge=0)  # batches each worker fetches ahead
     # Object-store MiB Ray Data may hold in flight while streaming the splits to the workers;
-    # null: Ray Data's own limit. Lower saves memory on large data and costs speed.
+    # null: Ray Data's own limit (256 for images). Lower saves memory on large data and costs speed.
     ingest_memory_mb: int | None = Field(default=None, ge=64)
     # memory: featurise the splits once into Ray's object store; stream: read and featurise
     # every epoch (flat memory, any size); auto: memory when they fit in a quarter of it.

@@ -251,6 +251,7 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
     """Score `source` (a file or folder) with models:/<name>@<serve.alias>, write `output`
     (an existing one only with `force`)."""
     from pipeline import registry, tracking
+    from pipeline.data import io
     from pipeline.ray_runtime import ray_session
 
     check_output(output, force)
@@ -264,9 +265,11 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
         raise D2DError(f"models:/{name}@{alias} does not exist" + (": run `d2d run` first" if alias == "champion" else ""))
     version = pinned[0]
     with ray_session(params.train, cpus_needed=params.serve.predict_concurrency + 1):
-        if images is not None:
+        if images is not None:  # a batch of decoded images bounded in bytes, as training's are
+            batch = min(params.serve.predict_batch_size,
+                        io.score_rows((3 if images.mode == "RGB" else 1) * images.size * images.size))
             rows, errors = predict_images(source, images.path_column, f"models:/{name}/{version}", version, uri,
-                                          params.serve.predict_batch_size, params.serve.predict_concurrency, output)
+                                          batch, params.serve.predict_concurrency, output)
         else:
             rows, errors = predict_files(files, f"models:/{name}/{version}", version, uri, params.data.id_column,
                                          params.serve.predict_batch_size, params.serve.predict_concurrency, output)

@@ -152,7 +152,9 @@ def _rescore(model_uri: str, version: str, test: Path, schema: Schema, sample_ro
     from pipeline.tracking import unreachable
 
     try:
-        return {"version": version, "metrics": scoring.score_model(model_uri, io.read_batches(test, io.SCORE_ROWS), schema,
+        shape = schema.input_shape  # images: fewer rows at a time
+        rows = io.score_rows(shape[0] * shape[1] * shape[2] if shape and schema.images is not None else 1)
+        return {"version": version, "metrics": scoring.score_model(model_uri, io.read_batches(test, rows), schema,
                                                                    sample_rows)}
     except (MlflowException, KeyError, ValueError, TypeError) as e:
         if unreachable(e):  # an outage is not a champion that cannot score: fail, retry later

@@ -157,6 +157,14 @@ def shared_copy(path: Path, storage: str) -> str:
 # Rows per batch where each batch is scored or sampled: small enough that a model's outputs
 # and a batch's copies stay small beside the data.
 SCORE_ROWS = 65_536
+BATCH_INPUT_BYTES = 64 * 2**20  # a batch's float32 network inputs, at most (a 224² RGB image is 588 KiB of them)
+
+
+def score_rows(inputs: int) -> int:
+    """Rows to featurise or score at a time for a network of `inputs` float32 inputs:
+    SCORE_ROWS for a table, fewer for images, so that a batch stays near BATCH_INPUT_BYTES
+    whatever the dataset's size (65,536 images of 64² would be 3 GiB at once)."""
+    return max(1, min(SCORE_ROWS, BATCH_INPUT_BYTES // (4 * max(inputs, 1))))
 
 
 def parquet_head(path: Path, rows: int) -> pd.DataFrame:

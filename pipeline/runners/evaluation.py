@@ -31,7 +31,10 @@ def evaluate(params: Params, files: StageFiles) -> Evaluated:
     state = io.read_json(files["preprocess"])
     keep = (params.evaluate.slice_column,) if params.evaluate.slice_column else ()
     # each split streams through in batches: memory holds a batch, the totals and a bounded sample
-    scored = {name: ev.score_split(model, io.read_batches(files[name], io.SCORE_ROWS), schema, state, params.evaluate.sample_rows,
+    from pipeline.train.trainer import n_inputs as width
+
+    rows = io.score_rows(width(state))  # fewer at a time for images
+    scored = {name: ev.score_split(model, io.read_batches(files[name], rows), schema, state, params.evaluate.sample_rows,
                                    keep, params.evaluate.attribution_examples) for name in ("val", "test")}
     metrics = {f"{name}_{k}": v for name in ("val", "test") for k, v in scored[name].metrics().items()}
     test = scored["test"]

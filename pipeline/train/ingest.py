@@ -96,10 +96,12 @@ def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[
             ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
     if rows is None:  # the caller did not read it from the files' footers: a Ray Data job counts
         rows = train.count() + val.count()
+    from pipeline.train.trainer import n_inputs
+
     kwargs = {"schema": schema, "state": state}
     # Bounded batches: a whole split part (350,000 rows at 6M) featurised at once peaked at
     # 1.8 GiB per read task in float64 temporaries, the training stage's memory peak.
-    out = {name: ds.map_batches(featurize, fn_kwargs=kwargs, batch_format="pandas", batch_size=io.SCORE_ROWS)
+    out = {name: ds.map_batches(featurize, fn_kwargs=kwargs, batch_format="pandas", batch_size=io.score_rows(n_inputs(state)))
            for name, ds in ((TRAIN, train), (VAL, val))}
     if should_cache(params, rows, state, ray.available_resources().get("object_store_memory", 0.0)):
         out = {name: ds.materialize() for name, ds in out.items()}
@@ -136,19 +138,35 @@ class ShardedIngest(DataConfig):
         return shards
 
 
-def ingest_config(params: TrainParams) -> ShardedIngest:
+WIDE_INPUTS = 4096  # float32 inputs a row (16 KiB) from which decoded rows are bounded by default
+WIDE_INGEST_MB = 256
+
+
+def ingest_config(params: TrainParams, inputs: int) -> ShardedIngest:
     """Shards in a fixed order: with one worker and a seed, every run sees the same batches.
     `train.ingest_memory_mb` bounds the object-store bytes Ray Data holds in flight while it
     streams the splits: unbounded, it filled its share of the store at 20M rows (9.5 GiB of
-    system memory on a 24 GB machine); 1 GiB kept it at 7.7 GiB, and epochs ran 25% slower."""
+    system memory on a 24 GB machine); 1 GiB kept it at 7.7 GiB, and epochs ran 25% slower.
+    For wide rows (decoded images) it defaults to WIDE_INGEST_MB: there decoding, not the
+    buffer, sets the pace, and unbounded, 100,000 images of 64² peaked at twice the memory
+    of 10,000."""
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    if params.ingest_memory_mb is not None:
-        options.resource_limits = options.resource_limits.copy(object_store_memory=params.ingest_memory_mb << 20)
+    limit = params.ingest_memory_mb or (WIDE_INGEST_MB if inputs >= WIDE_INPUTS else None)
+    if limit is not None:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=limit << 20)
     return ShardedIngest(execution_options=options)
 
 
-def ingest_options(params: TrainParams) -> dict[str, Any]:
-    """What the worker loop needs to iterate its shards (plain values, in the loop's config)."""
-    return {"shuffle": params.shuffle, "shuffle_buffer": params.shuffle_buffer,
-            "prefetch_batches": params.prefetch_batches}
+SHUFFLE_BYTES = 256 * 2**20  # a local shuffle buffer's float32 inputs, at most
+
+
+def ingest_options(params: TrainParams, inputs: int) -> dict[str, Any]:
+    """What the worker loop needs to iterate its shards (plain values, in the loop's config).
+    For wide inputs (images, `inputs` float32 values a row) the local shuffle buffer and each
+    fetch are bounded in bytes, so a worker's memory does not follow the row count's
+    settings: 20,000 rows of 224² images would be 11 GiB of buffer."""
+    row = 4 * inputs + 8
+    return {"shuffle": params.shuffle, "prefetch_batches": params.prefetch_batches,
+            "shuffle_buffer": min(params.shuffle_buffer, max(params.batch_size, SHUFFLE_BYTES // row)),
+            "fetch_most": io.score_rows(inputs)}

@@ -284,10 +284,10 @@ def worker_data() -> WorkerData:
 FETCH_ROWS = 4096
 
 
-def fetch_rows(batch_size: int, buffer: int | None) -> int:
-    """Rows per fetch: whole batches, about FETCH_ROWS, and no more than a local shuffle buffer
-    holds (Ray Data needs the buffer to hold what it yields)."""
-    rows = max(1, FETCH_ROWS // batch_size) * batch_size
+def fetch_rows(batch_size: int, buffer: int | None, most: int = FETCH_ROWS) -> int:
+    """Rows per fetch: whole batches, about FETCH_ROWS (fewer for wide inputs: `most`), and
+    no more than a local shuffle buffer holds (Ray Data needs the buffer to hold what it yields)."""
+    rows = max(1, min(FETCH_ROWS, most) // batch_size) * batch_size
     return min(rows, max(1, buffer // batch_size) * batch_size) if buffer else rows
 
 
@@ -299,7 +299,7 @@ def batches(shard: DataIterator, config: dict[str, Any], device: torch.device, e
     size = batch_size or config["batch_size"]
     buffer = config["shuffle_buffer"] if epoch is not None and config["shuffle"] == "local" else None
     for fetched in shard.iter_torch_batches(
-        batch_size=fetch_rows(size, buffer), prefetch_batches=config["prefetch_batches"], device=device,
+        batch_size=fetch_rows(size, buffer, config.get("fetch_most", FETCH_ROWS)), prefetch_batches=config["prefetch_batches"], device=device,
         pin_memory=device.type == "cuda", local_shuffle_buffer_size=buffer,
         local_shuffle_seed=config["seed"] + epoch if buffer else None,
     ):

@@ -116,7 +116,7 @@ def loop_config(spec: ModelSpec, schema: Schema, state: dict, params: TrainParam
         "target_scale": state["target"]["scale"] if schema.regression else 1.0,
         "init_state": None,
         "freeze": params.freeze, "unfreeze_epoch": params.unfreeze_epoch, "backbone_lr_scale": params.backbone_lr_scale,
-        **ingest_options(params),
+        **ingest_options(params, n_inputs(state)),
         **augmentation(schema, state),
     }
 
@@ -160,7 +160,7 @@ def make_trainer(config: dict, datasets: dict, params: TrainParams, storage: str
         train_loop_per_worker,
         train_loop_config=config,
         datasets=datasets,
-        dataset_config=ingest_config(params),
+        dataset_config=ingest_config(params, config["spec"]["n_features"]),
         torch_config=TorchConfig(backend="nccl" if params.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=params.num_workers,

@@ -187,7 +187,7 @@ def test_one_worker_iterates_its_datasets_itself(ray_local):
     from pipeline.train.ingest import ingest_config
 
     ds = ray.data.range(300, override_num_blocks=3)
-    [only] = ingest_config(TrainParams()).configure({"train": ds, "val": ds}, 1, None, None)
+    [only] = ingest_config(TrainParams(), 1).configure({"train": ds, "val": ds}, 1, None, None)
     assert {type(it).__name__ for it in only.values()} == {"DataIteratorImpl"}
     assert [r["id"] for r in only["train"].iter_rows()] == list(range(300))
 

@@ -248,3 +248,29 @@ def test_a_manifest_dataset_is_not_appended_to_and_the_reasons_say_so(tmp_path):
     decision = monitor.decide(inspection, screened, [], monitor.utc_now(), params, "flow")
     assert (decision.action, decision.retrain, decision.alarm) == ("alert", False, True)
     assert any("the manifest data/raw/m.csv" in r for r in decision.reasons)
+
+
+def test_the_inbox_of_an_image_project_is_its_folders_and_a_linked_folder_is_refused(tmp_path):
+    params = params_in(tmp_path)
+    inbox = tmp_path / "data/inbox"
+    write_image_batch(inbox / "batch-a.v2", "none", 0.0, 6, seed=0, digits=300)
+    (inbox / "notes.csv").write_text("a,b\n1,2\n")  # a table file is not an image batch
+    (inbox / ".incoming").mkdir()  # hidden: a batch still being copied in
+    elsewhere = tmp_path / "elsewhere"
+    write_image_batch(elsewhere, "none", 0.0, 6, seed=1, digits=300)
+    (inbox / "linked").symlink_to(elsewhere, target_is_directory=True)
+    batches = {b.name: b for b in monitor.pending_batches(params, tmp_path, {"batches": {}, "retrains": []})}
+    assert set(batches) == {"batch-a.v2", "linked"}
+    assert batches["batch-a.v2"].md5 == io.dvc_md5(inbox / "batch-a.v2") and not batches["batch-a.v2"].refused
+    assert batches["batch-a.v2"].key == f"batch-a.v2-{batches['batch-a.v2'].md5[:8]}"  # a folder's whole name
+    assert "symbolic link" in batches["linked"].refused
+    screened = monitor.screen(batches["batch-a.v2"], schema_from_params(params.data), params, frozenset())
+    assert len(screened.valid) + len(screened.quarantine) == 6
+
+
+def test_a_batch_of_decoded_images_is_bounded_in_bytes_whatever_the_dataset_size():
+    assert io.score_rows(64) == io.SCORE_ROWS  # a table: as many rows as before
+    for side in (64, 224):
+        rows = io.score_rows(3 * side * side)
+        assert 1 <= rows < io.SCORE_ROWS and rows * 3 * side * side * 4 <= io.BATCH_INPUT_BYTES
+    assert io.score_rows(10**9) == 1

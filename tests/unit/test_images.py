@@ -180,3 +180,18 @@ def _mutate(data: bytes, cut: int, at: int, value: int) -> bytes:
     if data:
         data[at % len(data)] = value
     return bytes(data)
+
+
+@settings(max_examples=40, deadline=None)
+@given(left=st.lists(st.integers(0, 2**64 - 1), max_size=40), right=st.lists(st.integers(0, 2**64 - 1), max_size=40),
+       flips=st.lists(st.integers(0, 63), max_size=6), distance=st.integers(0, 20))
+def test_multi_index_hashing_finds_exactly_the_pairs_a_comparison_of_every_pair_finds(left, right, flips, distance):
+    if left:  # a planted near duplicate of the first left hash, some bits flipped
+        planted = left[0]
+        for bit in flips:
+            planted ^= 1 << bit
+        right = [*right, planted]
+    expected = [(i, j, bin(x ^ y).count("1")) for i, x in enumerate(left) for j, y in enumerate(right)
+                if bin(x ^ y).count("1") <= distance]
+    found = images.near_duplicates([f"{x:016x}" for x in left], [f"{y:016x}" for y in right], distance)
+    assert found == expected

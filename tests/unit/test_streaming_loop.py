@@ -204,10 +204,15 @@ def test_ingest_memory_bounds_ray_datas_object_store_share():
     """train.ingest_memory_mb reaches Ray Data's execution options; null leaves its own limit."""
     from pipeline.train.ingest import ingest_config
 
-    capped = ingest_config(TrainParams(ingest_memory_mb=256))._user_execution_options
+    capped = ingest_config(TrainParams(ingest_memory_mb=256), 64)._user_execution_options
     assert capped.resource_limits.object_store_memory == 256 << 20 and capped.preserve_order
-    free = ingest_config(TrainParams())._user_execution_options
+    free = ingest_config(TrainParams(), 64)._user_execution_options
     assert free.resource_limits.object_store_memory != 256 << 20
+    # decoded images: bounded by default, and still by the params when they say so
+    images = ingest_config(TrainParams(), 3 * 64 * 64)._user_execution_options
+    assert images.resource_limits.object_store_memory == 256 << 20
+    assert ingest_config(TrainParams(ingest_memory_mb=256), 3 * 64 * 64)._user_execution_options.resource_limits \
+        .object_store_memory == 256 << 20
     with pytest.raises(ValueError, match="ingest_memory_mb"):
         TrainParams(ingest_memory_mb=1)
 
@@ -229,3 +234,21 @@ def test_ray_data_s_scheduling_loop_pauses_only_when_a_step_came_straight_back(m
     clock[0] += 0.1  # a step that waited on a task
     backoff.on_execution_step(None)
     assert slept == [ingest.IdleBackoff.PAUSE_S]
+
+
+def test_wide_inputs_bound_the_shuffle_buffer_and_each_fetch_in_bytes():
+    from pipeline.train.ingest import SHUFFLE_BYTES, ingest_options
+    from pipeline.train.loop import fetch_rows
+
+    params = TrainParams()
+    table = ingest_options(params, 64)  # a table's settings are the params'
+    assert table["shuffle_buffer"] == params.shuffle_buffer
+    assert fetch_rows(params.batch_size, table["shuffle_buffer"], table["fetch_most"]) == fetch_rows(
+        params.batch_size, params.shuffle_buffer)
+    for side in (64, 224):  # images: bytes, not rows, set the bounds
+        width = 3 * side * side
+        wide = ingest_options(params, width)
+        assert params.batch_size <= wide["shuffle_buffer"] < params.shuffle_buffer
+        assert wide["shuffle_buffer"] == params.batch_size or wide["shuffle_buffer"] * 4 * width <= SHUFFLE_BYTES
+        fetched = fetch_rows(params.batch_size, wide["shuffle_buffer"], wide["fetch_most"])
+        assert fetched % params.batch_size == 0 and fetched * 4 * width <= max(64 * 2**20, params.batch_size * 4 * width)
