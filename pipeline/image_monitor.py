@@ -45,6 +45,7 @@ PROPERTIES = ["brightness", "contrast", "sharpness", "width", "height", "aspect"
 KINDS_OF_FILE = ["mode", "format"]  # tested as categories
 EXAMPLES = 8  # example images of each side in the report
 EMBED_BATCH = 256  # images through the network at a time
+MIN_EMBEDDED = 10  # images a side, at least, for the domain classifier's 3 folds and MMD
 
 
 def is_batch_folder(path: Path) -> bool:
@@ -112,6 +113,10 @@ def image_drift(reference: pd.DataFrame, reference_embeddings: np.ndarray, curre
     (domain classifier and MMD); the batch drifted when either says so."""
     report = drift.column_drift(properties(reference), properties(current), PROPERTIES, KINDS_OF_FILE, params,
                                 multivariate=False)
+    if min(len(reference_embeddings), len(current_embeddings)) < MIN_EMBEDDED:  # a 3-fold classifier needs more
+        return drift.DriftReport(report.features, report.share, None, report.drifted, [
+            *report.reasons, f"embeddings: not compared, {len(current_embeddings)} images in the batch and "
+                             f"{len(reference_embeddings)} in the reference (at least {MIN_EMBEDDED} each)"])
     auc = drift.domain_classifier_auc(reference_embeddings, current_embeddings, params.domain_max_rows)
     mmd2, p = drift.mmd_test(reference_embeddings, current_embeddings, params.mmd_permutations, params.mmd_max_rows)
     by_auc, by_mmd = auc >= params.domain_auc_threshold, p < params.mmd_p

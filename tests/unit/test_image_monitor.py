@@ -274,3 +274,12 @@ def test_a_batch_of_decoded_images_is_bounded_in_bytes_whatever_the_dataset_size
         rows = io.score_rows(3 * side * side)
         assert 1 <= rows < io.SCORE_ROWS and rows * 3 * side * side * 4 <= io.BATCH_INPUT_BYTES
     assert io.score_rows(10**9) == 1
+
+
+def test_a_batch_too_small_for_the_embedding_tests_is_judged_on_its_properties_and_says_so(drift_inputs, tmp_path):
+    params, reference, champion = drift_inputs
+    current = screened_batch(tmp_path, "batch", "brightness", 1.0, 8, seed=22)
+    report = image_monitor.image_drift(reference, image_monitor.embeddings(champion, reference), current,
+                                       image_monitor.embeddings(champion, current), params.drift)
+    assert report.multivariate is None and "embeddings: not compared, 8 images in the batch" in report.reasons[-1]
+    assert len(report.features) == 8
