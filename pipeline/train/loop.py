@@ -93,6 +93,17 @@ def score_batches(model: nn.Module, batches: Batches, regression: bool, device: 
     return totals
 
 
+EVAL_BATCH = 1024  # validation rows a forward pass: no gradients, so more than training's batch
+
+
+def eval_batch_size(config: dict[str, Any]) -> int:
+    """Validation's batch: EVAL_BATCH rows of a table, but the training batch for wide inputs
+    (images), whose activations grow with the batch: 1,024 images of 64² through the CNN's
+    first block alone are 1.6 GiB, and 224² would be 12 times that. The training batch is
+    known to fit, gradients and all."""
+    return EVAL_BATCH if config.get("fetch_most", FETCH_ROWS) >= FETCH_ROWS else config["batch_size"]
+
+
 def split_metrics(loss_sum: float, correct: float, rows: float, regression: bool,
                   target_scale: float = 1.0) -> tuple[float, float]:
     """Mean loss from a split's (all-reduced) totals, and its metric: accuracy, or RMSE in the target's units."""
@@ -452,7 +463,7 @@ def run_epoch(worker: Worker, data: WorkerData, progress: Progress, epoch: int, 
     # Each rank scores its shard of validation; the all-reduced sums give every rank the
     # whole split's figures, so all agree on early stopping.
     _share_buffers(unwrap(worker.model))
-    val = score_batches(unwrap(worker.model), batches(data.val, config, worker.device, batch_size=1024),
+    val = score_batches(unwrap(worker.model), batches(data.val, config, worker.device, batch_size=eval_batch_size(config)),
                         config["regression"], worker.device)
     val_loss, val_metric = split_metrics(*_all_sum(val), config["regression"], config["target_scale"])
     improved = track_best(worker, progress, val_loss)

@@ -252,3 +252,16 @@ def test_wide_inputs_bound_the_shuffle_buffer_and_each_fetch_in_bytes():
         assert wide["shuffle_buffer"] == params.batch_size or wide["shuffle_buffer"] * 4 * width <= SHUFFLE_BYTES
         fetched = fetch_rows(params.batch_size, wide["shuffle_buffer"], wide["fetch_most"])
         assert fetched % params.batch_size == 0 and fetched * 4 * width <= max(64 * 2**20, params.batch_size * 4 * width)
+
+
+def test_validation_takes_the_training_batch_for_images_and_more_for_tables():
+    from pipeline.train.ingest import ingest_options
+    from pipeline.train.loop import EVAL_BATCH, eval_batch_size
+
+    params = TrainParams()
+    table = {"batch_size": params.batch_size, **ingest_options(params, 64)}
+    assert eval_batch_size(table) == EVAL_BATCH
+    for side in (64, 224):
+        images = {"batch_size": params.batch_size, **ingest_options(params, 3 * side * side)}
+        assert eval_batch_size(images) == params.batch_size
+    assert eval_batch_size({"batch_size": 32}) == EVAL_BATCH  # a config from before the bounds: as it was
