@@ -13,6 +13,7 @@ temporary name and put in place at the end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,7 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
     (an existing one only with `force`)."""
     from pipeline import registry, tracking
     from pipeline.data import io
+    from pipeline.data.schema import schema_from_params
     from pipeline.ray_runtime import ray_session
 
     check_output(output, force)
@@ -266,8 +268,8 @@ def run_predict(params: Params, root: Path, source: Path, output: Path, force: b
     version = pinned[0]
     with ray_session(params.train, cpus_needed=params.serve.predict_concurrency + 1):
         if images is not None:  # a batch of decoded images bounded in bytes, as training's are
-            batch = min(params.serve.predict_batch_size,
-                        io.score_rows((3 if images.mode == "RGB" else 1) * images.size * images.size))
+            shape = schema_from_params(params.data).input_shape or (1,)
+            batch = min(params.serve.predict_batch_size, io.score_rows(math.prod(shape)))
             rows, errors = predict_images(source, images.path_column, f"models:/{name}/{version}", version, uri,
                                           batch, params.serve.predict_concurrency, output)
         else:

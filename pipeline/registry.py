@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import math
 import os
 import socket
 import time
@@ -152,8 +153,8 @@ def _rescore(model_uri: str, version: str, test: Path, schema: Schema, sample_ro
     from pipeline.tracking import unreachable
 
     try:
-        shape = schema.input_shape  # images: fewer rows at a time
-        rows = io.score_rows(shape[0] * shape[1] * shape[2] if shape and schema.images is not None else 1)
+        # images: fewer rows at a time (a table's rows are few bytes whatever their shape)
+        rows = io.score_rows(math.prod(schema.input_shape) if schema.images is not None and schema.input_shape else 1)
         return {"version": version, "metrics": scoring.score_model(model_uri, io.read_batches(test, rows), schema,
                                                                    sample_rows)}
     except (MlflowException, KeyError, ValueError, TypeError) as e:
