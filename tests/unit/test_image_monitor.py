@@ -283,3 +283,18 @@ def test_a_batch_too_small_for_the_embedding_tests_is_judged_on_its_properties_a
                                        image_monitor.embeddings(champion, current), params.drift)
     assert report.multivariate is None and "embeddings: not compared, 8 images in the batch" in report.reasons[-1]
     assert len(report.features) == 8
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["mmd_p", "mmd_permutations", "mmd_max_rows"]),
+       value=st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                       st.text(max_size=30), st.lists(st.text(max_size=5), max_size=3)))
+def test_any_value_of_an_mmd_key_loads_or_is_one_line_naming_it(monkeypatch, capsys, tmp_path, key, value):
+    import json
+
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    code, out, err = main_in_process(monkeypatch, capsys, tmp_path, "stage", "validate",
+                                     "--set", f"drift.{key}={json.dumps(value)}")
+    # params are read whole before any stage: a bad value names its key; a good one reaches the missing raw folder
+    assert_one_line(code, out, err)
+    assert f"drift.{key}" in err or "raw data not found" in err, err
