@@ -8,7 +8,7 @@ Prints each stage's seconds and images/s, training's images/s per epoch (the tra
 history), and the peaks, so that memory can be compared across N: it must not grow with the
 image count. The project is deleted afterwards.
 
-    python bench/images.py [--images 10000] [--size 64] [--train-size 64] [--model cnn] [--epochs 1]
+    python bench/images.py [--images 10000] [--size 64] [--train-size 64] [--model cnn] [--epochs 1] [--workdir DIR [--train-only]]
 """
 
 from __future__ import annotations
@@ -54,7 +54,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workdir", type=Path, help="where the project is made and kept (default: a temporary "
                                                      "folder, deleted afterwards)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="run the train stage alone in --workdir, a project an earlier run made and kept")
     args = parser.parse_args()
+    if args.train_only and not (args.workdir and (args.workdir / "data/split/preprocess.json").exists()):
+        parser.error("--train-only needs --workdir, a project an earlier run of this benchmark kept")
 
     import pandas as pd
 
@@ -63,19 +67,23 @@ def main() -> None:
     project = args.workdir or Path(tempfile.mkdtemp(prefix="d2d-images-"))
     try:
         started = time.perf_counter()
-        generate(project / "data/raw/images", args.images, args.size)
+        if not args.train_only:
+            generate(project / "data/raw/images", args.images, args.size)
         disk = sum(p.stat().st_size for p in (project / "data/raw/images").rglob("*") if p.is_file())
-        print(f"generated {args.images:,} images of {args.size}×{args.size} ({disk / 2**20:.1f} MiB) in "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+        args.images = sum(1 for p in (project / "data/raw/images").rglob("*") if p.is_file())
+        print(f"{'kept' if args.train_only else 'generated'} {args.images:,} images of {args.size}×{args.size} "
+              f"({disk / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s", flush=True)
         sets = [f"data.images.size={args.train_size}", f"train.model={args.model}", f"train.epochs={args.epochs}",
                 f"train.batch_size={args.batch_size}", "train.patience=1000", "validate.data_docs=false",
                 "register.min_test_accuracy=0"]
         sets = [x for kv in sets for x in ("--set", kv)]
         sampler = Sampler()
         threading.Thread(target=sampler.run, daemon=True).start()
-        timings = {"init-params": d2d(project, "init-params", "--data", "data/raw/images", "--target", "label")}
-        peaks = {"init-params": sampler.stage_peaks()}
-        for stage in ("validate", "clean", "split", "train"):
+        timings, peaks = {}, {}
+        if not args.train_only:
+            timings["init-params"] = d2d(project, "init-params", "--data", "data/raw/images", "--target", "label")
+            peaks["init-params"] = sampler.stage_peaks()
+        for stage in ("train",) if args.train_only else ("validate", "clean", "split", "train"):
             timings[stage] = d2d(project, "stage", stage, *sets)
             peaks[stage] = sampler.stage_peaks()
             print(f"{stage}: {timings[stage]:.1f} s", flush=True)
@@ -88,8 +96,9 @@ def main() -> None:
         for stage, seconds in timings.items():
             p = {k: v / 2**30 for k, v in peaks[stage].items()}
             print(f"{stage:<12}{seconds:>9.1f}{counts[stage] / seconds:>10,.0f}{p['tree']:>10.2f}{p['rss']:>14.2f}")
-        prep = sum(timings[s] for s in ("validate", "clean", "split"))
-        print(f"validate + clean + split: {prep:.1f} s, {args.images / prep:,.0f} images/s")
+        if not args.train_only:
+            prep = sum(timings[s] for s in ("validate", "clean", "split"))
+            print(f"validate + clean + split: {prep:.1f} s, {args.images / prep:,.0f} images/s")
         print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch): "
               + ", ".join(f"{r:,.0f}" for r in history["samples_per_s"]) + " images/s per epoch")
         p = {k: v / 2**30 for k, v in sampler.peaks.items()}

@@ -260,9 +260,10 @@ def plot_attributions(
             ax.axis("off")
         for i in range(n):
             r, col = 2 * (i // cols), i % cols
-            axes[r][col].imshow(x[i].reshape(c, h, w).mean(0), cmap="gray_r")
+            # the pixels lead each row; a manifest's extra columns (after them) are not drawn
+            axes[r][col].imshow(x[i][:c * h * w].reshape(c, h, w).mean(0), cmap="gray_r")
             axes[r][col].set_title(labels[i], fontsize=8)
-            axes[r + 1][col].imshow(np.abs(attributions[i]).reshape(c, h, w).sum(0), cmap="hot")
+            axes[r + 1][col].imshow(np.abs(attributions[i][:c * h * w]).reshape(c, h, w).sum(0), cmap="hot")
         fig.suptitle("test examples, true → predicted (top), and saliency |gradient × input| (bottom)", fontsize=9)
         return _save(fig, path)
     top = np.argsort(-np.abs(attributions).mean(0))[:20]

@@ -160,8 +160,12 @@ def screen_folder(folder: Path, schema: Schema, params: Params, known: frozenset
     if not labelled:
         valid, quarantine = valid.drop(columns=[schema.target]), quarantine.drop(columns=[schema.target])
     rejected = []
-    if len(valid) < params.validate_.min_rows:
+    if schema.features:  # the columns a manifest gave each image have no place in a folder
+        rejected.append(f"the model also takes column(s) {', '.join(schema.feature_names[:5])}, which a batch folder "
+                        "of images does not carry; batches of a manifest dataset cannot be monitored yet")
+    elif len(valid) < params.validate_.min_rows:
         rejected.append(f"{len(valid)} images left after quarantine, under validate.min_rows={params.validate_.min_rows}")
+    if rejected:
         quarantine = pd.concat([quarantine, valid.drop(columns=[images.IMAGE]).assign(
             **{REASON: "batch rejected: " + rejected[0]})], ignore_index=True)
         valid = valid.iloc[:0]

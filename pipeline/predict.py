@@ -64,6 +64,7 @@ class Scorer:
         """`image_root`: the batches are image paths relative to it, each file read here."""
         import mlflow
 
+        from pipeline.preprocess import extras_state, input_spec
         from pipeline.scoring import model_id, model_inputs, python_model_of
 
         self.image_root = Path(image_root) if image_root else None
@@ -75,6 +76,9 @@ class Scorer:
         id_spec = model_id(self.python_model, id_column)
         self.id_column = id_spec["name"] if id_spec else None
         self.outputs = output_types(self.python_model)
+        state = getattr(self.python_model, "state", None)
+        extras = extras_state(state) if isinstance(state, dict) else None
+        self.extras = input_spec(extras) if extras else []  # what an image model takes besides the image
         self.version = version
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -102,23 +106,26 @@ class Scorer:
             out[column] = values.reindex(out.index).astype(self.outputs.get(column, values.dtype))
         return out
 
-
     def read_images(self, batch: pd.DataFrame) -> tuple[pd.DataFrame, Any]:
         """Each row's image file read and checked as serving checks a request's (the model's
         byte and pixel limits, decodable): the images that pass, and each row's error ("" when none)."""
         import numpy as np
 
         from pipeline.data.images import ImageChecks, read_file, request_problem
-        from pipeline.preprocess import IMAGE_COLUMN
-
-        from pipeline.preprocess import image_limits
+        from pipeline.preprocess import IMAGE_COLUMN, check_rows, image_limits
 
         limits = image_limits(self.python_model.state)
         assert limits is not None
         kept, errors = {}, np.full(len(batch), "", dtype=object)
+        extras = self.extras
+        if extras:  # a manifest's extra columns, checked as a table's rows are, before any file is read
+            table, errors = check_rows(batch, extras)
+            errors = errors.astype(object)
         assert self.image_root is not None
         top = self.image_root.resolve()
         for i, relative in enumerate(batch[self.id_column or "path"].astype(str)):
+            if errors[i]:
+                continue
             path = self.image_root / relative
             if not relative.strip() or Path(relative).is_absolute() or not path.resolve().is_relative_to(top):
                 errors[i] = "image: no path, or a path outside the input's folder"
@@ -129,7 +136,10 @@ class Scorer:
                 kept[i] = data
             else:
                 errors[i] = f"image: {problem[1]}"
-        return pd.DataFrame({IMAGE_COLUMN: pd.Series(kept, dtype=object)}), errors
+        images = pd.Series(kept, dtype=object)
+        if extras:
+            return table.loc[images.index].assign(**{IMAGE_COLUMN: images}), errors
+        return pd.DataFrame({IMAGE_COLUMN: images}), errors
 
 
 def image_paths(source: Path, path_column: str) -> tuple[pd.DataFrame, Path]:
@@ -158,8 +168,18 @@ def predict_images(source: Path, path_column: str, model_uri: str, version: str,
     actor, an unreadable or refused image kept in place with its error, in input order."""
     import ray
 
+    import mlflow
+
+    from pipeline.preprocess import IMAGE_COLUMN
+
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     paths, root = image_paths(source, path_column)
+    declared = [c.name for c in mlflow.models.get_model_info(model_uri).signature.inputs.inputs]
+    missing = [n for n in declared if n != IMAGE_COLUMN and n not in paths.columns]
+    if missing:
+        where = "a folder holds images only" if source.is_dir() else "the manifest lacks them"
+        raise D2DError(f"--input {source}: the model also takes column(s) {', '.join(missing[:5])}, and {where}; "
+                       f"give a manifest (CSV or Parquet) with them beside {path_column}")
     step = max(batch_size, -(-len(paths) // 200))  # at most 200 blocks of paths: the actors take them in turn
     dataset = ray.data.from_pandas([paths.iloc[i:i + step].reset_index(drop=True) for i in range(0, len(paths), step)])
     scored = dataset.map_batches(Scorer, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,

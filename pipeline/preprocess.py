@@ -165,9 +165,16 @@ def image_limits(state: Any) -> tuple[int, int] | None:
     return int(state.get("max_bytes", 50 * 2**20)), int(state.get("max_pixels", 40_000_000))
 
 
+def extras_state(state: dict[str, Any]) -> dict[str, Any] | None:
+    """An image model's fitted preprocessing of a manifest's extra columns (a table's state,
+    nested under "table"), or None: the network then takes the pixels alone."""
+    return state.get("table") if is_images(state) else None
+
+
 def input_columns(state: dict[str, Any]) -> list[str]:
     if is_images(state):
-        return [IMAGE_COLUMN]
+        extras = extras_state(state)
+        return [IMAGE_COLUMN, *(input_columns(extras) if extras else [])]
     return state["numeric"]["names"] + [c["name"] for c in state["categorical"]]
 
 
@@ -371,7 +378,12 @@ def transform(df: pd.DataFrame, state: dict[str, Any]) -> np.ndarray:
 
         if IMAGE_COLUMN not in df.columns:
             raise ValueError(f"missing column {IMAGE_COLUMN}")
-        return network_inputs(df[IMAGE_COLUMN].tolist(), state)
+        extras = extras_state(state)
+        # the extras are checked first: a bad value fails before any image is decoded
+        tail = transform(df, extras) if extras else None
+        pixels = network_inputs(df[IMAGE_COLUMN].tolist(), state)
+        # pixels first, then the extras' columns: the network splits its input at C·H·W
+        return pixels if tail is None else np.concatenate([pixels, tail], axis=1)
     spec = input_spec(state)
     num = state["numeric"]
     if not state["categorical"] and [s["name"] for s in spec] == num["names"] and all(s["type"] in NUMBER for s in spec):

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.schema import Schema
-from pipeline.preprocess import IMAGE_COLUMN, image_limits, input_spec
+from pipeline.preprocess import IMAGE_COLUMN, extras_state, image_limits, input_spec
 
 
 def python_model_of(model: Any) -> Any | None:
@@ -63,6 +63,13 @@ class LoadedVersion:
     @property
     def names(self) -> list[str]:
         return [c["name"] for c in self.inputs]
+
+    @property
+    def extras(self) -> list[dict[str, Any]]:
+        """The columns an image model takes besides the image (a manifest's extras), as input_spec gives them."""
+        state = getattr(self.python_model, "state", None)
+        extras = extras_state(state) if isinstance(state, dict) else None
+        return input_spec(extras) if extras else []
 
     @property
     def image_limits(self) -> tuple[int, int] | None:
@@ -135,7 +142,7 @@ def predict_raw(model: Any, frame: pd.DataFrame, schema: Schema) -> pd.DataFrame
     champion may have been logged with other column types than the current schema gives)."""
     python_model = python_model_of(model)
     if isinstance(getattr(python_model, "state", None), dict):
-        return python_model.predict(None, frame[[IMAGE_COLUMN] if schema.images is not None else schema.feature_names])
+        return python_model.predict(None, frame[[IMAGE_COLUMN, *schema.feature_names] if schema.images is not None else schema.feature_names])
     declared = model.metadata.get_input_schema()
     types = ({c.name: c.type.to_numpy() for c in declared.inputs if c.name in frame and hasattr(c.type, "to_numpy")}
              if declared is not None else {f.name: f.numpy_dtype for f in schema.features})

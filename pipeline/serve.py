@@ -210,10 +210,18 @@ def predict_body(body: bytes, content_type: str) -> list[dict[str, Any]]:
     return predict_rows(load_json(body))
 
 
+class FormText(str):
+    """A form field's value: text, which image_frame reads as the number a column takes."""
+
+
 def multipart_rows(body: bytes, content_type: str) -> list[dict[str, Any]]:
-    """A multipart/form-data body (a browser's or `curl -F image=@cat.png`'s upload) as row
-    objects: one per file part, {field name: the file's bytes}. Parsed with the standard
-    library's MIME parser (the email package), which a form is an instance of."""
+    """A multipart/form-data body (a browser's or `curl -F image=@cat.png -F site=north`'s
+    upload) as row objects: one per file part (or part named `image`), {field name: the
+    file's bytes}, each also holding the form's other fields as text (a manifest's extra
+    columns, shared by the form's images). Parsed with the standard library's MIME parser
+    (the email package), which a form is an instance of."""
+    from pipeline.preprocess import IMAGE_COLUMN
+
     from email.parser import BytesParser
     from email.policy import HTTP
 
@@ -223,22 +231,48 @@ def multipart_rows(body: bytes, content_type: str) -> list[dict[str, Any]]:
                                                   + b"\r\n\r\n" + body)
     if not message.is_multipart():
         raise RequestError(400, "the multipart/form-data body has no parts")
-    rows = []
+    rows, fields = [], {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if not name:
             raise RequestError(400, "a form part has no name: send the image as a file field named image")
-        rows.append({str(name): part.get_payload(decode=True) or b""})
-    if not rows:
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None or str(name) == IMAGE_COLUMN:
+            rows.append({str(name): payload})
+        else:
+            fields[str(name)] = FormText(payload.decode("utf-8", errors="replace"))
+    if not rows and not fields:
         raise RequestError(400, "the form has no parts: send the image as a file field named image")
-    return rows
+    return [{**fields, **row} for row in rows] or [fields]
+
+
+def form_values(rows: list[dict[str, Any]], spec: list[dict[str, Any]], id_spec: dict[str, Any] | None
+                ) -> list[dict[str, Any]]:
+    """Rows whose form text is read as the value its column takes: a number for a number
+    ("" is a null), else the text. JSON values pass as they are, for frame_from_rows to check."""
+    kinds = {c["name"]: c["type"] for c in spec} | ({id_spec["name"]: id_spec.get("type")} if id_spec else {})
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        for name, value in row.items():
+            if not isinstance(value, FormText):
+                continue
+            kind, text = kinds.get(name), value.strip()
+            try:
+                row[name] = (str(value) if kind not in _NUMBERS else None if not text
+                             else int(text) if kind in ("long", "integer") else float(text))
+            except ValueError:
+                raise RequestError(422, f"row {i}: column {name} must be {kind}, got form text {_short(str(value))}") from None
+        out.append(row)
+    return out
 
 
 def image_frame(rows: list[dict[str, Any]], limits: tuple[int, int], id_spec: dict[str, Any] | None,
-                max_rows: int) -> pd.DataFrame:
-    """Rows of an image model ({"image": base64 text or uploaded bytes}, and the id when
-    sent) as its input frame, each image checked before it is batched with other requests'
-    (pipeline.data.images.request_problem): 413 over the byte or pixel limits, 422 not an image."""
+                max_rows: int, extras: list[dict[str, Any]] | None = None) -> pd.DataFrame:
+    """Rows of an image model ({"image": base64 text or uploaded bytes}, the `extras` columns
+    the model also takes, and the id when sent) as its input frame, each image checked before
+    it is batched with other requests' (pipeline.data.images.request_problem): 413 over the
+    byte or pixel limits, 422 not an image; the extras are checked as a table's row is."""
     import base64
     import binascii
 
@@ -247,15 +281,18 @@ def image_frame(rows: list[dict[str, Any]], limits: tuple[int, int], id_spec: di
 
     _check_count(rows, max_rows)
     id_column = id_spec["name"] if id_spec else None
+    extras = extras or []
+    rows = form_values(rows, extras, id_spec)
+    takes = [IMAGE_COLUMN, *(c["name"] for c in extras)]
     images = []
     for i, row in enumerate(rows):
-        extra = [str(k)[:40] for k in row if k not in (IMAGE_COLUMN, id_column)]
+        extra = [str(k)[:40] for k in row if k not in (*takes, id_column)]
         if IMAGE_COLUMN not in row:
             raise RequestError(422, f"row {i}: missing column {IMAGE_COLUMN} (the image, base64-encoded, or a file "
                                     f"field of a multipart form)")
         if extra:
-            raise RequestError(422, f"row {i}: unknown column(s) {', '.join(extra[:5])}; the model takes {IMAGE_COLUMN}"
-                                    + (f" (and {id_column})" if id_column else ""))
+            raise RequestError(422, f"row {i}: unknown column(s) {', '.join(extra[:5])}; the model takes "
+                                    f"{', '.join(takes)}" + (f" (and {id_column})" if id_column else ""))
         value = row[IMAGE_COLUMN]
         if isinstance(value, str):
             if len(value) > limits[0] * 4 // 3 + 4:  # refused before decoding what would be over the limit
@@ -271,6 +308,11 @@ def image_frame(rows: list[dict[str, Any]], limits: tuple[int, int], id_spec: di
         if problem is not None:
             raise RequestError(problem[0], f"row {i}: image: {problem[1]}")
         images.append(value)
+    if extras:  # the id, and the extras as a table's columns are checked, with the image beside them
+        rest = [{k: v for k, v in row.items() if k != IMAGE_COLUMN} for row in rows]
+        frame = frame_from_rows(rest, extras, id_spec, max_rows)
+        frame[IMAGE_COLUMN] = pd.Series(images, dtype=object, index=frame.index)
+        return frame
     frame = pd.DataFrame({IMAGE_COLUMN: pd.Series(images, dtype=object)})
     if id_spec:
         _check_id(rows, id_spec)
@@ -495,7 +537,7 @@ class ChampionServer:
         rows = rows_of(body, request.headers.get("content-type", ""))
         limits = loaded.image_limits
         if limits is not None:
-            frame = image_frame(rows, limits, loaded.id, self.settings.max_rows)
+            frame = image_frame(rows, limits, loaded.id, self.settings.max_rows, loaded.extras)
         else:
             frame = frame_from_rows(rows, loaded.inputs, loaded.id, self.settings.max_rows)
         try:

@@ -149,9 +149,10 @@ def log_raw_model(net: Any, n_inputs: int, preprocess_path: Path, example: pd.Da
     from mlflow.types import Schema as MlflowSchema
 
     images = schema.images is not None
-    if images:  # the files' bytes (MLflow's binary type); a manifest's extra columns are not model inputs yet
-        raw = example[[IMAGE_COLUMN]].head(2)
-        signature = ModelSignature(inputs=MlflowSchema([ColSpec("binary", IMAGE_COLUMN)]))
+    if images:  # the files' bytes (MLflow's binary type), then a manifest's extra columns
+        raw = example[[IMAGE_COLUMN, *schema.feature_names]].head(2).astype({f.name: f.numpy_dtype for f in schema.features})
+        signature = ModelSignature(inputs=MlflowSchema([ColSpec("binary", IMAGE_COLUMN),
+                                                        *(input_colspec(f) for f in schema.features)]))
     else:
         raw = example[schema.feature_names].astype({f.name: f.numpy_dtype for f in schema.features})
         signature = ModelSignature(inputs=MlflowSchema([input_colspec(f) for f in schema.features]))

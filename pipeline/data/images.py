@@ -201,9 +201,10 @@ def inspect_files(rows: pd.DataFrame, root: Path, checks: ImageChecks, batch: in
 
 
 def duplicate_reasons(inspected: pd.DataFrame) -> pd.Series:
-    """Why a usable image is not kept though it decodes: the same bytes as an earlier file
-    with the same label (the first copy is kept), or the same bytes under two labels (no copy
-    is kept: which label is right is the user's call). Null for the images kept."""
+    """Why a usable image is not kept though it decodes: the same bytes as another file with
+    the same label (the copy whose path sorts first is kept, whatever the rows' order), or the
+    same bytes under two labels (no copy is kept: which label is right is the user's call).
+    Null for the images kept."""
     usable = inspected[REASON].isna().to_numpy()
     paths, labels = inspected[PATH].astype(str).to_numpy(), inspected[LABEL].astype(str).to_numpy()
     copies: dict[str, list[int]] = {}
@@ -211,7 +212,7 @@ def duplicate_reasons(inspected: pd.DataFrame) -> pd.Series:
         if usable[at]:
             copies.setdefault(digest, []).append(at)
     reasons = np.full(len(inspected), None, dtype=object)
-    for group in (g for g in copies.values() if len(g) > 1):
+    for group in (sorted(g, key=lambda at: paths[at]) for g in copies.values() if len(g) > 1):
         named = sorted(set(labels[group]))
         if len(named) > 1:
             reasons[group] = f"the same image under labels {', '.join(named[:5])}: " + ", ".join(paths[group[:3]])

@@ -93,12 +93,15 @@ def read_table(path: Path) -> pd.DataFrame:
 SMALL_PARQUET = 64 << 20
 
 
-def read_dataset(path: Path | str, columns: list[str] | None = None) -> Any:
+def read_dataset(path: Path | str, columns: list[str] | None = None, shuffle_seed: int | None = None) -> Any:
     """A Parquet file (or a folder of Parquet parts; or a URI such as s3://, see `shared_copy`)
     as a Ray Dataset of `columns`. A local file of at most SMALL_PARQUET bytes is read here and
     put in the object store; anything larger is read lazily by Ray Data tasks, a row group at a
     time in batches of SCORE_ROWS, when something iterates it, never whole in this process.
-    Needs a running Ray (pipeline.ray_runtime)."""
+    `shuffle_seed`: the row groups are read in a random order, a new one each time the dataset
+    executes (each epoch), from this seed. A split keeps its source's order, and an image
+    folder's is class by class: a worker's local shuffle buffer (426 images of 224², 256 MiB)
+    would then fill with one class. Needs a running Ray (pipeline.ray_runtime)."""
     import pyarrow.parquet as pq
     import ray.data
 
@@ -117,8 +120,12 @@ def read_dataset(path: Path | str, columns: list[str] | None = None) -> Any:
               for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
     if not pieces:  # no rows: nothing to stream
         return ray.data.from_arrow(pq.read_table(path, columns=columns))
-    return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
-        read_row_groups, fn_kwargs={"columns": columns}, batch_size=None, batch_format="pyarrow")
+    listed = ray.data.from_items(pieces, override_num_blocks=len(pieces))
+    if shuffle_seed is not None:  # only the list of pieces moves: nothing is read ahead
+        from ray.data import RandomSeedConfig
+
+        listed = listed.randomize_block_order(seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True))
+    return listed.map_batches(read_row_groups, fn_kwargs={"columns": columns}, batch_size=None, batch_format="pyarrow")
 
 
 def read_row_groups(pieces: Any, columns: list[str] | None) -> Iterator[Any]:
@@ -197,18 +204,20 @@ def parquet_rows(path: Path) -> int:
     return sum(pq.ParquetFile(part).metadata.num_rows for part in data_parts(path))
 
 
-def parquet_sample(path: Path, rows: int, seed: int = 0, positions: bool = False) -> pd.DataFrame:
-    """A uniform sample of at most `rows` rows of a Parquet file or folder of parts, in file
-    order, read one batch at a time; the whole table when it has no more rows than that.
-    `positions`: indexed by each row's position in the dataset."""
+def parquet_sample(path: Path, rows: int, seed: int = 0, positions: bool = False,
+                   columns: list[str] | None = None) -> pd.DataFrame:
+    """A uniform sample of at most `rows` rows of a Parquet file or folder of parts (of
+    `columns`, or all), in file order, read one batch at a time; the whole table when it has
+    no more rows than that. `positions`: indexed by each row's position in the dataset."""
     import numpy as np
 
     total = parquet_rows(path)
     if total <= rows:
-        return pd.concat(list(read_batches(path, SCORE_ROWS)), ignore_index=True) if total else parquet_head(path, 1)
+        return (pd.concat(list(read_batches(path, SCORE_ROWS, columns)), ignore_index=True) if total
+                else next(read_batches(path, 1, columns), pd.DataFrame()))
     keep = np.sort(np.random.default_rng(seed).choice(total, size=rows, replace=False))
     frames, start = [], 0
-    for batch in read_batches(path, SCORE_ROWS):
+    for batch in read_batches(path, SCORE_ROWS, columns):
         lo, hi = np.searchsorted(keep, [start, start + len(batch)])
         if hi > lo:
             frames.append(batch.iloc[keep[lo:hi] - start].set_axis(keep[lo:hi]))

@@ -8,7 +8,7 @@ image folder or the manifest's folder), its label and any extra columns of the m
   read and decoded once (`pipeline.data.images`): the valid rows carry each image's facts
   (size, mode, hashes, brightness, contrast, sharpness), and the quarantine every refused
   row with its reason. `reports/validate.json` adds the image table.
-- clean: exact duplicates by content hash (the first copy is kept) and one image under two
+- clean: exact duplicates by content hash (the copy whose path sorts first is kept) and one image under two
   labels (no copy is kept) into `data/quarantine/clean.parquet`, each with its reason.
 - split: the 70/15/15 split (stratified by class), then every val or test image whose
   perceptual hash lies within `data.images.near_duplicate_distance` bits of an image in an
@@ -31,6 +31,7 @@ from pipeline.config import Params
 from pipeline.data import images, io
 from pipeline.data.schema import Schema, schema_from_params
 from pipeline.errors import DataError
+from pipeline.preprocess import fit, preprocess_spec
 from pipeline.project import RAW
 from pipeline.runners.data import finish_validation, progress, read_data_version, require_raw
 from pipeline.summaries import Cleaned, SplitSizes, Validated
@@ -43,6 +44,7 @@ FILE_CHECK = "file check (pipeline.data.images)"  # a quarantined row's failed_e
 # channel settle long before this, and each image is a decode.
 FIT_IMAGES = 5_000
 BATCH = 256  # rows of image bytes the stages hold at a time
+LISTING_SEED = 0  # the rows' order (see `listing`)
 
 
 def checks_of(schema: Schema) -> images.ImageChecks:
@@ -58,12 +60,16 @@ def image_root(raw: Path) -> Path:
 
 def listing(raw: Path, schema: Schema) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The dataset as a table in the schema's column names (the path column, the target, a
-    manifest's extras), and the files that cannot be rows, with their reasons."""
+    manifest's extras), in a fixed random order, and the files that cannot be rows, with their
+    reasons. The order is random because every later stage keeps it: a folder lists class by
+    class, so its train split's row groups would each hold one class, and a worker's local
+    shuffle buffer (a few row groups of large images) would serve batches of one class."""
     require_raw(raw, images=True)
     if raw.is_dir():
         rows, refused = images.list_folder(raw)
     else:
         rows, refused = images.read_manifest(raw, schema.id_column, schema.target)
+    rows = rows.iloc[np.random.default_rng(LISTING_SEED).permutation(len(rows))].reset_index(drop=True)
     names = {images.PATH: schema.id_column, images.LABEL: schema.target}
     return rows.rename(columns=names), refused.rename(columns=names)
 
@@ -189,7 +195,7 @@ def _route(source: Path, where: np.ndarray, writers: list[io.PartsWriter], extra
 
 
 def clean(params: Params, files: StageFiles) -> Cleaned:
-    """Exact duplicates (the first copy kept) and one image under two labels (no copy kept)
+    """Exact duplicates (the copy whose path sorts first kept) and one image under two labels (no copy kept)
     leave the dataset for the clean stage's quarantine, each with its reason."""
     schema, source = schema_from_params(params.data), files["valid"]
     if not source.exists():
@@ -263,6 +269,10 @@ def split(params: Params, files: StageFiles) -> SplitSizes:
         for w in writers:
             w.discard()
     state = fit_preprocess(files["train"], schema, min(params.preprocess.fit_rows, FIT_IMAGES), params.split.seed)
+    if schema.features:  # a manifest's extra columns are model inputs, preprocessed as a table's
+        spec = {**preprocess_spec(schema, params.clean, params.preprocess), "id": None, "target": None}
+        sample = io.parquet_sample(files["train"], params.preprocess.fit_rows, columns=schema.feature_names)
+        state["table"] = fit(sample, spec)
     io.write_json(state, files["preprocess"])
     kept = pd.Series(routed)
     report = {

@@ -38,8 +38,10 @@ def train(params: Params, files: StageFiles) -> Trained:
         # lazy Ray Datasets: the workers stream them; this process never holds a split. With
         # train.storage_path, the splits are read from a copy there, which every node can reach.
         storage = params.train.storage_path
-        train_data, val_data = (io.read_dataset(io.shared_copy(files[name], storage) if storage else files[name], columns)
-                                for name in ("train", "val"))
+        # train's row groups in a new order each epoch, for the local shuffle buffer to mix
+        order = {"train": params.train.seed if params.train.shuffle == "local" else None, "val": None}
+        train_data, val_data = (io.read_dataset(io.shared_copy(files[name], storage) if storage else files[name], columns,
+                                                order[name]) for name in ("train", "val"))
         rows = io.parquet_rows(files["train"]) + io.parquet_rows(files["val"])
         tuned, trials = _tune(params, train_data, val_data, schema, state, files["ray_storage"], rows)
         train_params = params.train.model_copy(update=tuned["best_config"]) if tuned["enabled"] else params.train

@@ -87,17 +87,20 @@ def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[
     import ray
     from ray.data import RandomSeedConfig
 
+    from pipeline.train.trainer import n_inputs
+
+    block = block_bytes(params, n_inputs(state))
     for ds in (train, val):
         # Each epoch executes the datasets again; their progress bars would bury the one line
         # per epoch that the loop prints. (Derived datasets share their source's context.)
         ds.context.enable_progress_bars = False
+        if block is not None:
+            ds.context.target_max_block_size = block
         ds.context.print_on_execution_start = False
         if IdleBackoff not in ds.context.custom_execution_callback_classes:
             ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
     if rows is None:  # the caller did not read it from the files' footers: a Ray Data job counts
         rows = train.count() + val.count()
-    from pipeline.train.trainer import n_inputs
-
     kwargs = {"schema": schema, "state": state}
     # Bounded batches: a whole split part (350,000 rows at 6M) featurised at once peaked at
     # 1.8 GiB per read task in float64 temporaries, the training stage's memory peak.
@@ -139,7 +142,28 @@ class ShardedIngest(DataConfig):
 
 
 WIDE_INPUTS = 4096  # float32 inputs a row (16 KiB) from which decoded rows are bounded by default
-WIDE_INGEST_MB = 256
+WIDE_INGEST_MB = 128
+
+
+def ingest_limit(params: TrainParams, inputs: int) -> int | None:
+    """The object-store bytes Ray Data may hold in flight while it streams the splits, or None (unbounded)."""
+    limit = params.ingest_memory_mb or (WIDE_INGEST_MB if inputs >= WIDE_INPUTS else None)
+    return None if limit is None else limit << 20
+
+
+BLOCKS_IN_BUDGET = 16
+
+
+def block_bytes(params: TrainParams, inputs: int) -> int | None:
+    """Ray Data's largest block for wide inputs: a 16th of the in-flight budget, or None
+    (Ray Data's 128 MiB). Ray Data 2.60 lets every operator hold a few blocks whatever the
+    budget (its log showed 256 MiB of task inputs and 384 MiB of outputs held against a 256
+    MiB budget), so at 128 MiB a block the budget did not bound anything: the object store
+    filled to 1.75 GiB at the start of an epoch of 100,000 images of 64², and to the whole
+    split's features at 10,000 (0.39 GiB). At 16 MiB, two streaming consumers peaked at 0.28
+    GiB where they had reached 1.13 (tests/unit/test_streaming_loop.py, bench/RESULTS.md)."""
+    limit = ingest_limit(params, inputs)
+    return None if limit is None or inputs < WIDE_INPUTS else max(1 << 20, limit // BLOCKS_IN_BUDGET)
 
 
 def ingest_config(params: TrainParams, inputs: int) -> ShardedIngest:
@@ -152,13 +176,15 @@ def ingest_config(params: TrainParams, inputs: int) -> ShardedIngest:
     of 10,000."""
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    limit = params.ingest_memory_mb or (WIDE_INGEST_MB if inputs >= WIDE_INPUTS else None)
+    limit = ingest_limit(params, inputs)
     if limit is not None:
-        options.resource_limits = options.resource_limits.copy(object_store_memory=limit << 20)
+        options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
     return ShardedIngest(execution_options=options)
 
 
-SHUFFLE_BYTES = 256 * 2**20  # a local shuffle buffer's float32 inputs, at most
+# A local shuffle buffer's float32 inputs, at most: 1,365 images of 64², 111 of 224². The
+# splits' rows are in random order (image_data.listing), so a small buffer still mixes classes.
+SHUFFLE_BYTES = 64 * 2**20
 
 
 def ingest_options(params: TrainParams, inputs: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ optimizer, epoch, early-stopping state and the history so far.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -393,13 +394,20 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
 
 def image_augmentation(config: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Training batches' augmentation (data.images.augment) on the batch's device, or None:
-    the cached inputs are normalised, so it is undone, the image augmented, and redone."""
+    the cached inputs are normalised, so it is undone, the image augmented, and redone. A
+    manifest's extra columns, after the pixels, pass through as they are."""
     if not config.get("augment"):
         return None
     from pipeline.image_transforms import Augmentation, augment_inputs
 
     how, shape = Augmentation(**config["augment"]), tuple(config["image_shape"])
-    return lambda x: augment_inputs(x, shape, how, config["image_mean"], config["image_std"])
+    pixels = math.prod(shape)
+
+    def augmented(x: torch.Tensor) -> torch.Tensor:
+        images = augment_inputs(x[:, :pixels], shape, how, config["image_mean"], config["image_std"])
+        return images if x.shape[1] == pixels else torch.cat([images, x[:, pixels:]], dim=1)
+
+    return augmented
 
 
 def track_best(worker: Worker, progress: Progress, val_loss: float) -> bool:

@@ -3,13 +3,14 @@ logits (N, classes), so serving and evaluation never need to know the architectu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from pipeline.train.resnet import DEPTHS, ResNet
+from pipeline.train.resnet import DEPTHS, EXTRAS_WIDTH, ResNet, extras_branch
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,31 @@ def mlp(spec: ModelSpec) -> nn.Module:
     return nn.Sequential(*_head(spec.n_features, spec, norm))
 
 
+def extra_inputs(spec: ModelSpec) -> int:
+    """Columns a row carries after its C·H·W pixels: a manifest's extra columns, preprocessed."""
+    return spec.n_features - math.prod(spec.image_shape) if spec.image_shape else 0
+
+
+class ImageAndExtras(nn.Module):
+    """An image network whose head also takes the row's extra columns: the pixels (the first
+    C·H·W values) through `body` to features, the extras through their own layer, both into `head`."""
+
+    def __init__(self, body: nn.Module, head: nn.Module, extras: int) -> None:
+        super().__init__()
+        self.body, self.head, self.extras = body, head, extras
+        self.tabular = extras_branch(extras)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x.shape[1] - self.extras
+        return self.head(torch.cat([self.body(x[:, :pixels]), self.tabular(x[:, pixels:])], dim=1))
+
+
 @register("cnn")
 def cnn(spec: ModelSpec) -> nn.Module:
-    """Conv-norm-ReLU blocks, halving the image while it is at least 4 pixels on a side."""
+    """Conv-norm-ReLU blocks, halving the image while it is at least 4 pixels on a side. With
+    a manifest's extra columns, the last block's maps are averaged (one feature a channel, as a
+    ResNet's are) and join the extras' layer before the head: flattened, 1,024 image features
+    beside 3 extras left a label the extras decided at chance on 168 training images."""
     if spec.image_shape is None:
         raise ValueError("cnn needs an image_shape")
     c, h, w = spec.image_shape
@@ -87,6 +110,10 @@ def cnn(spec: ModelSpec) -> nn.Module:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
         c = out
+    extras = extra_inputs(spec)
+    if extras:
+        body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return ImageAndExtras(body, nn.Sequential(*_head(c + EXTRAS_WIDTH, spec)), extras)
     layers.append(nn.Flatten())
     return nn.Sequential(*layers, *_head(c * h * w, spec))
 
@@ -96,7 +123,7 @@ def _resnet(depth: int) -> Callable[[ModelSpec], nn.Module]:
         """A ResNet whose `fc` is the head (`hidden` and `dropout` do not apply)."""
         if spec.image_shape is None:
             raise ValueError(f"resnet{depth} needs an image_shape")
-        return ResNet(depth, spec.image_shape, spec.n_classes)
+        return ResNet(depth, spec.image_shape, spec.n_classes, extra_inputs(spec))
 
     return build
 

@@ -86,11 +86,25 @@ class Bottleneck(nn.Module):
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
+HEAD = ("fc.", "tabular.")  # what a new task trains afresh: the classifier, and the extra columns' layer
+EXTRAS_WIDTH = 32  # a manifest's extra columns, through one layer, join the image features at this width
+
+
+def extras_branch(extras: int) -> nn.Module:
+    """The extra columns' own layer before they meet the image features: as raw inputs, three
+    columns beside a thousand image features were ignored (a label the extras decided stayed
+    at chance), and through this layer, beside pooled features, they were learnt (0.9)."""
+    return nn.Sequential(nn.Linear(extras, EXTRAS_WIDTH), nn.ReLU())
+
+
 class ResNet(nn.Module):
     """A ResNet of `depth` 18, 34, 50, 101 or 152 for `image_shape` (C, H, W) inputs and
-    `classes` outputs. Takes (N, C, H, W) or the same values flat, (N, C·H·W)."""
+    `classes` outputs. Takes (N, C, H, W) or the same values flat, (N, C·H·W), followed by
+    `extras` more columns a row (a manifest's extra columns, preprocessed) that join the
+    pooled features at the head through their own layer (`tabular`): `fc` then takes
+    512·expansion + EXTRAS_WIDTH inputs."""
 
-    def __init__(self, depth: int, image_shape: tuple[int, int, int], classes: int) -> None:
+    def __init__(self, depth: int, image_shape: tuple[int, int, int], classes: int, extras: int = 0) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"a ResNet's depth is one of {', '.join(map(str, DEPTHS))}, not {depth}")
@@ -109,7 +123,10 @@ class ResNet(nn.Module):
         self.layer3 = self._stage(block, 256, stages[2], 2)
         self.layer4 = self._stage(block, 512, stages[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, classes)
+        self.extras = extras
+        if extras:
+            self.tabular = extras_branch(extras)
+        self.fc = nn.Linear(512 * block.expansion + (EXTRAS_WIDTH if extras else 0), classes)
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -136,6 +153,9 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extras:
+            pixels = x.shape[1] - self.extras
+            return self.fc(torch.cat([self.features(x[:, :pixels]), self.tabular(x[:, pixels:])], dim=1))
         return self.fc(self.features(x))
 
 
@@ -146,10 +166,10 @@ def load_backbone(model: ResNet, state: Mapping[str, torch.Tensor]) -> list[str]
     filter spread over three channels). A missing or extra backbone tensor, or one of another
     shape, is a ValueError naming it. Returns the names of the tensors loaded."""
     own = model.state_dict()
-    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    backbone = {k: v for k, v in state.items() if not k.startswith(HEAD)}
     if "conv1.weight" in backbone:
         backbone["conv1.weight"] = adapt_input_conv(backbone["conv1.weight"], own["conv1.weight"].shape[1])
-    missing = sorted(k for k in own if not k.startswith("fc.") and k not in backbone)
+    missing = sorted(k for k in own if not k.startswith(HEAD) and k not in backbone)
     extra = sorted(k for k in backbone if k not in own)
     shapes = sorted(f"{k} {tuple(v.shape)} (the model's {tuple(own[k].shape)})"
                     for k, v in backbone.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
@@ -240,8 +260,8 @@ def hold_frozen_norms(model: nn.Module) -> None:
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict[str, Any]]:
-    """The head (`fc`) at `lr` and the backbone at `lr × backbone_scale`: pretrained features
-    move less than the new head."""
-    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
-    backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    """The head (`fc`, and the extras' layer) at `lr` and the backbone at `lr × backbone_scale`:
+    pretrained features move less than the new head."""
+    head = [p for n, p in model.named_parameters() if n.startswith(HEAD)]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(HEAD)]
     return [{"params": backbone, "lr": lr * backbone_scale, "name": "backbone"}, {"params": head, "lr": lr, "name": "head"}]

@@ -189,11 +189,13 @@ def read_checkpoint(checkpoint) -> dict:
 
 def n_inputs(state: dict) -> int:
     """The network's input width: one per fitted output column of the preprocessing, or, for
-    image files, one per pixel and channel at the training size."""
-    from pipeline.preprocess import is_images
+    image files, one per pixel and channel at the training size, then the fitted outputs of
+    a manifest's extra columns."""
+    from pipeline.preprocess import extras_state, is_images
 
     if is_images(state):
-        return (3 if state["mode"] == "RGB" else 1) * state["size"] ** 2
+        extras = extras_state(state)
+        return (3 if state["mode"] == "RGB" else 1) * state["size"] ** 2 + (len(extras["outputs"]) if extras else 0)
     return len(state["outputs"])
 
 

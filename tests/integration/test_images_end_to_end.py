@@ -185,3 +185,80 @@ def wait_for_log(folder: Path, rows: int) -> pd.DataFrame:
         assert time.monotonic() < deadline, f"{len(frame)} rows logged"
         time.sleep(0.2)
 
+
+
+def test_a_manifest_with_extra_columns_end_to_end(tmp_path, prefect_harness):
+    """A manifest whose label the extra columns decide (the images are digits, unrelated to
+    it): the champion can only score well by taking them. Served as JSON and as a form,
+    scored by `d2d predict` from a manifest; a folder batch in the inbox is refused, kept."""
+    import mlflow
+    import numpy as np
+
+    from flows.training import training_flow
+    from pipeline.data import images
+    from pipeline.data.demo import write_image_folder
+
+    root = tmp_path
+    folder = root / "data/raw/pics"
+    write_image_folder(folder, rows=240, seed=5, flaws=0)
+    rows, _ = images.list_folder(folder)
+    rng = np.random.default_rng(1)
+    score, site = rng.normal(size=len(rows)).round(3), rng.choice(["north", "south"], len(rows))
+    outcome = np.where(score + (site == "north") > 0.5, "yes", "no")
+    pd.DataFrame({"file": rows["path"], "outcome": outcome, "score": score, "site": site}).to_csv(
+        folder / "manifest.csv", index=False)
+    run(["d2d", "init-params", "--data", "data/raw/pics/manifest.csv", "--target", "outcome"], root)
+    overrides = ["train.model=cnn", "data.images.size=16", "train.epochs=12", "train.batch_size=32",
+                 "validate.data_docs=false", "register.min_test_accuracy=0.8"]
+    state = training_flow(params_path="params.yaml", overrides=overrides, root=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result().register.promoted
+
+    params = load_params(root / "params.yaml")
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{params.register_.model_name}@champion")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image", "score", "site"]
+    test = io.read_table(root / "data/split/test.parquet")
+    pred = model.predict(test[["image", "score", "site"]])
+    accuracy = (pred["label"].astype(str).to_numpy() == test["outcome"].astype(str).to_numpy()).mean()
+    assert accuracy == pytest.approx(json.loads((root / "reports/metrics.json").read_text())["test_accuracy"], abs=1e-6)
+    assert accuracy >= 0.85  # the digits alone say nothing about the outcome
+    high = model.predict(test[["image"]].assign(score=3.0, site="north"))["label"]
+    low = model.predict(test[["image"]].assign(score=-3.0, site="south"))["label"]
+    assert (high == "yes").mean() > 0.9 and (low == "no").mean() > 0.9
+
+    with serving(root) as url:
+        first = test.iloc[0]
+        row = {"image": base64.b64encode(first["image"]).decode(), "score": float(first["score"]), "site": first["site"]}
+        answer = httpx.post(f"{url}/predict", json=[row], timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"][0]["label"] == str(pred["label"].iloc[0])
+        upload = httpx.post(f"{url}/predict", files=[("image", ("a.png", first["image"], "image/png"))],
+                            data={"score": str(first["score"]), "site": first["site"]}, timeout=60)
+        assert upload.status_code == 200, upload.text
+        assert upload.json()["predictions"][0]["label"] == str(pred["label"].iloc[0])
+        for body, words in [({"image": row["image"], "site": "north"}, "missing column(s) score"),
+                            ({**row, "score": "high"}, "column score must be double")]:
+            refused = httpx.post(f"{url}/predict", json=body, timeout=60)
+            assert refused.status_code == 422 and words in refused.text, refused.text
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+
+    # d2d predict from a manifest with the extras; a folder has none, which is a one-line error
+    test[["file", "score", "site"]].head(20).to_csv(folder / "new.csv", index=False)
+    run(["d2d", "predict", "--input", "data/raw/pics/new.csv", "--output", "scored.parquet"], root)
+    scored = pd.read_parquet(root / "scored.parquet")
+    assert scored["label"].astype(str).tolist() == pred["label"].head(20).astype(str).tolist()
+    out = subprocess.run([str(BIN / "d2d"), "predict", "--input", "data/raw/pics/0", "--output", "x.parquet"],
+                         cwd=root, env=environment(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "the model also takes column(s) score, site" in out.stderr, out.stderr
+
+    # the monitor: a batch folder cannot carry the extras, so it is refused, and kept with the reason
+    batch = root / "data/inbox/batch1"
+    batch.mkdir(parents=True)
+    for p in test["file"].head(25):
+        (batch / Path(p).name).write_bytes((folder / p).read_bytes())
+    run(["d2d", "monitor", "--set", "monitor.retrain=off", *[a for o in overrides for a in ("--set", o)]], root)
+    entry = next(iter(json.loads((root / "data/monitor/ledger.json").read_text())["batches"].values()))
+    assert entry["action"] == "rejected" and "the model also takes column(s) score, site" in " ".join(entry["reasons"])
+    kept = io.read_table(next((root / "data/quarantine/monitor").glob("batch1-*.parquet")))
+    assert len(kept) == 25 and kept["reason"].str.contains("batch rejected").all()

@@ -155,6 +155,19 @@ def test_a_large_split_streams_every_row_group_in_order(ray_local, tmp_path, mon
     assert data.columns.tolist() == ["id", "x"] and data["id"].tolist() == ids.tolist()
     assert (data["x"] == data["id"] * 0.5).all()
 
+    # train's row groups come in a new order each execution (epoch), the same for the same
+    # seed, every row once, the rows of a group still together
+    shuffled = io.read_dataset(folder, ["id"], shuffle_seed=7)
+    shuffled.context.execution_options.preserve_order = True
+    first, second = (shuffled.to_pandas()["id"].tolist() for _ in range(2))
+    assert sorted(first) == sorted(second) == ids.tolist() and first != second and first != ids.tolist()
+    again = io.read_dataset(folder, ["id"], shuffle_seed=7)
+    again.context.execution_options.preserve_order = True
+    assert again.to_pandas()["id"].tolist() == first
+    starts = [run[0] for run in np.split(np.array(first), np.flatnonzero(np.diff(first) != 1) + 1)]
+    groups = {int(part[0]) + k for part in np.array_split(ids, 3) for k in range(0, len(part), 150)}
+    assert set(starts) <= groups  # whole row groups move
+
 
 def test_a_lost_worker_resumes_from_its_checkpoint(ray_local, digits, tmp_path):
     """Rank 0 exits hard at the start of epoch 3 of 5; Ray restarts the 2-worker group, which

@@ -195,3 +195,15 @@ def test_multi_index_hashing_finds_exactly_the_pairs_a_comparison_of_every_pair_
                 if bin(x ^ y).count("1") <= distance]
     found = images.near_duplicates([f"{x:016x}" for x in left], [f"{y:016x}" for y in right], distance)
     assert found == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(order=st.permutations(range(5)))
+def test_of_exact_duplicates_the_path_that_sorts_first_is_kept_whatever_the_order(order):
+    """The stages list a folder in random order (image_data.listing): which copy stays must not depend on it."""
+    rows = pd.DataFrame({images.PATH: ["b/2.png", "a/1.png", "c/3.png", "a/0.png", "d/4.png"],
+                         images.LABEL: ["x", "x", "x", "y", "x"], "sha256": ["h", "h", "h", "k", "m"],
+                         images.REASON: pd.Series([None] * 5, dtype="string")}).iloc[list(order)]
+    reasons = images.duplicate_reasons(rows).dropna()
+    assert sorted(rows.loc[reasons.index, images.PATH]) == ["b/2.png", "c/3.png"]
+    assert set(reasons) == {"an exact duplicate of a/1.png"}

@@ -202,7 +202,7 @@ def test_a_fetch_is_whole_batches_within_the_shuffle_buffer(batch, buffer, expec
 
 def test_ingest_memory_bounds_ray_datas_object_store_share():
     """train.ingest_memory_mb reaches Ray Data's execution options; null leaves its own limit."""
-    from pipeline.train.ingest import ingest_config
+    from pipeline.train.ingest import WIDE_INGEST_MB, ingest_config
 
     capped = ingest_config(TrainParams(ingest_memory_mb=256), 64)._user_execution_options
     assert capped.resource_limits.object_store_memory == 256 << 20 and capped.preserve_order
@@ -210,9 +210,9 @@ def test_ingest_memory_bounds_ray_datas_object_store_share():
     assert free.resource_limits.object_store_memory != 256 << 20
     # decoded images: bounded by default, and still by the params when they say so
     images = ingest_config(TrainParams(), 3 * 64 * 64)._user_execution_options
-    assert images.resource_limits.object_store_memory == 256 << 20
-    assert ingest_config(TrainParams(ingest_memory_mb=256), 3 * 64 * 64)._user_execution_options.resource_limits \
-        .object_store_memory == 256 << 20
+    assert images.resource_limits.object_store_memory == WIDE_INGEST_MB << 20
+    assert ingest_config(TrainParams(ingest_memory_mb=512), 3 * 64 * 64)._user_execution_options.resource_limits \
+        .object_store_memory == 512 << 20
     with pytest.raises(ValueError, match="ingest_memory_mb"):
         TrainParams(ingest_memory_mb=1)
 
@@ -265,3 +265,14 @@ def test_validation_takes_the_training_batch_for_images_and_more_for_tables():
         images = {"batch_size": params.batch_size, **ingest_options(params, 3 * side * side)}
         assert eval_batch_size(images) == params.batch_size
     assert eval_batch_size({"batch_size": 32}) == EVAL_BATCH  # a config from before the bounds: as it was
+
+
+def test_wide_inputs_stream_in_blocks_small_enough_for_the_budget_to_bound():
+    """Ray Data lets each operator hold a few blocks whatever its budget, so for decoded images
+    a block is a 16th of the budget; a table keeps Ray Data's own block size."""
+    from pipeline.train.ingest import BLOCKS_IN_BUDGET, WIDE_INGEST_MB, block_bytes
+
+    assert block_bytes(TrainParams(), 64) is None
+    assert block_bytes(TrainParams(ingest_memory_mb=1024), 64) is None
+    assert block_bytes(TrainParams(), 3 * 64 * 64) == (WIDE_INGEST_MB << 20) // BLOCKS_IN_BUDGET
+    assert block_bytes(TrainParams(ingest_memory_mb=512), 3 * 224 * 224) == (512 << 20) // BLOCKS_IN_BUDGET
