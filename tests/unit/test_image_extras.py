@@ -187,3 +187,31 @@ def test_any_form_fields_or_json_extras_give_a_frame_or_a_4xx(fields, json_value
             assert frame["score"].map(lambda v: isinstance(v, float)).all() and frame["image"].iloc[0]
         except RequestError as e:
             assert 400 <= e.status < 500
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(scores=st.lists(st.one_of(st.none(), st.floats(allow_nan=True), st.integers(), st.text(max_size=8),
+                                 st.from_regex(r"-?[0-9]{1,4}(\.[0-9]{1,3})?", fullmatch=True)),
+                       min_size=1, max_size=6))
+def test_batch_predict_keeps_every_manifest_row_with_an_error_for_a_bad_extra(tmp_path_factory, scores):
+    """`d2d predict` from a manifest: each row's extras are checked as a table's are; a bad
+    value, or a missing file, is that row's error, and the other rows are read."""
+    from types import SimpleNamespace
+
+    from pipeline.predict import Scorer
+
+    folder = tmp_path_factory.mktemp("manifest")
+    (folder / "a.png").write_bytes(png())
+    scorer = Scorer.__new__(Scorer)  # a d2d image model's state, without loading one from MLflow
+    scorer.image_root, scorer.id_column, scorer.extras = folder, "file", EXTRAS
+    scorer.python_model = SimpleNamespace(state={"kind": "images", "max_bytes": LIMITS[0], "max_pixels": LIMITS[1]})
+    batch = pd.DataFrame({"file": ["a.png" if i % 3 else "gone.png" for i in range(len(scores))],
+                          "score": pd.Series(scores, dtype=object), "site": "north"})
+    checked, errors = scorer.read_images(batch)
+    assert len(errors) == len(batch)
+    for i, score in enumerate(scores):
+        number = pd.to_numeric(pd.Series([score], dtype=object), errors="coerce").iloc[0]  # text such as "1.5" reads as a number
+        good = i % 3 != 0 and pd.notna(number) and np.isfinite(number) and abs(number) < 1e30
+        assert (errors[i] == "") == good, (score, errors[i])
+        if good:
+            assert checked.loc[i, "image"] == png() and checked.loc[i, "score"] == number
