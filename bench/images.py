@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workdir", type=Path, help="where the project is made and kept (default: a temporary "
                                                      "folder, deleted afterwards)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override for every stage, e.g. train.cache_features=stream")
     parser.add_argument("--train-only", action="store_true",
                         help="run the train stage alone in --workdir, a project an earlier run made and kept")
     args = parser.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
               f"({disk / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s", flush=True)
         sets = [f"data.images.size={args.train_size}", f"train.model={args.model}", f"train.epochs={args.epochs}",
                 f"train.batch_size={args.batch_size}", "train.patience=1000", "validate.data_docs=false",
-                "register.min_test_accuracy=0"]
+                "register.min_test_accuracy=0", *args.set]
         sets = [x for kv in sets for x in ("--set", kv)]
         sampler = Sampler()
         threading.Thread(target=sampler.run, daemon=True).start()
