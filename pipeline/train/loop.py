@@ -318,17 +318,41 @@ def batches(shard: DataIterator, config: dict[str, Any], device: torch.device, e
         yield from zip(fetched["x"].split(size), fetched["y"].split(size))
 
 
-def with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
-    """Each item with whether it is the last (one item of lookahead)."""
+_FLAGS: Any = None  # the process group the per-step flags are reduced in (common_batches)
+
+
+def _flags_group() -> Any:
+    """A gloo group for common_batches' flags: CPU tensors, so that a GPU run does not wait
+    for its device at every step (the default group there is NCCL's)."""
+    global _FLAGS
+    if _FLAGS is None:
+        _FLAGS = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _FLAGS
+
+
+def common_batches(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Each batch with whether it is the last step, for as long as every rank has one (one
+    item of lookahead). DDP's ranks must take the same number of steps, or one waits in a
+    collective that the others never reach. Ray Data's equal split is meant to give each rank
+    the same rows, yet a two-worker epoch of 224² images hung with one rank in the epoch's
+    all-reduce and the other still in a forward pass. So at each step the ranks agree (an
+    all-reduce of two flags, in gloo) whether all have this batch and the next; a rank with
+    batches left stops with the others, and says so."""
+    together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     it = iter(items)
-    try:
-        current = next(it)
-    except StopIteration:
-        return
-    for following in it:
-        yield current, False
+    current = next(it, None)
+    while current is not None or together:
+        following = next(it, None) if current is not None else None
+        flags = torch.tensor([current is not None, following is not None], dtype=torch.int32)
+        if together:
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=_flags_group())
+        if not flags[0]:
+            if current is not None:
+                print(f"rank {dist.get_rank()}: the other ranks' shards ran out first; this epoch's last "
+                      "batches on this rank are skipped, as DDP needs the same steps on every rank", flush=True)
+            return
+        yield current, not flags[1]
         current = following
-    yield current, True
 
 
 def fault_drill(config: dict[str, Any], rank: int, epoch: int) -> None:
@@ -370,7 +394,7 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
     totals = torch.zeros(2, dtype=torch.float64, device=worker.device)  # loss sum, rows: on the device
     pending = 0  # micro-batches since the last step
     augmented = image_augmentation(config)
-    for i, ((xb, yb), last) in enumerate(with_last(data)):
+    for i, ((xb, yb), last) in enumerate(common_batches(data)):
         if augmented is not None:
             xb = augmented(xb)
         step = last or (i + 1) % accum == 0

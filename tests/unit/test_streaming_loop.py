@@ -12,7 +12,7 @@ from pipeline.config import TrainParams
 from pipeline.errors import ConfigError
 from pipeline.train.ingest import feature_bytes, should_cache
 from pipeline.train.loop import (
-    Worker, unwrap, with_last, evaluate_split, scaled_lr, score_batches, split_metrics, train_epoch,
+    Worker, unwrap, common_batches, evaluate_split, scaled_lr, score_batches, split_metrics, train_epoch,
 )
 
 CPU = torch.device("cpu")
@@ -136,10 +136,10 @@ def test_the_epoch_loss_is_the_mean_over_rows():
     assert seen == 40 and loss == pytest.approx(expected, rel=1e-6)
 
 
-def test_with_last_flags_only_the_final_item():
-    assert list(with_last([])) == []
-    assert list(with_last("a")) == [("a", True)]
-    assert list(with_last("abc")) == [("a", False), ("b", False), ("c", True)]
+def test_common_batches_flags_only_the_final_item():
+    assert list(common_batches([])) == []
+    assert list(common_batches("a")) == [("a", True)]
+    assert list(common_batches("abc")) == [("a", False), ("b", False), ("c", True)]
 
 
 @pytest.mark.parametrize("rule,workers,expected", [("none", 4, 0.01), ("linear", 4, 0.04), ("sqrt", 4, 0.02),
@@ -276,3 +276,42 @@ def test_wide_inputs_stream_in_blocks_small_enough_for_the_budget_to_bound():
     assert block_bytes(TrainParams(ingest_memory_mb=1024), 64) is None
     assert block_bytes(TrainParams(), 3 * 64 * 64) == (WIDE_INGEST_MB << 20) // BLOCKS_IN_BUDGET
     assert block_bytes(TrainParams(ingest_memory_mb=512), 3 * 224 * 224) == (512 << 20) // BLOCKS_IN_BUDGET
+
+
+def _two_ranks(rank: int, port: int, counts: list[int], out: Any) -> None:
+    import torch.distributed as dist
+
+    from pipeline.train.loop import common_batches
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        steps = list(common_batches(range(counts[rank])))
+        dist.barrier()  # reached by both only if neither waits in a collective the other skipped
+        out.put((rank, steps))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("counts", [[5, 5], [5, 3], [0, 4]])
+def test_ranks_with_unequal_shards_take_the_same_steps_and_do_not_hang(counts):
+    """Two gloo processes whose shards differ: both take the common steps, the last flagged
+    on both, and neither is left in a collective (which hung a two-worker epoch)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_two_ranks, args=(r, port, counts, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = dict(out.get(timeout=5) for _ in range(2))
+    common = min(counts)
+    expected = [(i, i == common - 1) for i in range(common)]
+    assert got[0] == got[1] == expected
