@@ -64,7 +64,7 @@ class Scorer:
         """`image_root`: the batches are image paths relative to it, each file read here."""
         import mlflow
 
-        from pipeline.preprocess import extras_state, input_spec
+        from pipeline.preprocess import extras_spec
         from pipeline.scoring import model_id, model_inputs, python_model_of
 
         self.image_root = Path(image_root) if image_root else None
@@ -76,9 +76,7 @@ class Scorer:
         id_spec = model_id(self.python_model, id_column)
         self.id_column = id_spec["name"] if id_spec else None
         self.outputs = output_types(self.python_model)
-        state = getattr(self.python_model, "state", None)
-        extras = extras_state(state) if isinstance(state, dict) else None
-        self.extras = input_spec(extras) if extras else []  # what an image model takes besides the image
+        self.extras = extras_spec(getattr(self.python_model, "state", None))  # what an image model takes besides the image
         self.version = version
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -171,6 +171,13 @@ def extras_state(state: dict[str, Any]) -> dict[str, Any] | None:
     return state.get("table") if is_images(state) else None
 
 
+def extras_spec(state: Any) -> list[dict[str, Any]]:
+    """What an image model takes besides the image (a manifest's extras), as input_spec gives
+    it; empty for a table's model, an image-only model or a state that is not d2d's."""
+    extras = extras_state(state) if isinstance(state, dict) else None
+    return input_spec(extras) if extras else []
+
+
 def input_columns(state: dict[str, Any]) -> list[str]:
     if is_images(state):
         extras = extras_state(state)

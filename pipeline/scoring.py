@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.schema import Schema
-from pipeline.preprocess import IMAGE_COLUMN, extras_state, image_limits, input_spec
+from pipeline.preprocess import IMAGE_COLUMN, extras_spec, image_limits, input_spec
 
 
 def python_model_of(model: Any) -> Any | None:
@@ -67,9 +67,7 @@ class LoadedVersion:
     @property
     def extras(self) -> list[dict[str, Any]]:
         """The columns an image model takes besides the image (a manifest's extras), as input_spec gives them."""
-        state = getattr(self.python_model, "state", None)
-        extras = extras_state(state) if isinstance(state, dict) else None
-        return input_spec(extras) if extras else []
+        return extras_spec(getattr(self.python_model, "state", None))
 
     @property
     def image_limits(self) -> tuple[int, int] | None:

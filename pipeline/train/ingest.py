@@ -159,9 +159,9 @@ def block_bytes(params: TrainParams, inputs: int) -> int | None:
     (Ray Data's 128 MiB). Ray Data 2.60 lets every operator hold a few blocks whatever the
     budget (its log showed 256 MiB of task inputs and 384 MiB of outputs held against a 256
     MiB budget), so at 128 MiB a block the budget did not bound anything: the object store
-    filled to 1.75 GiB at the start of an epoch of 100,000 images of 64², and to the whole
-    split's features at 10,000 (0.39 GiB). At 16 MiB, two streaming consumers peaked at 0.28
-    GiB where they had reached 1.13 (tests/unit/test_streaming_loop.py, bench/RESULTS.md)."""
+    filled to 1.75 GiB at the start of an epoch of 100,000 images of 64². At 16 MiB, two
+    streaming consumers peaked at 0.28 GiB where they had reached 1.13 (bench/RESULTS.md,
+    sixteenth session)."""
     limit = ingest_limit(params, inputs)
     return None if limit is None or inputs < WIDE_INPUTS else max(1 << 20, limit // BLOCKS_IN_BUDGET)
 
