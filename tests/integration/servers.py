@@ -55,6 +55,51 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.wait(timeout=timeout)
 
 
+def stop_leader(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to the process alone, as `kill PID` sends it, so that it stops what it started
+    itself; then SIGKILL to whatever of its group is left. For `d2d serve`: SIGTERM to the whole
+    group also reached the local Ray's GCS and raylet (Ray blocks only SIGINT in them), and
+    Serve's shutdown then waited 30 s for a controller that could no longer answer."""
+    import psutil
+
+    if proc.poll() is None:
+        started = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+        wait_gone(started, 10)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_gone(procs: list, timeout: float) -> None:
+    """Until every process has exited, SIGKILL for those left after `timeout`. A process that
+    exited but was not reaped (a zombie: in a container whose PID 1 reaps nothing, the
+    orphans of a stopped server stay so) counts as gone; psutil.wait_procs waited its whole
+    timeout for them."""
+    import psutil
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in procs if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _pg_bin() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
@@ -187,8 +232,11 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 4) -> Iterator[
     import psutil
 
     venv_bin = str(Path(sys.executable).parent)
+    # On SIGTERM a node first drains, so that Serve's proxies stop routing to it, for up to
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s): these clusters serve nothing, and each
+    # teardown spent the 30 s
     env = {**env, "PATH": f"{venv_bin}{os.pathsep}{env['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = free_port(), free_port()
     log = open(workdir / "ray_start.log", "w")
@@ -208,9 +256,7 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 4) -> Iterator[
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        _, alive = psutil.wait_procs(started, timeout=30)
-        for p in alive:
-            p.kill()
+        wait_gone(started, 30)
         log.close()
         # `ray start` records its address for later `ray.init()` calls; `ray stop` would remove it
         current = Path(tempfile.gettempdir()) / "ray/ray_current_cluster"

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.data import io
-from tests.integration.servers import free_port, stop, wait_http
+from tests.integration.servers import free_port, stop_leader, wait_http
 from tests.integration.test_end_to_end import run
 from tests.integration.test_serve import BIN, environment
 
@@ -173,7 +173,7 @@ def serving(root: Path) -> Iterator[str]:
                 time.sleep(0.5)
             yield url
         finally:
-            stop(proc, timeout=60)
+            stop_leader(proc)
 
 
 def wait_for_log(folder: Path, rows: int) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import load_params
 from pipeline.runners.data import make_demo
-from tests.integration.servers import free_port, stop, wait_http
+from tests.integration.servers import free_port, stop_leader, wait_http
 from tests.integration.test_end_to_end import small_project
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def server(project):
                 time.sleep(0.5)
             yield {"url": url, "proc": proc, "log": log_path}
         finally:
-            stop(proc, timeout=60)
+            stop_leader(proc)
     assert proc.returncode is not None
 
 
