@@ -74,7 +74,7 @@ def generate(path: Path, rows: int, chunk: int, parts: int, seed: int = 0) -> No
         writer.close()
 
 
-MEASURES = ("tree", "rss", "system")
+MEASURES = ("tree", "rss", "system", "shm")
 
 
 def shm_used() -> int:
@@ -92,6 +92,8 @@ class Sampler:
     peaks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MEASURES, 0))
     stage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MEASURES, 0))  # since the last stage_peaks()
     stop: threading.Event = field(default_factory=threading.Event)
+    # at the tree's peak: /dev/shm and the largest processes' private GiB, to say what grew
+    at_peak: list[tuple[str, float]] = field(default_factory=list)
 
     def stage_peaks(self) -> dict[str, int]:
         """The peaks since the last call (one stage's), and start over."""
@@ -102,14 +104,20 @@ class Sampler:
         me = psutil.Process()
         while not self.stop.wait(0.2):
             shm = shm_used()
-            now = {"tree": shm - self.start_shm, "rss": 0, "system": psutil.virtual_memory().used + shm - self.start_used}
+            now = {"tree": shm - self.start_shm, "rss": 0, "system": psutil.virtual_memory().used + shm - self.start_used,
+                   "shm": shm - self.start_shm}
+            private: list[tuple[str, float]] = []
             for p in me.children(recursive=True):  # the d2d processes and Ray's, not this sampler
                 try:
                     m = p.memory_info()  # /proc/PID/statm: counters, no page-table walk
+                    name = p.name()
                 except psutil.Error:
                     continue
                 now["tree"] += m.rss - m.shared  # shared: file-backed pages and shared memory
                 now["rss"] += m.rss
+                private.append((name, (m.rss - m.shared) / 2**30))
+            if now["tree"] > self.peaks["tree"]:
+                self.at_peak = [("/dev/shm", now["shm"] / 2**30), *sorted(private, key=lambda x: -x[1])[:6]]
             for k, v in now.items():
                 self.peaks[k], self.stage[k] = max(self.peaks[k], v), max(self.stage[k], v)
 

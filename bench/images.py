@@ -8,13 +8,23 @@ Prints each stage's seconds and images/s, training's images/s per epoch (the tra
 history), and the peaks, so that memory can be compared across N: it must not grow with the
 image count. The project is deleted afterwards.
 
-    python bench/images.py [--images 10000] [--size 64] [--train-size 64] [--model cnn] [--epochs 1] [--workdir DIR [--train-only]]
+With --train-seconds S the train stage is stopped after S seconds (an epoch of 100k images of
+224² takes hours on CPUs), and training's rate is read from the progress lines its rank 0
+prints each minute.
+
+    python bench/images.py [--images 10000] [--size 64] [--train-size 64] [--model cnn] [--epochs 1]
+                           [--train-seconds S] [--workdir DIR [--train-only]]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +54,32 @@ def generate(folder: Path, count: int, size: int, seed: int = 0) -> None:
         image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
 
 
+PROGRESS = re.compile(r"epoch (\d+)/\d+: ([\d,]+) samples on rank 0 in (\d+) s \(([\d,.]+)/s on each of (\d+) workers\)")
+
+
+def train_for(project: Path, sets: list[str], seconds: float) -> tuple[float, re.Match | None]:
+    """`d2d stage train`, stopped after `seconds` (SIGTERM to the process group it leads, then
+    SIGKILL): its wall seconds and its last progress line (rank 0's samples and rate)."""
+    log = project / "bench_train.log"
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "d2d"), "stage", "train", *sets], cwd=project,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            if proc.wait(timeout=seconds):
+                sys.exit(f"d2d stage train failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    elapsed = time.perf_counter() - started
+    found = list(PROGRESS.finditer(log.read_text()))
+    return elapsed, found[-1] if found else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=10_000)
@@ -56,6 +92,8 @@ def main() -> None:
                                                      "folder, deleted afterwards)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override for every stage, e.g. train.cache_features=stream")
+    parser.add_argument("--train-seconds", type=float,
+                        help="stop the train stage after this many seconds and report its progress so far")
     parser.add_argument("--train-only", action="store_true",
                         help="run the train stage alone in --workdir, a project an earlier run made and kept")
     args = parser.parse_args()
@@ -85,15 +123,21 @@ def main() -> None:
         if not args.train_only:
             timings["init-params"] = d2d(project, "init-params", "--data", "data/raw/images", "--target", "label")
             peaks["init-params"] = sampler.stage_peaks()
+        progress = None
         for stage in ("train",) if args.train_only else ("validate", "clean", "split", "train"):
-            timings[stage] = d2d(project, "stage", stage, *sets)
+            if stage == "train" and args.train_seconds:
+                timings[stage], progress = train_for(project, sets, args.train_seconds)
+            else:
+                timings[stage] = d2d(project, "stage", stage, *sets)
             peaks[stage] = sampler.stage_peaks()
             print(f"{stage}: {timings[stage]:.1f} s", flush=True)
         sampler.stop.set()
         sizes = pd.read_json(stages.path("split_report", project), typ="series")["sizes"]
-        history = pd.read_csv(stages.path("history", project))
+        trained = sizes["train"] * args.epochs
+        if args.train_seconds:  # rank 0's samples, times the workers: their shards are equal
+            trained = int(progress[2].replace(",", "")) * int(progress[5]) if progress else 0
         counts = {"init-params": args.images, "validate": args.images, "clean": args.images, "split": args.images,
-                  "train": sizes["train"] * args.epochs}
+                  "train": trained}
         print(f"\n{'stage':<12}{'seconds':>9}{'images/s':>10}{'tree GiB':>10}{'tree RSS GiB':>14}")
         for stage, seconds in timings.items():
             p = {k: v / 2**30 for k, v in peaks[stage].items()}
@@ -101,10 +145,20 @@ def main() -> None:
         if not args.train_only:
             prep = sum(timings[s] for s in ("validate", "clean", "split"))
             print(f"validate + clean + split: {prep:.1f} s, {args.images / prep:,.0f} images/s")
-        print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch): "
-              + ", ".join(f"{r:,.0f}" for r in history["samples_per_s"]) + " images/s per epoch")
+        if args.train_seconds:
+            rate = (f"{float(progress[4].replace(',', '')) * int(progress[5]):,.1f} images/s "
+                    f"({progress[2]} on rank 0 of {progress[5]} in {progress[3]} s of epoch {progress[1]})"
+                    if progress else "no progress line yet")
+            print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch), "
+                  f"stopped after {timings['train']:.0f} s: {rate}")
+        else:
+            history = pd.read_csv(stages.path("history", project))
+            print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch): "
+                  + ", ".join(f"{r:,.0f}" for r in history["samples_per_s"]) + " images/s per epoch")
         p = {k: v / 2**30 for k, v in sampler.peaks.items()}
-        print(f"peak memory: process tree (private + /dev/shm) {p['tree']:.2f} GiB (RSS {p['rss']:.2f})")
+        print(f"peak memory: process tree (private + /dev/shm) {p['tree']:.2f} GiB (RSS {p['rss']:.2f}); "
+              f"/dev/shm's own peak {p['shm']:.2f} GiB")
+        print("at the peak, GiB: " + ", ".join(f"{name} {gib:.2f}" for name, gib in sampler.at_peak))
     finally:
         if args.workdir is None:
             shutil.rmtree(project, ignore_errors=True)

@@ -382,12 +382,18 @@ def optimizer_step(worker: Worker, config: dict[str, Any], accumulated: int = 1)
     worker.optimizer.zero_grad(set_to_none=True)
 
 
-def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[float, float, float]:
+# Rank 0 prints where a long epoch stands this often: an epoch of 100k images of 224² on
+# CPUs takes hours, and the epoch line comes only at its end.
+EPOCH_PROGRESS_S = 60.0
+
+
+def train_epoch(worker: Worker, data: Batches, config: dict[str, Any], epoch: int = 0) -> tuple[float, float, float]:
     """One pass over this rank's shard, an optimizer step every `grad_accum_steps` batches (and
     after the last); returns the mean train loss and the samples seen, both summed over every
-    rank, and the epoch's seconds."""
+    rank, and the epoch's seconds. Rank 0 prints its progress every EPOCH_PROGRESS_S."""
     model, accum = worker.model, config.get("grad_accum_steps", 1)
     started = time.perf_counter()
+    next_note, rows = started + EPOCH_PROGRESS_S, 0
     model.train()
     hold_frozen_norms(model)
     worker.optimizer.zero_grad(set_to_none=True)
@@ -412,6 +418,11 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any]) -> tuple[
             pending = 0
         totals[0] += loss.detach() * len(yb)
         totals[1] += len(yb)
+        rows += len(yb)
+        if worker.rank == 0 and time.perf_counter() >= next_note:
+            next_note, seconds = time.perf_counter() + EPOCH_PROGRESS_S, time.perf_counter() - started
+            print(f"epoch {epoch + 1}/{config['epochs']}: {rows:,} samples on rank 0 in {seconds:.0f} s "
+                  f"({rows / seconds:,.1f}/s on each of {worker.world_size} workers)", flush=True)
     loss_sum, seen = _all_sum(totals)
     return loss_sum / max(seen, 1.0), seen, time.perf_counter() - started
 
@@ -491,7 +502,7 @@ def run_epoch(worker: Worker, data: WorkerData, progress: Progress, epoch: int, 
               loop_started: float) -> bool:
     """Train one epoch, score it on validation, step the schedule, report; True when every
     rank is to stop early."""
-    train_loss, seen, elapsed = train_epoch(worker, batches(data.train, config, worker.device, epoch), config)
+    train_loss, seen, elapsed = train_epoch(worker, batches(data.train, config, worker.device, epoch), config, epoch)
     # Each rank scores its shard of validation; the all-reduced sums give every rank the
     # whole split's figures, so all agree on early stopping.
     _share_buffers(unwrap(worker.model))

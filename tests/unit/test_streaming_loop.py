@@ -136,6 +136,23 @@ def test_the_epoch_loss_is_the_mean_over_rows():
     assert seen == 40 and loss == pytest.approx(expected, rel=1e-6)
 
 
+def test_rank_0_says_where_a_long_epoch_stands(monkeypatch, capsys):
+    """A line every EPOCH_PROGRESS_S on rank 0 (here after each batch), none on other ranks."""
+    from pipeline.train import loop
+
+    monkeypatch.setattr(loop, "EPOCH_PROGRESS_S", 0.0)
+    x, y = data(40)
+    train_epoch(worker(nn.Linear(6, 3)), chunks(x, y, 15), {**CONFIG, "grad_accum_steps": 1, "epochs": 3}, epoch=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" samples")[0] for line in lines] == ["epoch 2/3: 15", "epoch 2/3: 30", "epoch 2/3: 40"]
+    assert all("/s on each of 1 workers)" in line for line in lines)
+    model = nn.Linear(6, 3)
+    other = Worker(1, 2, CPU, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                   torch.amp.GradScaler("cpu", enabled=False), None)
+    train_epoch(other, chunks(x, y, 15), {**CONFIG, "grad_accum_steps": 1, "epochs": 3})
+    assert capsys.readouterr().out == ""
+
+
 def test_common_batches_flags_only_the_final_item():
     assert list(common_batches([])) == []
     assert list(common_batches("a")) == [("a", True)]
