@@ -57,11 +57,12 @@ def generate(folder: Path, count: int, size: int, seed: int = 0) -> None:
 PROGRESS = re.compile(r"epoch (\d+)/\d+: ([\d,]+) samples on rank 0 in (\d+) s \(([\d,.]+)/s on each of (\d+) workers\)")
 
 
-def train_for(project: Path, sets: list[str], seconds: float) -> tuple[float, re.Match | None]:
+def train_for(project: Path, sets: list[str], seconds: float) -> tuple[float, re.Match | None, bool]:
     """`d2d stage train`, stopped after `seconds` (SIGTERM to the process group it leads, then
-    SIGKILL): its wall seconds and its last progress line (rank 0's samples and rate)."""
+    SIGKILL): its wall seconds, its last progress line (rank 0's samples and rate), and
+    whether it had to be stopped."""
     log = project / "bench_train.log"
-    started = time.perf_counter()
+    started, stopped = time.perf_counter(), False
     with open(log, "w") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "d2d"), "stage", "train", *sets], cwd=project,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -69,6 +70,7 @@ def train_for(project: Path, sets: list[str], seconds: float) -> tuple[float, re
             if proc.wait(timeout=seconds):
                 sys.exit(f"d2d stage train failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
         except subprocess.TimeoutExpired:
+            stopped = True
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
@@ -77,7 +79,7 @@ def train_for(project: Path, sets: list[str], seconds: float) -> tuple[float, re
                 proc.wait()
     elapsed = time.perf_counter() - started
     found = list(PROGRESS.finditer(log.read_text()))
-    return elapsed, found[-1] if found else None
+    return elapsed, found[-1] if found else None, stopped
 
 
 def main() -> None:
@@ -123,10 +125,10 @@ def main() -> None:
         if not args.train_only:
             timings["init-params"] = d2d(project, "init-params", "--data", "data/raw/images", "--target", "label")
             peaks["init-params"] = sampler.stage_peaks()
-        progress = None
+        progress, stopped = None, False
         for stage in ("train",) if args.train_only else ("validate", "clean", "split", "train"):
             if stage == "train" and args.train_seconds:
-                timings[stage], progress = train_for(project, sets, args.train_seconds)
+                timings[stage], progress, stopped = train_for(project, sets, args.train_seconds)
             else:
                 timings[stage] = d2d(project, "stage", stage, *sets)
             peaks[stage] = sampler.stage_peaks()
@@ -150,7 +152,7 @@ def main() -> None:
                     f"({progress[2]} on rank 0 of {progress[5]} in {progress[3]} s of epoch {progress[1]})"
                     if progress else "no progress line yet")
             print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch), "
-                  f"stopped after {timings['train']:.0f} s: {rate}")
+                  f"{'stopped after' if stopped else 'finished in'} {timings['train']:.0f} s: {rate}")
         else:
             history = pd.read_csv(stages.path("history", project))
             print(f"training ({args.model} at {args.train_size}×{args.train_size}, {sizes['train']:,} images an epoch): "

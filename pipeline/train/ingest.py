@@ -11,6 +11,7 @@ carries hyperparameters only.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +64,19 @@ def featurize(batch: pd.DataFrame, schema: Schema, state: dict[str, Any]) -> dic
     return {"x": x, "y": y}
 
 
+def featurize_block(block: pd.DataFrame, schema: Schema, state: dict[str, Any], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """A block the reader made (a row group's rows, at most io.SCORE_ROWS) featurised `rows`
+    at a time. Ray Data is given no batch size, on purpose: fused with the reader, a batch
+    size becomes the rows each task must be handed, and the reader's rows are (file, row
+    group) pieces. 111 of them (the rows of 224² images that fill a batch) made each task
+    read about 20,000 images, and a running task's output blocks stayed counted in the object
+    store until it ended: at 100,000 images of 224² the store grew by what training consumed,
+    to 6.9 GiB in 15 minutes (bench/RESULTS.md, seventeenth session). Now a task reads one
+    row group."""
+    for start in range(0, len(block), rows):
+        yield featurize(block.iloc[start:start + rows], schema, state)
+
+
 def feature_bytes(rows: int, state: dict[str, Any]) -> int:
     """Bytes of a split once featurised: float32 inputs plus an 8-byte target per row."""
     from pipeline.train.trainer import n_inputs
@@ -101,10 +115,10 @@ def training_datasets(train: Dataset, val: Dataset, schema: Schema, state: dict[
             ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleBackoff]
     if rows is None:  # the caller did not read it from the files' footers: a Ray Data job counts
         rows = train.count() + val.count()
-    kwargs = {"schema": schema, "state": state}
     # Bounded batches: a whole split part (350,000 rows at 6M) featurised at once peaked at
     # 1.8 GiB per read task in float64 temporaries, the training stage's memory peak.
-    out = {name: ds.map_batches(featurize, fn_kwargs=kwargs, batch_format="pandas", batch_size=io.score_rows(n_inputs(state)))
+    kwargs = {"schema": schema, "state": state, "rows": io.score_rows(n_inputs(state))}
+    out = {name: ds.map_batches(featurize_block, fn_kwargs=kwargs, batch_format="pandas", batch_size=None)
            for name, ds in ((TRAIN, train), (VAL, val))}
     if should_cache(params, rows, state, ray.available_resources().get("object_store_memory", 0.0)):
         out = {name: ds.materialize() for name, ds in out.items()}

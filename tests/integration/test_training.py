@@ -132,6 +132,34 @@ def test_what_reaches_the_workers_does_not_grow_with_the_rows(ray_local, digits,
     assert abs(sizes[0][1] - sizes[1][1]) < 256 and sizes[1][1] < 100_000  # the 48,000 rows are 12 MB of floats
 
 
+def test_each_featurising_task_reads_one_row_group(ray_local, digits, tmp_path, monkeypatch):
+    """Fused with the reader, a batch size would be the number of (file, row group) pieces
+    each task is handed: 111 of them for 224² images, 65,536 for a table (every row group
+    in one task). Training's featurising takes whole blocks, so there is one task a row group."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import io
+    from pipeline.train.ingest import TRAIN, training_datasets
+
+    monkeypatch.setattr(io, "SMALL_PARQUET", 0)
+    schema, train_df, val_df, state = digits
+    for name, frame in (("train", train_df), ("val", val_df)):
+        (tmp_path / f"{name}.parquet").mkdir()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False),
+                       tmp_path / f"{name}.parquet/part-00000.parquet", row_group_size=60)
+    groups = pq.ParquetFile(tmp_path / "train.parquet/part-00000.parquet").metadata.num_row_groups
+    assert groups >= 4
+    data = training_datasets(io.read_dataset(tmp_path / "train.parquet"), io.read_dataset(tmp_path / "val.parquet"),
+                             schema, state, TrainParams(num_workers=1, cache_features="stream"))
+    done = data[TRAIN].materialize()
+    assert done.count() == len(train_df)
+    [tasks] = re.findall(r"read_row_groups\)->MapBatches\(featurize_block\): (\d+) tasks executed", done.stats())
+    assert int(tasks) == groups
+
+
 def test_a_large_split_streams_every_row_group_in_order(ray_local, tmp_path, monkeypatch):
     """Past SMALL_PARQUET, a folder of parts is read by Ray Data tasks a row group at a time:
     every row once, in file and row group order, with only the columns asked for."""
