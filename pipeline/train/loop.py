@@ -422,7 +422,7 @@ def train_epoch(worker: Worker, data: Batches, config: dict[str, Any], epoch: in
         if worker.rank == 0 and time.perf_counter() >= next_note:
             next_note, seconds = time.perf_counter() + EPOCH_PROGRESS_S, time.perf_counter() - started
             print(f"epoch {epoch + 1}/{config['epochs']}: {rows:,} samples on rank 0 in {seconds:.0f} s "
-                  f"({rows / seconds:,.1f}/s on each of {worker.world_size} workers)", flush=True)
+                  f"({rows / max(seconds, 1e-9):,.1f}/s on each of {worker.world_size} workers)", flush=True)
     loss_sum, seen = _all_sum(totals)
     return loss_sum / max(seen, 1.0), seen, time.perf_counter() - started
 

@@ -79,9 +79,8 @@ def stop_leader(proc: subprocess.Popen, timeout: float = 60) -> None:
 
 def wait_gone(procs: list, timeout: float) -> None:
     """Until every process has exited, SIGKILL for those left after `timeout`. A process that
-    exited but was not reaped (a zombie: in a container whose PID 1 reaps nothing, the
-    orphans of a stopped server stay so) counts as gone; psutil.wait_procs waited its whole
-    timeout for them."""
+    exited but was not reaped counts as gone: in a container whose PID 1 reaps nothing, the
+    orphans of a stopped server stay zombies, and this process cannot reap them."""
     import psutil
 
     def alive(p: psutil.Process) -> bool:
