@@ -115,7 +115,9 @@ def read_dataset(path: Path | str, columns: list[str] | None = None, shuffle_see
     # Ray Data's own Parquet reader (2.60) lists the files and starts FooterReader actors each
     # time the dataset executes, that is every epoch, for every split: on 2 cores, new
     # processes cost more CPU than reading the data. The row groups are known here, so each
-    # task is handed its own and reads it with pyarrow, in file order.
+    # task is handed its own and reads it with pyarrow, in file order. A map_batches after
+    # this one with a batch size is fused with it, and its batch size then counts pieces per
+    # task: give it batch_size=None and bound the batches inside (ingest.featurize_block).
     pieces = [{"path": str(f.resolve()), "row_group": g} for f in data_parts(path)
               for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
     if not pieces:  # no rows: nothing to stream
